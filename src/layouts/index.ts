@@ -1,0 +1,93 @@
+// The one loader for every layout kind: manifest (+ secret) → validated placement table.
+
+import { createHash } from 'node:crypto';
+import { VbdError } from '../common/errors.js';
+import type { LayoutSpec, Manifest } from '../volume/manifest.js';
+import { createKeyedLayout } from './keyed.js';
+import { placementTable, type Geometry, type Layout, type PlacementTable } from './layout.js';
+import { createLinearLayout } from './linear.js';
+import { unlockLayoutKey } from './secret.js';
+import { createStripedLayout } from './striped.js';
+import { userModuleTable, userModuleTableAs, type RunAs } from './user-module.js';
+import { validateTable } from './validate.js';
+
+export interface LayoutContext {
+  /** The user's secret, for a keyed layout. The caller owns (and wipes) it. */
+  secret?: Buffer | undefined;
+  /** When set, a user's module runs in a child process with these ids (never as root). */
+  runAs?: RunAs | undefined;
+}
+
+export function geometryOf(manifest: Manifest): Geometry {
+  return {
+    deviceSize: manifest.deviceSize,
+    chunkSize: manifest.chunkSize,
+    chunkCount: manifest.deviceSize / manifest.chunkSize,
+    fileSizes: manifest.files.map((f) => f.size),
+  };
+}
+
+/** sha256 of the table: lets a volume notice that its module now places chunks differently. */
+export function tableFingerprint(table: PlacementTable): string {
+  return createHash('sha256')
+    .update(new Uint8Array(table.file.buffer, table.file.byteOffset, table.file.byteLength))
+    .update(new Uint8Array(table.offset.buffer, table.offset.byteOffset, table.offset.byteLength))
+    .digest('hex');
+}
+
+/** Built-in layouts need whole chunks in every file. */
+function requireWholeChunks(manifest: Manifest): void {
+  for (const f of manifest.files) {
+    if (f.size % manifest.chunkSize !== 0) {
+      throw new VbdError(`layout ${manifest.layout.kind} needs file sizes that are multiples of the chunk size ${manifest.chunkSize}; '${f.path}' is ${f.size} bytes`);
+    }
+  }
+}
+
+function keyedLayout(manifest: Manifest, spec: Extract<LayoutSpec, { kind: 'keyed' }>, geometry: Geometry, ctx: LayoutContext): Layout {
+  if (ctx.secret === undefined) throw new VbdError(`volume '${manifest.name}' uses a keyed layout: its key is needed (--key-file FILE or a terminal prompt)`);
+  const key = unlockLayoutKey(ctx.secret, spec.salt, spec.kdf, spec.keyCheck);
+  try {
+    return createKeyedLayout(geometry, key);
+  } finally {
+    key.fill(0);
+  }
+}
+
+/** Computes the placement of every chunk and checks it is a bijection onto the files. */
+export async function computePlacement(manifest: Manifest, ctx: LayoutContext = {}): Promise<PlacementTable> {
+  const geometry = geometryOf(manifest);
+  const spec = manifest.layout;
+  let table: PlacementTable;
+  switch (spec.kind) {
+    case 'linear':
+      requireWholeChunks(manifest);
+      table = placementTable(createLinearLayout(geometry), geometry);
+      break;
+    case 'striped':
+      requireWholeChunks(manifest);
+      table = placementTable(createStripedLayout(geometry), geometry);
+      break;
+    case 'keyed':
+      requireWholeChunks(manifest);
+      table = placementTable(keyedLayout(manifest, spec, geometry, ctx), geometry);
+      break;
+    case 'module':
+      table = ctx.runAs !== undefined
+        ? await userModuleTableAs(ctx.runAs, spec.path, geometry, spec.params)
+        : await userModuleTable(spec.path, geometry, spec.params);
+      break;
+  }
+  validateTable(table, geometry, manifest.files.map((f) => f.path));
+  return table;
+}
+
+/** computePlacement, plus: a module layout must still place chunks as it did at `init`. */
+export async function resolvePlacement(manifest: Manifest, ctx: LayoutContext = {}): Promise<PlacementTable> {
+  const table = await computePlacement(manifest, ctx);
+  const spec = manifest.layout;
+  if (spec.kind === 'module' && spec.fingerprint !== tableFingerprint(table)) {
+    throw new VbdError(`layout module ${spec.path} now places chunks differently than when volume '${manifest.name}' was created; refusing to read or write`);
+  }
+  return table;
+}

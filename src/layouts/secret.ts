@@ -1,0 +1,112 @@
+// The secret behind a `keyed` layout: passphrase or key file → scrypt with the manifest's salt
+// → a layout key and a key-check value. Only the salt and the check value are ever stored;
+// a wrong secret is refused by the check before any backing file is read or written.
+
+import { createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
+import { closeSync, fstatSync, openSync, readSync, constants as fsc } from 'node:fs';
+import { VbdError, failure } from '../common/errors.js';
+import type { ScryptParams } from '../volume/manifest.js';
+
+export const DEFAULT_KDF: ScryptParams = { N: 2 ** 15, r: 8, p: 1 };
+const CHECK_LABEL = 'vbd-shadow key-check v1';
+const MAX_SECRET = 64 * 1024;
+
+export interface DerivedKeys {
+  layoutKey: Buffer;
+  keyCheck: string;
+}
+
+export function newSalt(): string {
+  return randomBytes(16).toString('hex');
+}
+
+/** scrypt(secret, salt) → 32 bytes for the permutation, 32 bytes for the check value. */
+export function deriveKeys(secret: Buffer, salt: string, kdf: ScryptParams): DerivedKeys {
+  const derived = scryptSync(secret, Buffer.from(salt, 'hex'), 64, {
+    N: kdf.N,
+    r: kdf.r,
+    p: kdf.p,
+    maxmem: 256 * kdf.N * kdf.r + 16 * 2 ** 20,
+  });
+  const layoutKey = Buffer.from(derived.subarray(0, 32));
+  const keyCheck = createHmac('sha256', derived.subarray(32)).update(CHECK_LABEL).digest('hex');
+  derived.fill(0);
+  return { layoutKey, keyCheck };
+}
+
+/** The layout key if `secret` matches the manifest's check value; refuses otherwise. */
+export function unlockLayoutKey(secret: Buffer, salt: string, kdf: ScryptParams, expectedCheck: string): Buffer {
+  const { layoutKey, keyCheck } = deriveKeys(secret, salt, kdf);
+  if (!timingSafeEqual(Buffer.from(keyCheck, 'hex'), Buffer.from(expectedCheck, 'hex'))) {
+    layoutKey.fill(0);
+    throw new VbdError('wrong key: it does not match the volume\'s key-check value (nothing was read or written)');
+  }
+  return layoutKey;
+}
+
+/**
+ * Reads a key file: its bytes are the secret, less one trailing newline (so `echo pass > f`
+ * equals typing "pass"). Refused if it is a symlink, not a regular file, or readable by others.
+ */
+export function readKeyFile(path: string): Buffer {
+  let fd: number;
+  try {
+    fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (err) {
+    throw failure(`cannot read key file ${path}`, err);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new VbdError(`key file ${path} is not a regular file`);
+    if ((st.mode & 0o077) !== 0) {
+      throw new VbdError(`key file ${path} is accessible by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it`);
+    }
+    if (st.size === 0 || st.size > MAX_SECRET) throw new VbdError(`key file ${path} must hold 1 to ${MAX_SECRET} bytes, holds ${st.size}`);
+    const secret = Buffer.alloc(st.size);
+    let got = 0;
+    while (got < st.size) {
+      const n = readSync(fd, secret, got, st.size - got, got);
+      if (n === 0) break;
+      got += n;
+    }
+    const end = secret[got - 1] === 0x0a ? got - 1 : got;
+    const trimmed = Buffer.from(secret.subarray(0, end));
+    secret.fill(0);
+    if (trimmed.length === 0) throw new VbdError(`key file ${path} holds only a newline`);
+    return trimmed;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Reads a passphrase from the terminal without echo. */
+export async function promptSecret(question: string): Promise<Buffer> {
+  const input = process.stdin;
+  if (!input.isTTY) throw new VbdError('this volume needs its key: give --key-file FILE (no terminal to ask on)');
+  process.stderr.write(question);
+  input.setRawMode(true);
+  input.resume();
+  const bytes: number[] = [];
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const onData = (data: Buffer): void => {
+        for (const byte of data) {
+          if (byte === 0x03) return reject(new VbdError('cancelled'));
+          if (byte === 0x0d || byte === 0x0a) return resolve();
+          if (byte === 0x7f) bytes.pop();
+          else bytes.push(byte);
+        }
+      };
+      input.on('data', onData);
+    });
+  } finally {
+    input.setRawMode(false);
+    input.removeAllListeners('data');
+    input.pause();
+    process.stderr.write('\n');
+  }
+  const secret = Buffer.from(bytes);
+  bytes.fill(0);
+  if (secret.length === 0) throw new VbdError('empty passphrase');
+  return secret;
+}

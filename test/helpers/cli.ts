@@ -1,0 +1,48 @@
+// Running the built CLI as a user would, and hashing a tree to prove a command changed nothing.
+
+import { spawnSync, type SpawnSyncOptions } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { lstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const BIN = fileURLToPath(new URL('../../bin/vbd-shadow', import.meta.url));
+
+export interface CliResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export function cli(args: string[], options: SpawnSyncOptions = {}): CliResult {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 120_000, ...options });
+  return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
+}
+
+/** Runs the CLI and throws with its stderr unless it exits 0. */
+export function cliOk(args: string[], options: SpawnSyncOptions = {}): CliResult {
+  const r = cli(args, options);
+  if (r.status !== 0) throw new Error(`vbd-shadow ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
+  return r;
+}
+
+/** sha256 over every entry of a tree: names, types, modes, link targets and contents. */
+export function treeHash(root: string): string {
+  const hash = createHash('sha256');
+  const walk = (dir: string): void => {
+    for (const name of readdirSync(dir).sort()) {
+      const path = join(dir, name);
+      const st = lstatSync(path);
+      hash.update(`${path}\0${st.mode}\0${st.size}\0`);
+      if (st.isSymbolicLink()) hash.update(readlinkSync(path));
+      else if (st.isDirectory()) walk(path);
+      else if (st.isFile()) hash.update(readFileSync(path));
+    }
+  };
+  walk(root);
+  return hash.digest('hex');
+}
+
+export function sha256(data: Uint8Array): string {
+  return createHash('sha256').update(data).digest('hex');
+}
