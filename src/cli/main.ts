@@ -2,6 +2,7 @@
 
 import { Command, CommanderError } from 'commander';
 import { VbdError } from '../common/errors.js';
+import { registerDaemonCommands } from './daemon-commands.js';
 import { registerOfflineCommands } from './offline-commands.js';
 
 function buildProgram(): Command {
@@ -12,6 +13,7 @@ function buildProgram(): Command {
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(`vbd-shadow: ${text.replace(/^error: /, '')}`) });
   registerOfflineCommands(program);
+  registerDaemonCommands(program);
   return program;
 }
 

@@ -1,0 +1,187 @@
+// The commands that drive the root daemon: start, stop, status, recover.
+
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { Option, type Command } from 'commander';
+import { VbdError } from '../common/errors.js';
+import { parseDuration } from '../common/duration.js';
+import { formatSize } from '../common/size.js';
+import { requireRoot, runDaemon } from '../daemon/daemon.js';
+import { createLog } from '../daemon/log.js';
+import { recoverLeftover } from '../daemon/recover.js';
+import { acquireLock, isAlive, knownVolumes, lockHolder, readStatus, releaseLock, runtimePaths, type DaemonStatus } from '../daemon/runtime.js';
+import { resolvePlacement } from '../layouts/index.js';
+import { MANIFEST_NAME } from '../volume/manifest.js';
+import { closeVolume, loadVolume } from '../volume/volume.js';
+import { secretFor } from './key-input.js';
+
+const LOG_DIR = '/var/log/vbd-shadow';
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+interface StartOptions {
+  mount?: string;
+  mkfs?: string;
+  interval: string;
+  foreground?: boolean;
+  keyFile?: string;
+  keyStdin?: boolean;
+}
+
+/** A volume named on the command line: its directory (holding a manifest) or its name. */
+export function volumeName(target: string): string {
+  if (existsSync(`${target}/${MANIFEST_NAME}`)) {
+    const volume = loadVolume(target);
+    closeVolume(volume);
+    return volume.manifest.name;
+  }
+  if (target.includes('/')) throw new VbdError(`${target} holds no volume (no ${MANIFEST_NAME})`);
+  return target;
+}
+
+async function readStdin(): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const part of process.stdin) parts.push(part as Buffer);
+  return Buffer.concat(parts);
+}
+
+async function startForeground(dir: string, o: StartOptions): Promise<number> {
+  const volume = loadVolume(dir);
+  closeVolume(volume);
+  const secret = o.keyStdin === true ? await readStdin() : await secretFor(volume.manifest, o.keyFile);
+  try {
+    return await runDaemon({
+      dir, mount: o.mount, mkfs: o.mkfs, intervalMs: parseDuration(o.interval, '--interval'),
+      secret: secret !== undefined && secret.length > 0 ? secret : undefined, log: createLog(volume.manifest.name),
+    });
+  } finally {
+    secret?.fill(0);
+  }
+}
+
+function describeLive(s: DaemonStatus): string {
+  const mounted = s.mountpoint !== undefined ? `, mounted on ${s.mountpoint}` : '';
+  return `volume '${s.name}' is live: ${s.link} -> ${s.device} (${formatSize(s.deviceSize)})${mounted}`;
+}
+
+/** Starts the daemon detached (logging to /var/log/vbd-shadow/NAME.log) and waits until it is live. */
+async function startBackground(dir: string, o: StartOptions): Promise<number> {
+  requireRoot('vbd-shadow start');
+  const volume = loadVolume(dir);
+  closeVolume(volume);
+  const name = volume.manifest.name;
+  const holder = lockHolder(name);
+  if (holder !== undefined) throw new VbdError(`volume '${name}' is already served by pid ${holder}`);
+  parseDuration(o.interval, '--interval');
+  const secret = await secretFor(volume.manifest, o.keyFile);
+  mkdirSync(LOG_DIR, { recursive: true, mode: 0o700 });
+  const logPath = `${LOG_DIR}/${name}.log`;
+  const logFd = openSync(logPath, 'a', 0o600);
+  const args = [process.argv[1] ?? '', 'start', dir, '--foreground', '--interval', o.interval, '--key-stdin'];
+  if (o.mount !== undefined) args.push('--mount', o.mount);
+  if (o.mkfs !== undefined) args.push('--mkfs', o.mkfs);
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['pipe', logFd, logFd] });
+  closeSync(logFd);
+  child.stdin?.end(secret ?? Buffer.alloc(0));
+  secret?.fill(0);
+  let exited: number | null | undefined;
+  child.on('exit', (code) => (exited = code));
+  for (;;) {
+    const s = readStatus(name);
+    if (s !== undefined && s.pid === child.pid && s.state === 'live') {
+      child.unref();
+      console.log(`${describeLive(s)}; daemon pid ${child.pid}, log ${logPath}`);
+      return 0;
+    }
+    if (exited !== undefined) {
+      const lines = readFileSync(logPath, 'utf8').trim().split('\n');
+      const last = lines.reverse().find((l) => l.includes('vbd-shadow: ')) ?? lines[0] ?? '';
+      throw new VbdError(`${last.replace(/^.*vbd-shadow: /, '')} (log: ${logPath})`);
+    }
+    await sleep(100);
+  }
+}
+
+function printStatus(s: DaemonStatus): void {
+  const alive = isAlive(s.pid) && s.state !== 'stopped' && s.state !== 'failed';
+  console.log(`${s.name}: ${s.state}${alive ? ` (pid ${s.pid})` : ''}`);
+  console.log(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
+  if (s.device !== undefined) console.log(`  device   ${s.link} -> ${s.device}`);
+  if (s.mountpoint !== undefined) console.log(`  mounted  ${s.mountpoint}`);
+  if (s.populateMs !== undefined) console.log(`  populate ${s.populateMs} ms`);
+  const f = s.lastFlush;
+  if (f !== undefined) {
+    console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs} ms${f.error !== undefined ? `: ${f.error}` : ''}`);
+  }
+  if (s.flushFailures > 0) console.log(`  failures ${s.flushFailures} flushes failed since start`);
+  if (s.error !== undefined) console.log(`  error    ${s.error}`);
+}
+
+export function registerDaemonCommands(program: Command): void {
+  program
+    .command('start')
+    .description('(root) serve a volume: RAM image, loop device /dev/vbd-shadow/NAME, optional mkfs and mount')
+    .argument('<dir>', 'volume directory')
+    .option('--mount <dir>', 'mount the device here (nosuid,nodev), for the volume owner')
+    .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, xfs, ...')
+    .option('--interval <duration>', 'periodic writeback interval', '30s')
+    .option('--foreground', 'stay in the foreground and log to stdout (Ctrl-C / SIGTERM tears down)')
+    .option('--key-file <file>', 'keyed layout: the secret (else asked on the terminal)')
+    .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
+    .action(async (dir: string, o: StartOptions) => {
+      process.exitCode = o.foreground === true ? await startForeground(dir, o) : await startBackground(dir, o);
+    });
+
+  program
+    .command('stop')
+    .description('(root) tear a volume down: final writeback, unmount, detach, free the RAM; waits until done')
+    .argument('<volume>', 'volume name or directory')
+    .action(async (target: string) => {
+      const name = volumeName(target);
+      const pid = lockHolder(name);
+      if (pid === undefined) throw new VbdError(`volume '${name}' is not live`);
+      process.kill(pid, 'SIGTERM');
+      while (isAlive(pid)) await sleep(100);
+      const s = readStatus(name);
+      if (s?.state !== 'stopped') throw new VbdError(`volume '${name}' did not stop cleanly: ${s?.error ?? 'see its log'}`);
+      console.log(`volume '${name}' stopped: written back, detached, RAM freed`);
+    });
+
+  program
+    .command('status')
+    .description('show live volumes (or one), for people or with --json for scripts')
+    .argument('[volume]', 'volume name or directory')
+    .option('--json', 'print JSON')
+    .action((target: string | undefined, o: { json?: boolean }) => {
+      const names = target !== undefined ? [volumeName(target)] : knownVolumes();
+      const all = names.map((n) => readStatus(n)).filter((s): s is DaemonStatus => s !== undefined);
+      if (target !== undefined && all.length === 0) throw new VbdError(`volume '${names[0]}' has never been started here`);
+      if (o.json === true) console.log(JSON.stringify(target !== undefined ? all[0] : all, null, 2));
+      else if (all.length === 0) console.log('no volumes');
+      else all.forEach(printStatus);
+    });
+
+  program
+    .command('recover')
+    .description('(root) after a crash: write a leftover RAM image back into the files, then free it')
+    .argument('<dir>', 'volume directory')
+    .option('--key-file <file>', 'keyed layout: the secret')
+    .action(async (dir: string, o: { keyFile?: string }) => {
+      requireRoot('vbd-shadow recover');
+      const volume = loadVolume(dir, { writable: true });
+      const paths = runtimePaths(volume.manifest.name);
+      const secret = await secretFor(volume.manifest, o.keyFile);
+      try {
+        const table = await resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
+        acquireLock(paths, volume.manifest.name);
+        try {
+          const found = await recoverLeftover(paths, volume, table, (line) => console.log(line));
+          console.log(found ? `volume '${volume.manifest.name}' recovered into the files` : `volume '${volume.manifest.name}': nothing to recover`);
+        } finally {
+          releaseLock(paths);
+        }
+      } finally {
+        secret?.fill(0);
+        closeVolume(volume);
+      }
+    });
+}

@@ -1,0 +1,186 @@
+// The root daemon's lifecycle for one volume: check → lock → recover → RAM image → populate
+// → loop device → name → (mkfs) → (mount) → live … signal → teardown. Every acquired resource
+// pushes its undo step, so a failure halfway and a normal stop unwind the same way, and the
+// writeback step guards the image: if it fails, the RAM is not freed.
+
+import { chownSync, existsSync, mkdirSync, statSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { VbdError } from '../common/errors.js';
+import { startProgress } from '../common/progress.js';
+import { formatSize } from '../common/size.js';
+import { attachLoop, detachLoop, disableDiscard, giveDevice, publishName, restoreDevice, unpublishName } from '../device/loop.js';
+import { filesystemType, makeFilesystem, mountFilesystem, unmountFilesystem } from '../device/mount.js';
+import { fileNamer, writeBackAll } from '../flush/writeback.js';
+import { resolvePlacement } from '../layouts/index.js';
+import { checkLockable, createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
+import { transferImage } from '../shadow/populate.js';
+import { closeVolume, loadVolume, type Owner } from '../volume/volume.js';
+import { CleanupStack } from './cleanup.js';
+import type { Log } from './log.js';
+import { recoverLeftover } from './recover.js';
+import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonStatus } from './runtime.js';
+
+export interface DaemonOptions {
+  dir: string;
+  mount?: string | undefined;
+  mkfs?: string | undefined;
+  intervalMs: number;
+  /** The keyed layout's secret; wiped as soon as the placement is computed. */
+  secret?: Buffer | undefined;
+  log: Log;
+}
+
+export function requireRoot(command: string): void {
+  if (process.geteuid?.() !== 0) {
+    throw new VbdError(`${command} needs root (it mounts a tmpfs, locks RAM and attaches a loop device); run it with sudo`);
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Resolves on the first SIGTERM or SIGINT (the signal's name). */
+function stopSignal(log: Log): Promise<string> {
+  return new Promise((resolveStop) => {
+    const onSignal = (signal: NodeJS.Signals): void => {
+      log(`received ${signal}: tearing down`);
+      process.removeListener('SIGTERM', onSignal);
+      process.removeListener('SIGINT', onSignal);
+      // A second signal during teardown must not kill us halfway: log and carry on.
+      const again = (s: NodeJS.Signals): void => log(`received ${s} during teardown: still writing back, please wait`);
+      process.on('SIGTERM', again);
+      process.on('SIGINT', again);
+      resolveStop(signal);
+    };
+    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+  });
+}
+
+/** Runs the daemon until a stop signal; returns the process exit code. */
+export async function runDaemon(o: DaemonOptions): Promise<number> {
+  requireRoot('vbd-shadow start');
+  const { log } = o;
+  const stopping = stopSignal(log);
+  const volume = loadVolume(o.dir, { writable: true });
+  const { manifest, owner } = volume;
+  const paths = runtimePaths(manifest.name);
+  const cleanup = new CleanupStack();
+  let status: DaemonStatus | undefined;
+  const setStatus = (change: Partial<DaemonStatus>): void => {
+    if (status === undefined) return;
+    status = { ...status, ...change };
+    writeStatus(paths, status);
+  };
+
+  try {
+    const table = await resolvePlacement(manifest, { secret: o.secret, runAs: owner.uid !== 0 ? owner : undefined });
+    o.secret?.fill(0);
+    if (o.mount !== undefined) checkMountpoint(o.mount);
+    checkLockable(manifest.deviceSize);
+
+    const { stale } = acquireLock(paths, manifest.name);
+    cleanup.push('release the lock', () => releaseLock(paths));
+    status = {
+      name: manifest.name, volumeDir: volume.dir, state: 'starting', pid: process.pid, owner,
+      deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind,
+      startedAt: new Date().toISOString(), flushFailures: 0,
+    };
+    setStatus({});
+    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks`);
+    if (stale) log('found the lock of a daemon that is gone');
+    setStatus({ state: 'recovering' });
+    await recoverLeftover(paths, volume, table, log);
+
+    const image = await createImage(paths.shadow, manifest.deviceSize);
+    cleanup.push('free the RAM image', () => destroyImage(image));
+    log(`RAM image: ${formatSize(image.size)} in ${image.path}, mapped and locked`);
+
+    setStatus({ state: 'populating', image: image.path });
+    const started = performance.now();
+    const progress = startProgress('populate', manifest.deviceSize);
+    transferImage('read', image, table, manifest.chunkSize, volume.fds, fileNamer(volume), (n) => progress.advance(n));
+    progress.done();
+    const populateMs = Math.round(performance.now() - started);
+    log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms`);
+    cleanup.push('write the image back to the files', () => {
+      const t = performance.now();
+      writeBackAll(image, table, volume);
+      log(`wrote ${formatSize(image.size)} back to the files in ${Math.round(performance.now() - t)} ms`);
+    }, { guard: true });
+
+    const device = await attachLoop(image.path);
+    cleanup.push(`detach ${device}`, () => detachLoop(device, image.path, log));
+    disableDiscard(device);
+    const link = publishName(manifest.name, device);
+    cleanup.push(`remove ${link}`, () => unpublishName(manifest.name, device));
+    giveDevice(device, owner);
+    cleanup.push(`give ${device} back to root`, () => restoreDevice(device));
+    log(`attached ${device} as ${link}, owned by uid ${owner.uid}`);
+    setStatus({ device, link });
+
+    const formatted = o.mkfs !== undefined && (await formatIfNew(device, o.mkfs, image, owner, log));
+    if (o.mount !== undefined) {
+      const mountpoint = resolve(o.mount);
+      await mountFilesystem(device, mountpoint);
+      // ext* got its root owner from mkfs; other new filesystems get it here.
+      if (formatted && !o.mkfs?.startsWith('ext')) chownSync(mountpoint, owner.uid, owner.gid);
+      cleanup.push(`unmount ${mountpoint}`, async () => {
+        while (!(await unmountFilesystem(mountpoint, log))) await sleep(2000);
+        log(`unmounted ${mountpoint}`);
+      });
+      log(`mounted ${device} on ${mountpoint} (nosuid,nodev)`);
+      setStatus({ mountpoint });
+    }
+
+    setStatus({ state: 'live' });
+    log('live');
+    // Signal handlers alone do not keep Node's event loop alive.
+    const keepAlive = setInterval(() => undefined, 2 ** 30);
+    await stopping;
+    clearInterval(keepAlive);
+    setStatus({ state: 'stopping' });
+  } catch (err) {
+    log(`start failed: ${err instanceof Error ? err.message : String(err)}`);
+    const undoError = await cleanup.unwind(log);
+    if (undoError !== undefined) keepImageNotice(paths.shadow, volume.dir, log);
+    setStatus({ state: 'failed', error: err instanceof Error ? err.message : String(err) });
+    closeVolume(volume);
+    throw err;
+  }
+
+  const error = await cleanup.unwind(log);
+  closeVolume(volume);
+  if (error !== undefined) {
+    keepImageNotice(paths.shadow, volume.dir, log);
+    setStatus({ state: 'failed', error: error.message });
+    return 1;
+  }
+  setStatus({ state: 'stopped' });
+  log('stopped: everything written back, device detached, RAM freed');
+  return 0;
+}
+
+function keepImageNotice(shadow: string, dir: string, log: Log): void {
+  if (existsSync(`${shadow}/image`)) {
+    log(`the RAM image is KEPT at ${shadow}/image (root-only) so nothing is lost; fix the cause, then run 'vbd-shadow recover ${dir}' or start the volume again`);
+  }
+}
+
+function checkMountpoint(mountpoint: string): void {
+  const dir = resolve(mountpoint);
+  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o755 });
+  if (!statSync(dir).isDirectory()) throw new VbdError(`--mount ${dir} is not a directory`);
+}
+
+/** Formats only a device that has never held data: never mkfs over a user's bytes. */
+async function formatIfNew(device: string, type: string, image: ShadowImage, owner: Owner, log: Log): Promise<boolean> {
+  const found = await filesystemType(device);
+  if (found !== undefined) {
+    log(`--mkfs ${type}: the device already holds ${found}; not formatting`);
+    return false;
+  }
+  if (!isAllZero(image)) throw new VbdError(`--mkfs ${type}: the device holds data but no filesystem blkid knows; refusing to format over it`);
+  await makeFilesystem(device, type, owner);
+  log(`formatted ${device} as ${type} (no discard)`);
+  return true;
+}

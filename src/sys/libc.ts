@@ -1,0 +1,103 @@
+// The few syscalls Node lacks, declared once through koffi, each checked and errno-decoded.
+
+import koffi from 'koffi';
+import { VbdError, describeErrno } from '../common/errors.js';
+
+const libc = koffi.load('libc.so.6');
+
+const PROT_READ = 0x1;
+const PROT_WRITE = 0x2;
+const MAP_SHARED = 0x01;
+const MAP_NORESERVE = 0x4000;
+const MAP_FAILED = 2n ** 64n - 1n;
+
+const c = {
+  mmap: libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
+  munmap: libc.func('int munmap(void *addr, size_t length)'),
+  mlock: libc.func('int mlock(void *addr, size_t len)'),
+  munlock: libc.func('int munlock(void *addr, size_t len)'),
+  ioctlInt: libc.func('int ioctl(int fd, unsigned long request, int arg)'),
+  fsync: libc.func('int fsync(int fd)'),
+  preadv: libc.func('int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)'),
+  pwritev: libc.func('int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)'),
+};
+
+const ERRNO_NAMES: Record<number, string> = {
+  1: 'EPERM', 2: 'ENOENT', 5: 'EIO', 9: 'EBADF', 11: 'EAGAIN', 12: 'ENOMEM', 13: 'EACCES', 16: 'EBUSY',
+  22: 'EINVAL', 25: 'ENOTTY', 28: 'ENOSPC', 30: 'EROFS', 75: 'EOVERFLOW', 95: 'EOPNOTSUPP',
+};
+
+/** An error naming the syscall, what it was applied to, and the errno, with `.code` set. */
+function syscallError(call: string, what: string): VbdError {
+  const errno = koffi.errno();
+  const code = ERRNO_NAMES[errno] ?? `errno ${errno}`;
+  const err = new VbdError(`${call} ${what}: ${describeErrno(code)}`);
+  (err as VbdError & { code: string }).code = code;
+  return err;
+}
+
+/** An opaque pointer into a mapping, as koffi hands it out. */
+export type Pointer = unknown;
+
+export function pointerAddress(ptr: Pointer): bigint {
+  return BigInt(koffi.address(ptr));
+}
+
+/** mmap(MAP_SHARED | MAP_NORESERVE) of `length` bytes of `fd` from `offset`, read-write. */
+export function mapShared(fd: number, offset: number, length: number, what: string): Pointer {
+  const ptr: Pointer = c.mmap(null, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, offset);
+  if (ptr === null || pointerAddress(ptr) === MAP_FAILED) throw syscallError('mmap', what);
+  return ptr;
+}
+
+export function unmap(ptr: Pointer, length: number, what: string): void {
+  if (c.munmap(ptr, length) !== 0) throw syscallError('munmap', what);
+}
+
+export function lockMemory(ptr: Pointer, length: number, what: string): void {
+  if (c.mlock(ptr, length) !== 0) throw syscallError('mlock', what);
+}
+
+export function unlockMemory(ptr: Pointer, length: number, what: string): void {
+  if (c.munlock(ptr, length) !== 0) throw syscallError('munlock', what);
+}
+
+/** A Buffer over the first `length` bytes of a mapping (no copy). At most 2^32 − 1 bytes. */
+export function viewOf(ptr: Pointer, length: number): Buffer {
+  return Buffer.from(koffi.view(ptr, length) as ArrayBuffer);
+}
+
+/** ioctl with an int (or no) argument; returns its result. */
+export function ioctl(fd: number, request: number, arg: number, what: string): number {
+  const r = c.ioctlInt(fd, request, arg) as number;
+  if (r < 0) throw syscallError('ioctl', what);
+  return r;
+}
+
+/** Async ioctl for calls that can block a while (FIFREEZE syncs the filesystem first). */
+export function ioctlAsync(fd: number, request: number, arg: number, what: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    c.ioctlInt.async(fd, request, arg, (err: unknown, r: number) => {
+      if (err !== null && err !== undefined) reject(err);
+      else if (r < 0) reject(syscallError('ioctl', what));
+      else resolve(r);
+    });
+  });
+}
+
+/**
+ * preadv/pwritev with an iovec array of (address, length) pairs; returns bytes moved.
+ * Used to scatter one file range into many places of the image in one call.
+ */
+export function vectorIo(kind: 'read' | 'write', fd: number, iov: BigUint64Array, count: number, offset: number, what: string): number {
+  const fn = kind === 'read' ? c.preadv : c.pwritev;
+  const n = Number(fn(fd, iov, count, offset));
+  if (n < 0) throw syscallError(kind === 'read' ? 'preadv' : 'pwritev', what);
+  return n;
+}
+
+export const ioctls = {
+  FIFREEZE: 0xc0045877,
+  FITHAW: 0xc0045878,
+  BLKFLSBUF: 0x1261,
+} as const;
