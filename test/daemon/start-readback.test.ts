@@ -1,0 +1,42 @@
+// After start, the block device holds exactly what export assembles from the files, and the
+// whole image is locked in RAM. After SIGTERM nothing is left in the kernel.
+
+import { randomBytes } from 'node:crypto';
+import { readFileSync, realpathSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { cliOk, sha256 } from '../helpers/cli.js';
+import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
+import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers, procStatus } from '../helpers/system.js';
+import { keyFile, tempDir } from '../helpers/tmp.js';
+
+const SIZE = 24 * 2 ** 20;
+
+describe.skipIf(!IS_ROOT)(`start: device equals export (${IS_ROOT ? 'as root' : ROOT_SKIP_REASON})`, () => {
+  for (const layout of ['linear', 'striped', 'keyed'] as const) {
+    it(`${layout}`, async () => {
+      const scratch = tempDir();
+      const dir = join(scratch, 'vol');
+      const name = `${TEST_PREFIX}read-${layout}`;
+      const key = keyFile(scratch, `key for ${layout}`);
+      const keyArgs = layout === 'keyed' ? ['--key-file', key] : [];
+      cliOk(['init', dir, '--size', '24M', '--files', '9', '--chunk', '4K', '--layout', layout, '--name', name, ...keyArgs]);
+      writeFileSync(join(scratch, 'in.img'), randomBytes(SIZE));
+      cliOk(['import', dir, join(scratch, 'in.img'), ...keyArgs]);
+      cliOk(['export', dir, join(scratch, 'exported.img'), ...keyArgs]);
+
+      const daemon = startDaemon(name, [dir, ...keyArgs]);
+      const status = await waitLive(daemon);
+      expect(status.link).toBe(`/dev/vbd-shadow/${name}`);
+      expect(realpathSync(status.link ?? '')).toBe(status.device);
+      expect(sha256(readFileSync(status.link ?? ''))).toBe(sha256(readFileSync(join(scratch, 'exported.img'))));
+      const pid = daemon.child.pid ?? 0;
+      expect(procStatus(pid, 'VmLck')).toBeGreaterThanOrEqual(SIZE);
+      expect(procStatus(pid, 'RssShmem')).toBeGreaterThanOrEqual(SIZE);
+
+      expect(await stopDaemon(daemon)).toBe(0);
+      expect(leftovers()).toEqual([]);
+      expect(daemon.output()).toMatch(/stopped: everything written back/);
+    });
+  }
+});

@@ -1,0 +1,60 @@
+// A daemon started for a test: `vbd-shadow start DIR --foreground …` as a child process,
+// awaited until live, and always stopped (then swept) after the test.
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { afterEach } from 'vitest';
+import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
+import { BIN } from './cli.js';
+import { sweep } from './system.js';
+
+export interface TestDaemon {
+  child: ChildProcess;
+  name: string;
+  output: () => string;
+  /** Resolves with the exit code. */
+  exited: Promise<number | null>;
+}
+
+const running: TestDaemon[] = [];
+
+afterEach(async () => {
+  for (const d of running.splice(0)) {
+    if (d.child.exitCode === null && d.child.signalCode === null) {
+      d.child.kill('SIGTERM');
+      const timer = setTimeout(() => d.child.kill('SIGKILL'), 30_000);
+      await d.exited;
+      clearTimeout(timer);
+    }
+  }
+  sweep();
+});
+
+export function startDaemon(name: string, args: string[], input?: string): TestDaemon {
+  const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let text = '';
+  child.stdout?.on('data', (d: Buffer) => (text += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => (text += d.toString()));
+  child.stdin?.end(input ?? '');
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  const daemon = { child, name, output: () => text, exited };
+  running.push(daemon);
+  return daemon;
+}
+
+/** Waits until the daemon says live; throws with its output if it exits first. */
+export async function waitLive(d: TestDaemon, timeoutMs = 60_000): Promise<DaemonStatus> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const s = readStatus(d.name);
+    if (s !== undefined && s.pid === d.child.pid && s.state === 'live') return s;
+    if (d.child.exitCode !== null) throw new Error(`daemon exited ${d.child.exitCode}:\n${d.output()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`daemon not live after ${timeoutMs} ms:\n${d.output()}`);
+}
+
+/** SIGTERM and wait for the exit code. */
+export async function stopDaemon(d: TestDaemon): Promise<number | null> {
+  d.child.kill('SIGTERM');
+  return d.exited;
+}

@@ -1,0 +1,22 @@
+// A volume owned by a real unprivileged user, in a "home" only that user can write.
+
+import { chmodSync, chownSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { tempDir } from './tmp.js';
+import { ensureUser, TEST_USER, type User } from './system.js';
+
+export interface OwnedScratch {
+  user: User;
+  scratch: string;
+  home: string;
+}
+
+export function ownedScratch(): OwnedScratch {
+  const user = ensureUser(TEST_USER);
+  const scratch = tempDir();
+  chmodSync(scratch, 0o755);
+  const home = join(scratch, 'home');
+  mkdirSync(home, { mode: 0o755 });
+  chownSync(home, user.uid, user.gid);
+  return { user, scratch, home };
+}
