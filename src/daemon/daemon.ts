@@ -10,10 +10,9 @@ import { startProgress } from '../common/progress.js';
 import { formatSize } from '../common/size.js';
 import { attachLoop, detachLoop, disableDiscard, giveDevice, publishName, restoreDevice, unpublishName } from '../device/loop.js';
 import { filesystemType, makeFilesystem, mountFilesystem, unmountFilesystem } from '../device/mount.js';
-import { fileNamer, writeBackAll } from '../flush/writeback.js';
+import { populateImage, writeBackAll } from '../flush/writeback.js';
 import { resolvePlacement } from '../layouts/index.js';
 import { checkLockable, createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
-import { transferImage } from '../shadow/populate.js';
 import { closeVolume, loadVolume, type Owner } from '../volume/volume.js';
 import { CleanupStack } from './cleanup.js';
 import type { Log } from './log.js';
@@ -98,10 +97,11 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     setStatus({ state: 'populating', image: image.path });
     const started = performance.now();
     const progress = startProgress('populate', manifest.deviceSize);
-    transferImage('read', image, table, manifest.chunkSize, volume.fds, fileNamer(volume), (n) => progress.advance(n));
+    populateImage(image, table, volume, (n) => progress.advance(n));
     progress.done();
     const populateMs = Math.round(performance.now() - started);
     log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms`);
+    setStatus({ populateMs });
     cleanup.push('write the image back to the files', () => {
       const t = performance.now();
       writeBackAll(image, table, volume);

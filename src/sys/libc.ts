@@ -89,7 +89,7 @@ export function ioctlAsync(fd: number, request: number, arg: number, what: strin
  * preadv/pwritev with an iovec array of (address, length) pairs; returns bytes moved.
  * Used to scatter one file range into many places of the image in one call.
  */
-export function vectorIo(kind: 'read' | 'write', fd: number, iov: BigUint64Array, count: number, offset: number, what: string): number {
+export function vectorIo(kind: 'read' | 'write', fd: number, iov: Uint32Array, count: number, offset: number, what: string): number {
   const fn = kind === 'read' ? c.preadv : c.pwritev;
   const n = Number(fn(fd, iov, count, offset));
   if (n < 0) throw syscallError(kind === 'read' ? 'preadv' : 'pwritev', what);
