@@ -2,10 +2,13 @@
 
 import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { settleJournal } from '../flush/apply.js';
+import { openJournal } from '../flush/journal.js';
+import { isTmpfsMounted } from '../shadow/image.js';
 import { Option, type Command } from 'commander';
 import { VbdError } from '../common/errors.js';
 import { parseDuration } from '../common/duration.js';
-import { formatSize } from '../common/size.js';
+import { formatSize, parseSize } from '../common/size.js';
 import { requireRoot, runDaemon } from '../daemon/daemon.js';
 import { createLog } from '../daemon/log.js';
 import { recoverLeftover } from '../daemon/recover.js';
@@ -22,6 +25,7 @@ interface StartOptions {
   mount?: string;
   mkfs?: string;
   interval: string;
+  maxDirty: string;
   foreground?: boolean;
   keyFile?: string;
   keyStdin?: boolean;
@@ -50,7 +54,7 @@ async function startForeground(dir: string, o: StartOptions): Promise<number> {
   const secret = o.keyStdin === true ? await readStdin() : await secretFor(volume.manifest, o.keyFile);
   try {
     return await runDaemon({
-      dir, mount: o.mount, mkfs: o.mkfs, intervalMs: parseDuration(o.interval, '--interval'),
+      dir, mount: o.mount, mkfs: o.mkfs, intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: parseSize(o.maxDirty, '--max-dirty'),
       secret: secret !== undefined && secret.length > 0 ? secret : undefined, log: createLog(volume.manifest.name),
     });
   } finally {
@@ -72,11 +76,12 @@ async function startBackground(dir: string, o: StartOptions): Promise<number> {
   const holder = lockHolder(name);
   if (holder !== undefined) throw new VbdError(`volume '${name}' is already served by pid ${holder}`);
   parseDuration(o.interval, '--interval');
+  parseSize(o.maxDirty, '--max-dirty');
   const secret = await secretFor(volume.manifest, o.keyFile);
   mkdirSync(LOG_DIR, { recursive: true, mode: 0o700 });
   const logPath = `${LOG_DIR}/${name}.log`;
   const logFd = openSync(logPath, 'a', 0o600);
-  const args = [process.argv[1] ?? '', 'start', dir, '--foreground', '--interval', o.interval, '--key-stdin'];
+  const args = [process.argv[1] ?? '', 'start', dir, '--foreground', '--interval', o.interval, '--max-dirty', o.maxDirty, '--key-stdin'];
   if (o.mount !== undefined) args.push('--mount', o.mount);
   if (o.mkfs !== undefined) args.push('--mkfs', o.mkfs);
   const child = spawn(process.execPath, args, { detached: true, stdio: ['pipe', logFd, logFd] });
@@ -124,6 +129,7 @@ export function registerDaemonCommands(program: Command): void {
     .option('--mount <dir>', 'mount the device here (nosuid,nodev), for the volume owner')
     .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, xfs, ...')
     .option('--interval <duration>', 'periodic writeback interval', '30s')
+    .option('--max-dirty <size>', 'flush early once this much was written since the last flush (bounds what a crash can lose)', '256M')
     .option('--foreground', 'stay in the foreground and log to stdout (Ctrl-C / SIGTERM tears down)')
     .option('--key-file <file>', 'keyed layout: the secret (else asked on the terminal)')
     .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
@@ -162,26 +168,67 @@ export function registerDaemonCommands(program: Command): void {
 
   program
     .command('recover')
-    .description('(root) after a crash: write a leftover RAM image back into the files, then free it')
+    .description('after a crash: settle an interrupted flush, and (root) write a leftover RAM image back into the files')
     .argument('<dir>', 'volume directory')
-    .option('--key-file <file>', 'keyed layout: the secret')
+    .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image)')
     .action(async (dir: string, o: { keyFile?: string }) => {
-      requireRoot('vbd-shadow recover');
       const volume = loadVolume(dir, { writable: true });
-      const paths = runtimePaths(volume.manifest.name);
-      const secret = await secretFor(volume.manifest, o.keyFile);
+      const { name } = volume.manifest;
+      const paths = runtimePaths(name);
+      const say = (line: string): void => console.log(line);
+      let secret: Buffer | undefined;
       try {
-        const table = await resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
-        acquireLock(paths, volume.manifest.name);
+        const holder = lockHolder(name);
+        if (holder !== undefined) throw new VbdError(`volume '${name}' is live (pid ${holder}); stop it first`);
+        const journalFd = openJournal(volume);
         try {
-          const found = await recoverLeftover(paths, volume, table, (line) => console.log(line));
-          console.log(found ? `volume '${volume.manifest.name}' recovered into the files` : `volume '${volume.manifest.name}': nothing to recover`);
+          const settled = await settleJournal(volume, journalFd, say);
+          if (!isTmpfsMounted(paths.shadow)) {
+            console.log(`volume '${name}': ${settled === 'empty' ? 'nothing to recover' : 'journal settled'}; no RAM image left behind`);
+            return;
+          }
+          requireRoot('vbd-shadow recover (of a leftover RAM image)');
+          secret = await secretFor(volume.manifest, o.keyFile);
+          const table = await resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
+          acquireLock(paths, name);
+          try {
+            await recoverLeftover(paths, volume, table, journalFd, say);
+            console.log(`volume '${name}' recovered into the files`);
+          } finally {
+            releaseLock(paths);
+          }
         } finally {
-          releaseLock(paths);
+          closeSync(journalFd);
         }
       } finally {
         secret?.fill(0);
         closeVolume(volume);
+      }
+    });
+
+  program
+    .command('flush')
+    .description('write back what changed now, and wait for the result (root, or the owner via the agent)')
+    .argument('<volume>', 'volume name or directory')
+    .action(async (target: string) => {
+      const name = volumeName(target);
+      const pid = lockHolder(name);
+      const before = readStatus(name);
+      if (pid === undefined || before === undefined || before.state !== 'live') throw new VbdError(`volume '${name}' is not live`);
+      const requested = new Date().toISOString();
+      process.kill(pid, 'SIGUSR1');
+      for (;;) {
+        await sleep(20);
+        const s = readStatus(name);
+        if (s === undefined || !isAlive(pid)) throw new VbdError(`volume '${name}' went away during the flush`);
+        if (s.lastCheck !== undefined && s.lastCheck.at >= requested) {
+          if (!s.lastCheck.ok) throw new VbdError(`flush of '${name}' failed: ${s.lastFlush?.error ?? 'see the log'}`);
+          const f = s.lastFlush;
+          console.log(s.lastCheck.idle || f === undefined || f.at !== s.lastCheck.at
+            ? `volume '${name}': nothing written since the last flush`
+            : `volume '${name}' flushed: ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms`);
+          return;
+        }
       }
     });
 }

@@ -3,6 +3,8 @@
 import type { Command } from 'commander';
 import { VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
+import { lockHolder } from '../daemon/runtime.js';
+import { journalPending } from '../flush/journal.js';
 import { exportImage, importImage } from '../image/offline.js';
 import { resolvePlacement } from '../layouts/index.js';
 import { initVolume, type LayoutChoice } from '../volume/init.js';
@@ -39,6 +41,10 @@ async function withVolume(dir: string, keyFile: string | undefined, writable: bo
   const volume = loadVolume(dir, { writable });
   let secret: Buffer | undefined;
   try {
+    const { name } = volume.manifest;
+    const holder = lockHolder(name);
+    if (holder !== undefined) throw new VbdError(`volume '${name}' is live (daemon pid ${holder}): its RAM image is the truth; stop it first`);
+    if (journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
     const table = await resolvePlacement(volume.manifest, { secret });
     secret?.fill(0);

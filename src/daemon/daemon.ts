@@ -3,20 +3,24 @@
 // pushes its undo step, so a failure halfway and a normal stop unwind the same way, and the
 // writeback step guards the image: if it fails, the RAM is not freed.
 
-import { chownSync, existsSync, mkdirSync, statSync } from 'node:fs';
+import { chownSync, closeSync, existsSync, mkdirSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { VbdError } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
 import { formatSize } from '../common/size.js';
 import { attachLoop, detachLoop, disableDiscard, giveDevice, publishName, restoreDevice, unpublishName } from '../device/loop.js';
 import { filesystemType, makeFilesystem, mountFilesystem, unmountFilesystem } from '../device/mount.js';
-import { populateImage, writeBackAll } from '../flush/writeback.js';
+import { settleJournal } from '../flush/apply.js';
+import { FlushEngine, type FlushResult } from '../flush/engine.js';
+import { openJournal } from '../flush/journal.js';
+import { populateImage } from '../shadow/fill.js';
 import { resolvePlacement } from '../layouts/index.js';
 import { checkLockable, createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
 import { closeVolume, loadVolume, type Owner } from '../volume/volume.js';
 import { CleanupStack } from './cleanup.js';
 import type { Log } from './log.js';
 import { recoverLeftover } from './recover.js';
+import { FlushScheduler } from './scheduler.js';
 import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonStatus } from './runtime.js';
 
 export interface DaemonOptions {
@@ -24,6 +28,8 @@ export interface DaemonOptions {
   mount?: string | undefined;
   mkfs?: string | undefined;
   intervalMs: number;
+  /** Flush early once this many bytes were written since the last flush. */
+  maxDirtyBytes: number;
   /** The keyed layout's secret; wiped as soon as the placement is computed. */
   secret?: Buffer | undefined;
   log: Log;
@@ -79,16 +85,19 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
 
     const { stale } = acquireLock(paths, manifest.name);
     cleanup.push('release the lock', () => releaseLock(paths));
+    const journalFd = openJournal(volume);
+    cleanup.push('close the journal', () => closeSync(journalFd));
     status = {
       name: manifest.name, volumeDir: volume.dir, state: 'starting', pid: process.pid, owner,
       deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind,
-      startedAt: new Date().toISOString(), flushFailures: 0,
+      startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0,
     };
     setStatus({});
     log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks`);
     if (stale) log('found the lock of a daemon that is gone');
     setStatus({ state: 'recovering' });
-    await recoverLeftover(paths, volume, table, log);
+    await settleJournal(volume, journalFd, log);
+    await recoverLeftover(paths, volume, table, journalFd, log);
 
     const image = await createImage(paths.shadow, manifest.deviceSize);
     cleanup.push('free the RAM image', () => destroyImage(image));
@@ -102,15 +111,23 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     const populateMs = Math.round(performance.now() - started);
     log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms`);
     setStatus({ populateMs });
-    cleanup.push('write the image back to the files', () => {
-      const t = performance.now();
-      writeBackAll(image, table, volume);
-      log(`wrote ${formatSize(image.size)} back to the files in ${Math.round(performance.now() - t)} ms`);
-    }, { guard: true });
+    const engine = new FlushEngine(volume, image, table, journalFd, log);
+    engine.hashImage();
+    const report = (r: FlushResult): void => {
+      const { timings: _t, idle, ...rest } = r;
+      setStatus({ lastCheck: { at: r.at, idle, ok: r.ok, durationMs: r.durationMs }, flushChecks: (status?.flushChecks ?? 0) + 1 });
+      if (!idle) setStatus({ lastFlush: { ...rest, timings: r.timings }, flushFailures: (status?.flushFailures ?? 0) + (r.ok ? 0 : 1) });
+    };
+    cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
 
     const device = await attachLoop(image.path);
-    cleanup.push(`detach ${device}`, () => detachLoop(device, image.path, log));
+    cleanup.push(`detach ${device}`, async () => {
+      await detachLoop(device, image.path, log);
+      engine.device = undefined;
+    });
     disableDiscard(device);
+    engine.device = device;
+    engine.resetBaseline();
     const link = publishName(manifest.name, device);
     cleanup.push(`remove ${link}`, () => unpublishName(manifest.name, device));
     giveDevice(device, owner);
@@ -125,19 +142,29 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       // ext* got its root owner from mkfs; other new filesystems get it here.
       if (formatted && !o.mkfs?.startsWith('ext')) chownSync(mountpoint, owner.uid, owner.gid);
       cleanup.push(`unmount ${mountpoint}`, async () => {
-        while (!(await unmountFilesystem(mountpoint, log))) await sleep(2000);
+        // Busy: say who holds it (unmountFilesystem logs), keep the files current, retry.
+        while (!(await unmountFilesystem(mountpoint, log))) {
+          report(await engine.flush('waiting for unmount'));
+          await sleep(2000);
+        }
         log(`unmounted ${mountpoint}`);
       });
       log(`mounted ${device} on ${mountpoint} (nosuid,nodev)`);
       setStatus({ mountpoint });
     }
 
+    // The scheduler's timers also keep Node's event loop alive (signal handlers alone do not).
+    const scheduler = new FlushScheduler(engine, { intervalMs: o.intervalMs, maxDirtyBytes: o.maxDirtyBytes, onResult: report, log });
+    cleanup.push('stop periodic flushes', () => {
+      scheduler.stop();
+      process.removeListener('SIGUSR1', onFlushSignal);
+    });
+    const onFlushSignal = (): void => void scheduler.request('signal');
+    process.on('SIGUSR1', onFlushSignal);
+    scheduler.start();
     setStatus({ state: 'live' });
-    log('live');
-    // Signal handlers alone do not keep Node's event loop alive.
-    const keepAlive = setInterval(() => undefined, 2 ** 30);
+    log(`live; flushing every ${o.intervalMs / 1000} s or after ${formatSize(o.maxDirtyBytes)} written`);
     await stopping;
-    clearInterval(keepAlive);
     setStatus({ state: 'stopping' });
   } catch (err) {
     log(`start failed: ${err instanceof Error ? err.message : String(err)}`);
@@ -158,6 +185,21 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
   setStatus({ state: 'stopped' });
   log('stopped: everything written back, device detached, RAM freed');
   return 0;
+}
+
+/** The last flush, after detach: everything that differs from the files, retried twice. */
+async function finalFlush(engine: FlushEngine, report: (r: FlushResult) => void, log: Log): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    const r = await engine.flush('teardown', true);
+    report(r);
+    if (r.ok) {
+      log(`final flush: ${r.chunksChanged} chunks, ${formatSize(r.bytesWritten)} to the files in ${r.durationMs.toFixed(0)} ms`);
+      return;
+    }
+    log(`final flush failed (attempt ${attempt} of 3): ${r.error}`);
+    if (attempt === 3) throw new VbdError(r.error ?? 'final flush failed');
+    await sleep(1000 * attempt);
+  }
 }
 
 function keepImageNotice(shadow: string, dir: string, log: Log): void {

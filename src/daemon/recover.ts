@@ -9,7 +9,7 @@ import { runOk } from '../common/exec.js';
 import { formatSize } from '../common/size.js';
 import { detachLoop, loopsOf, restoreDevice, unpublishName } from '../device/loop.js';
 import { holdersOf, mountsOf, unmountFilesystem } from '../device/mount.js';
-import { writeBackAll } from '../flush/writeback.js';
+import { FlushEngine } from '../flush/engine.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image.js';
 import type { Volume } from '../volume/volume.js';
@@ -17,7 +17,7 @@ import type { Log } from './log.js';
 import type { RuntimePaths } from './runtime.js';
 
 /** Returns true if a leftover image was found and written back. */
-export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table: PlacementTable, log: Log): Promise<boolean> {
+export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table: PlacementTable, journalFd: number, log: Log): Promise<boolean> {
   if (!isTmpfsMounted(paths.shadow)) return false;
   const imagePath = join(paths.shadow, 'image');
   if (!existsSync(imagePath)) {
@@ -42,9 +42,13 @@ export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table
   if (image.size !== volume.manifest.deviceSize) {
     throw new VbdError(`the leftover RAM image ${imagePath} is ${image.size} bytes but the volume is ${volume.manifest.deviceSize}; refusing to touch either (inspect it by hand)`);
   }
-  const started = performance.now();
-  writeBackAll(image, table, volume);
-  log(`recovery: wrote ${formatSize(image.size)} back to the files in ${Math.round(performance.now() - started)} ms`);
+  // The image's flush state died with its daemon: compare against what the files hold and
+  // write the difference as one journaled batch, like any flush.
+  const engine = new FlushEngine(volume, image, table, journalFd, log);
+  engine.hashFiles();
+  const result = await engine.flush('recovery', true);
+  if (!result.ok) throw new VbdError(`recovery of the leftover image failed, it is kept at ${imagePath}: ${result.error}`);
+  log(`recovery: wrote ${result.chunksChanged} changed chunks (${formatSize(result.bytesWritten)}) back to the files in ${Math.round(result.durationMs)} ms`);
   await destroyImage(image);
   return true;
 }

@@ -24,10 +24,22 @@ export interface FlushReport {
   at: string;
   ok: boolean;
   durationMs: number;
+  /** Bytes written to the backing files (the journal's bytes are counted apart). */
   bytesWritten: number;
+  journalBytes?: number;
   chunksChanged: number;
   reason: string;
   error?: string;
+  /** Where the time went: sync, freeze, frozen (writer stall), scan, journal, apply (ms). */
+  timings?: Record<string, number> | undefined;
+}
+
+/** The latest flush check, idle or not (an idle check does no scan and no I/O). */
+export interface FlushCheck {
+  at: string;
+  idle: boolean;
+  ok: boolean;
+  durationMs: number;
 }
 
 export type DaemonState = 'starting' | 'recovering' | 'populating' | 'live' | 'stopping' | 'stopped' | 'failed';
@@ -47,7 +59,11 @@ export interface DaemonStatus {
   image?: string;
   startedAt: string;
   populateMs?: number;
+  /** The latest flush that wrote (or tried to write) something. */
   lastFlush?: FlushReport;
+  lastCheck?: FlushCheck;
+  /** Flush checks done, idle ones included: `vbd-shadow flush` waits for this to grow. */
+  flushChecks: number;
   flushFailures: number;
   error?: string;
 }

@@ -1,0 +1,213 @@
+// The flush engine: writes back only what changed, as one crash-atomic, point-in-time batch.
+//
+//  1. idle check: fsync the loop device (pushes its buffered writes into the image) and read
+//     its write counter; unchanged since the last flush → nothing to do, no scan, no I/O;
+//  2. capture: with the filesystem on the device frozen (if mounted), hash every chunk (xxh64)
+//     and copy those whose hash differs from the files' state, in file order;
+//  3. journal the batch and sync it; 4. apply it to the files and sync them; 5. retire it.
+// Only then are the chunk hashes updated: a failed flush leaves everything dirty, in RAM,
+// and is retried.
+
+import { xxh64 } from '@node-rs/xxhash';
+import { failure } from '../common/errors.js';
+import { sectorsWritten, syncDevice } from '../device/loop.js';
+import { whileFrozen } from '../device/freeze.js';
+import { mountsOf } from '../device/mount.js';
+import type { PlacementTable } from '../layouts/layout.js';
+import { WINDOW_BYTES, type ShadowImage } from '../shadow/image.js';
+import { fileOrder } from '../shadow/populate.js';
+import type { Volume } from '../volume/volume.js';
+import type { FlushReport } from '../daemon/runtime.js';
+import { applyBatch, settleJournal } from './apply.js';
+import { readSync } from 'node:fs';
+import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
+
+const STAGING_BLOCK = 256 * 2 ** 20;
+
+export type FlushTimings = {
+  syncMs: number;
+  freezeMs: number;
+  frozenMs: number;
+  scanMs: number;
+  journalMs: number;
+  applyMs: number;
+};
+
+export interface FlushResult extends FlushReport {
+  idle: boolean;
+  journalBytes: number;
+  timings?: FlushTimings;
+}
+
+export class FlushEngine {
+  /** xxh64 of each chunk as the backing files hold it. */
+  private readonly hashes: BigUint64Array;
+  /** Chunks to rewrite whatever their hash says (their file was changed behind our back). */
+  private readonly forced: Uint8Array;
+  private readonly order: Uint32Array;
+  private forcedCount = 0;
+  private baseline = 0;
+  private seq = 0;
+  private lastFailed = false;
+  private queue: Promise<unknown> = Promise.resolve();
+  /** The loop device, while attached: the write counter and fsync target. */
+  device: string | undefined;
+
+  constructor(
+    private readonly volume: Volume,
+    private readonly image: ShadowImage,
+    private readonly table: PlacementTable,
+    private readonly journalFd: number,
+    private readonly log: (line: string) => void,
+  ) {
+    const { chunkSize, deviceSize, files } = volume.manifest;
+    this.hashes = new BigUint64Array(deviceSize / chunkSize);
+    this.forced = new Uint8Array(deviceSize / chunkSize);
+    this.order = fileOrder(table, chunkSize, files.map((f) => f.size));
+  }
+
+  private chunkView(chunk: number): Buffer {
+    const { chunkSize } = this.volume.manifest;
+    const at = chunk * chunkSize;
+    const w = this.image.windows[Math.floor(at / WINDOW_BYTES)];
+    if (w === undefined) throw new Error(`internal: chunk ${chunk} is outside the image`);
+    return w.view.subarray(at - w.offset, at - w.offset + chunkSize);
+  }
+
+  /** Records the image as the files' state (right after populate). */
+  hashImage(): void {
+    for (let chunk = 0; chunk < this.hashes.length; chunk++) this.hashes[chunk] = xxh64(this.chunkView(chunk));
+  }
+
+  /** Records what the files hold now (recovery of an image whose flush state was lost). */
+  hashFiles(): void {
+    const { chunkSize } = this.volume.manifest;
+    const buf = Buffer.alloc(chunkSize);
+    for (const chunk of this.order) {
+      const file = this.table.file[chunk] ?? 0;
+      const offset = this.table.offset[chunk] ?? 0;
+      try {
+        const n = readSync(this.volume.fds[file] ?? -1, buf, 0, chunkSize, offset);
+        buf.fill(0, n);
+      } catch (err) {
+        throw failure(`read of backing file '${this.volume.manifest.files[file]?.path}' at offset ${offset}`, err);
+      }
+      this.hashes[chunk] = xxh64(buf);
+    }
+  }
+
+  /** Marks every chunk of `file` for rewriting at the next flush. */
+  forceFile(file: number): number {
+    let n = 0;
+    for (let chunk = 0; chunk < this.forced.length; chunk++) {
+      if (this.table.file[chunk] === file && this.forced[chunk] === 0) {
+        this.forced[chunk] = 1;
+        n++;
+      }
+    }
+    this.forcedCount += n;
+    return n;
+  }
+
+  /** Sectors written to the device since the last completed capture. */
+  pendingSectors(): number {
+    return this.device === undefined ? 0 : sectorsWritten(this.device) - this.baseline;
+  }
+
+  /** Sets the write-counter baseline (after attach, and after each capture). */
+  resetBaseline(): void {
+    if (this.device !== undefined) this.baseline = sectorsWritten(this.device);
+  }
+
+  /** Queues a flush (flushes never overlap). `full` skips the idle shortcut (teardown). */
+  flush(reason: string, full = false): Promise<FlushResult> {
+    const run = this.queue.then(() => this.flushNow(reason, full));
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Capture while frozen: the dirty chunks (indices, and their data copied), in file order. */
+  private capture(): { chunks: number[]; entries: JournalEntry[] } {
+    const { chunkSize } = this.volume.manifest;
+    const chunks: number[] = [];
+    const entries: JournalEntry[] = [];
+    let block = Buffer.alloc(0);
+    let used = 0;
+    for (const chunk of this.order) {
+      const view = this.chunkView(chunk);
+      if (this.forced[chunk] === 0 && xxh64(view) === this.hashes[chunk]) continue;
+      if (used + chunkSize > block.length) {
+        block = Buffer.allocUnsafe(Math.max(chunkSize, STAGING_BLOCK));
+        used = 0;
+      }
+      const data = block.subarray(used, used + chunkSize);
+      view.copy(data);
+      used += chunkSize;
+      chunks.push(chunk);
+      entries.push({ file: this.table.file[chunk] ?? 0, offset: this.table.offset[chunk] ?? 0, data });
+    }
+    return { chunks, entries };
+  }
+
+  private async flushNow(reason: string, full: boolean): Promise<FlushResult> {
+    const started = performance.now();
+    const at = new Date().toISOString();
+    const t: FlushTimings = { syncMs: 0, freezeMs: 0, frozenMs: 0, scanMs: 0, journalMs: 0, applyMs: 0 };
+    try {
+      if (this.device !== undefined) syncDevice(this.device);
+      t.syncMs = performance.now() - started;
+      const counter = this.device === undefined ? 0 : sectorsWritten(this.device);
+      if (!full && this.device !== undefined && counter === this.baseline && this.forcedCount === 0 && !this.lastFailed) {
+        return { at, ok: true, idle: true, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0 };
+      }
+      // A batch committed by a flush whose apply failed must reach the files first.
+      if (this.lastFailed) await settleJournal(this.volume, this.journalFd, this.log);
+
+      const frozenAt = this.device !== undefined ? mountsOf(this.device)[0] : undefined;
+      const scanStart = performance.now();
+      let captured: { chunks: number[]; entries: JournalEntry[] };
+      if (frozenAt !== undefined) {
+        const frozen = await whileFrozen(frozenAt, () => this.capture());
+        captured = frozen.result;
+        t.freezeMs = frozen.freezeMs;
+        t.frozenMs = frozen.frozenMs;
+        // Freeze and thaw write the superblock: count from after the thaw, or every tick looks dirty.
+        this.resetBaseline();
+      } else {
+        this.baseline = counter;
+        captured = this.capture();
+      }
+      const { chunks, entries } = captured;
+      t.scanMs = performance.now() - scanStart - t.freezeMs;
+
+      let journalBytes = 0;
+      let bytesWritten = 0;
+      if (entries.length > 0) {
+        const j0 = performance.now();
+        journalBytes = writeBatch(this.journalFd, { seq: ++this.seq, chunkSize: this.volume.manifest.chunkSize, entries });
+        t.journalMs = performance.now() - j0;
+        const a0 = performance.now();
+        this.lastFailed = true; // until the batch is in the files, the journal holds it
+        bytesWritten = (await applyBatch(this.volume, { seq: this.seq, chunkSize: this.volume.manifest.chunkSize, entries })).bytes;
+        retireJournal(this.journalFd);
+        t.applyMs = performance.now() - a0;
+        entries.forEach((e, i) => {
+          const chunk = chunks[i] ?? 0;
+          this.hashes[chunk] = xxh64(e.data);
+          if (this.forced[chunk] === 1) {
+            this.forced[chunk] = 0;
+            this.forcedCount--;
+          }
+        });
+      }
+      this.lastFailed = false;
+      const durationMs = performance.now() - started;
+      return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: entries.length, timings: t };
+    } catch (err) {
+      this.lastFailed = true;
+      const error = failure('flush failed', err).message;
+      return { at, ok: false, idle: false, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0, error, timings: t };
+    }
+  }
+
+}
