@@ -12,6 +12,7 @@ import { attachLoop, detachLoop, disableDiscard, giveDevice, publishName, restor
 import { filesystemType, makeFilesystem, mountFilesystem, unmountFilesystem } from '../device/mount.js';
 import { settleJournal } from '../flush/apply.js';
 import { FlushEngine, type FlushResult } from '../flush/engine.js';
+import { ExternalChangeWatcher } from '../flush/external.js';
 import { openJournal } from '../flush/journal.js';
 import { populateImage } from '../shadow/fill.js';
 import { resolvePlacement } from '../layouts/index.js';
@@ -90,7 +91,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     status = {
       name: manifest.name, volumeDir: volume.dir, state: 'starting', pid: process.pid, owner,
       deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind,
-      startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0,
+      startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0, externalChanges: 0,
     };
     setStatus({});
     log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks`);
@@ -117,6 +118,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       const { timings: _t, idle, ...rest } = r;
       setStatus({ lastCheck: { at: r.at, idle, ok: r.ok, durationMs: r.durationMs }, flushChecks: (status?.flushChecks ?? 0) + 1 });
       if (!idle) setStatus({ lastFlush: { ...rest, timings: r.timings }, flushFailures: (status?.flushFailures ?? 0) + (r.ok ? 0 : 1) });
+      if (r.ok) setStatus({ lastGoodFlush: r.at });
     };
     cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
 
@@ -162,6 +164,15 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     const onFlushSignal = (): void => void scheduler.request('signal');
     process.on('SIGUSR1', onFlushSignal);
     scheduler.start();
+    const watcher = new ExternalChangeWatcher(volume, () => engine.settled(), (change) => {
+      log(`EXTERNAL CHANGE: backing file '${change.name}' was ${change.what} by someone else; kept aside as ${change.keptAs ?? '(nothing to keep)'}; the chunks that differ from RAM will be rewritten`);
+      setStatus({ externalChanges: (status?.externalChanges ?? 0) + 1, lastExternalChange: { at: new Date().toISOString(), ...change } });
+      engine.hashFiles(change.file);
+      void scheduler.request('external change');
+    }, log);
+    engine.afterWrite = () => watcher.recordOwnWrites();
+    await watcher.start();
+    cleanup.push('stop watching the backing files', () => watcher.stop());
     setStatus({ state: 'live' });
     log(`live; flushing every ${o.intervalMs / 1000} s or after ${formatSize(o.maxDirtyBytes)} written`);
     await stopping;

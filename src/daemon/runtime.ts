@@ -65,6 +65,10 @@ export interface DaemonStatus {
   /** Flush checks done, idle ones included: `vbd-shadow flush` waits for this to grow. */
   flushChecks: number;
   flushFailures: number;
+  /** The start time of the latest flush that completed: the files hold at least that state. */
+  lastGoodFlush?: string;
+  externalChanges: number;
+  lastExternalChange?: { at: string; name: string; what: string; keptAs: string | undefined };
   error?: string;
 }
 

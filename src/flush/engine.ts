@@ -42,16 +42,17 @@ export interface FlushResult extends FlushReport {
 export class FlushEngine {
   /** xxh64 of each chunk as the backing files hold it. */
   private readonly hashes: BigUint64Array;
-  /** Chunks to rewrite whatever their hash says (their file was changed behind our back). */
-  private readonly forced: Uint8Array;
   private readonly order: Uint32Array;
-  private forcedCount = 0;
+  /** Set when the files changed behind our back: the next flush scans even if the device is idle. */
+  private mustScan = false;
   private baseline = 0;
   private seq = 0;
   private lastFailed = false;
   private queue: Promise<unknown> = Promise.resolve();
   /** The loop device, while attached: the write counter and fsync target. */
   device: string | undefined;
+  /** Called right after the engine wrote to the backing files (so those writes are known as ours). */
+  afterWrite: (() => void) | undefined;
 
   constructor(
     private readonly volume: Volume,
@@ -62,7 +63,6 @@ export class FlushEngine {
   ) {
     const { chunkSize, deviceSize, files } = volume.manifest;
     this.hashes = new BigUint64Array(deviceSize / chunkSize);
-    this.forced = new Uint8Array(deviceSize / chunkSize);
     this.order = fileOrder(table, chunkSize, files.map((f) => f.size));
   }
 
@@ -79,12 +79,16 @@ export class FlushEngine {
     for (let chunk = 0; chunk < this.hashes.length; chunk++) this.hashes[chunk] = xxh64(this.chunkView(chunk));
   }
 
-  /** Records what the files hold now (recovery of an image whose flush state was lost). */
-  hashFiles(): void {
+  /**
+   * Records what the files hold now, for all files (recovery of an image whose flush state was
+   * lost) or one (changed behind our back): the next flush rewrites exactly the chunks that differ.
+   */
+  hashFiles(only?: number): void {
     const { chunkSize } = this.volume.manifest;
     const buf = Buffer.alloc(chunkSize);
     for (const chunk of this.order) {
       const file = this.table.file[chunk] ?? 0;
+      if (only !== undefined && file !== only) continue;
       const offset = this.table.offset[chunk] ?? 0;
       try {
         const n = readSync(this.volume.fds[file] ?? -1, buf, 0, chunkSize, offset);
@@ -94,19 +98,7 @@ export class FlushEngine {
       }
       this.hashes[chunk] = xxh64(buf);
     }
-  }
-
-  /** Marks every chunk of `file` for rewriting at the next flush. */
-  forceFile(file: number): number {
-    let n = 0;
-    for (let chunk = 0; chunk < this.forced.length; chunk++) {
-      if (this.table.file[chunk] === file && this.forced[chunk] === 0) {
-        this.forced[chunk] = 1;
-        n++;
-      }
-    }
-    this.forcedCount += n;
-    return n;
+    this.mustScan = true;
   }
 
   /** Sectors written to the device since the last completed capture. */
@@ -117,6 +109,11 @@ export class FlushEngine {
   /** Sets the write-counter baseline (after attach, and after each capture). */
   resetBaseline(): void {
     if (this.device !== undefined) this.baseline = sectorsWritten(this.device);
+  }
+
+  /** Resolves when no flush is running or queued. */
+  settled(): Promise<unknown> {
+    return this.queue;
   }
 
   /** Queues a flush (flushes never overlap). `full` skips the idle shortcut (teardown). */
@@ -135,7 +132,7 @@ export class FlushEngine {
     let used = 0;
     for (const chunk of this.order) {
       const view = this.chunkView(chunk);
-      if (this.forced[chunk] === 0 && xxh64(view) === this.hashes[chunk]) continue;
+      if (xxh64(view) === this.hashes[chunk]) continue;
       if (used + chunkSize > block.length) {
         block = Buffer.allocUnsafe(Math.max(chunkSize, STAGING_BLOCK));
         used = 0;
@@ -157,12 +154,14 @@ export class FlushEngine {
       if (this.device !== undefined) syncDevice(this.device);
       t.syncMs = performance.now() - started;
       const counter = this.device === undefined ? 0 : sectorsWritten(this.device);
-      if (!full && this.device !== undefined && counter === this.baseline && this.forcedCount === 0 && !this.lastFailed) {
+      if (!full && this.device !== undefined && counter === this.baseline && !this.mustScan && !this.lastFailed) {
         return { at, ok: true, idle: true, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0 };
       }
       // A batch committed by a flush whose apply failed must reach the files first.
-      if (this.lastFailed) await settleJournal(this.volume, this.journalFd, this.log);
+      if (this.lastFailed && (await settleJournal(this.volume, this.journalFd, this.log)) === 'applied') this.afterWrite?.();
 
+      // Cleared before the scan: a file change noted during this flush asks for another.
+      this.mustScan = false;
       const frozenAt = this.device !== undefined ? mountsOf(this.device)[0] : undefined;
       const scanStart = performance.now();
       let captured: { chunks: number[]; entries: JournalEntry[] };
@@ -190,15 +189,9 @@ export class FlushEngine {
         this.lastFailed = true; // until the batch is in the files, the journal holds it
         bytesWritten = (await applyBatch(this.volume, { seq: this.seq, chunkSize: this.volume.manifest.chunkSize, entries })).bytes;
         retireJournal(this.journalFd);
+        this.afterWrite?.();
         t.applyMs = performance.now() - a0;
-        entries.forEach((e, i) => {
-          const chunk = chunks[i] ?? 0;
-          this.hashes[chunk] = xxh64(e.data);
-          if (this.forced[chunk] === 1) {
-            this.forced[chunk] = 0;
-            this.forcedCount--;
-          }
-        });
+        entries.forEach((e, i) => (this.hashes[chunks[i] ?? 0] = xxh64(e.data)));
       }
       this.lastFailed = false;
       const durationMs = performance.now() - started;
