@@ -1,0 +1,57 @@
+// Someone writes to (or deletes) a backing file while the volume is live: it is reported, what
+// they left is kept aside, and the device's truth is written back into the file.
+
+import { randomBytes } from 'node:crypto';
+import { closeSync, openSync, readFileSync, readdirSync, rmSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { readStatus } from '../../src/daemon/runtime.js';
+import { cliOk, sha256 } from '../helpers/cli.js';
+import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
+import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX } from '../helpers/system.js';
+import { tempDir } from '../helpers/tmp.js';
+
+async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+describe.skipIf(!IS_ROOT)(`external changes (${IS_ROOT ? 'as root' : ROOT_SKIP_REASON})`, () => {
+  it('a foreign write and a delete are reported, kept aside, and repaired from RAM', async () => {
+    const scratch = tempDir();
+    const dir = join(scratch, 'vol');
+    const name = `${TEST_PREFIX}external`;
+    cliOk(['init', dir, '--size', '4M', '--files', '4', '--chunk', '4K', '--name', name]);
+    writeSync(openSync(join(scratch, 'in.img'), 'w'), randomBytes(4 * 2 ** 20));
+    cliOk(['import', dir, join(scratch, 'in.img')]);
+    const daemon = startDaemon(name, [dir, '--interval', '1h']);
+    const live = await waitLive(daemon);
+    const truth = readFileSync(live.device ?? '');
+    const file2 = truth.subarray(2 ** 20, 2 ** 21); // linear: file002 is the second MiB
+
+    const fd = openSync(join(dir, 'file002'), 'r+');
+    writeSync(fd, Buffer.from('SOMEONE ELSE WROTE THIS'), 0, 23, 5000);
+    closeSync(fd);
+    await until('the external write to be reported and repaired', () => (readStatus(name)?.externalChanges ?? 0) >= 1 && readFileSync(join(dir, 'file002')).equals(file2));
+    expect(daemon.output()).toMatch(/EXTERNAL CHANGE: backing file 'file002' was modified/);
+    const aside = readdirSync(join(dir, 'vbd-shadow-aside'));
+    expect(aside).toHaveLength(1);
+    const kept = readFileSync(join(dir, 'vbd-shadow-aside', aside[0] ?? ''));
+    expect(kept.subarray(5000, 5023).toString()).toBe('SOMEONE ELSE WROTE THIS');
+    expect(readStatus(name)?.lastFlush?.chunksChanged).toBe(1); // only the chunk that differs
+
+    rmSync(join(dir, 'file003'));
+    await until('the delete to be reported and the file recreated', () => (readStatus(name)?.externalChanges ?? 0) >= 2 && readFileSync(join(dir, 'file003')).equals(truth.subarray(2 * 2 ** 20, 3 * 2 ** 20)));
+    expect(daemon.output()).toMatch(/backing file 'file003' was deleted/);
+    const keptDeleted = readdirSync(join(dir, 'vbd-shadow-aside')).find((n) => n.startsWith('file003'));
+    expect(sha256(readFileSync(join(dir, 'vbd-shadow-aside', keptDeleted ?? '')))).toBe(sha256(truth.subarray(2 * 2 ** 20, 3 * 2 ** 20)));
+
+    expect(await stopDaemon(daemon)).toBe(0);
+    const out = join(scratch, 'out.img');
+    cliOk(['export', dir, out]);
+    expect(sha256(readFileSync(out))).toBe(sha256(truth));
+  });
+});
