@@ -8,6 +8,7 @@ import { VbdError } from '../common/errors.js';
 import { runOk } from '../common/exec.js';
 import { formatSize } from '../common/size.js';
 import { detachLoop, loopsOf, restoreDevice, unpublishName } from '../device/loop.js';
+import { thawIfFrozen } from '../device/freeze.js';
 import { holdersOf, mountsOf, unmountFilesystem } from '../device/mount.js';
 import { FlushEngine } from '../flush/engine.js';
 import type { PlacementTable } from '../layouts/layout.js';
@@ -15,6 +16,8 @@ import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image
 import type { Volume } from '../volume/volume.js';
 import type { Log } from './log.js';
 import type { RuntimePaths } from './runtime.js';
+
+const UNMOUNT_ATTEMPTS = 20;
 
 /** Returns true if a leftover image was found and written back. */
 export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table: PlacementTable, journalFd: number, log: Log): Promise<boolean> {
@@ -28,8 +31,13 @@ export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table
   log(`recovery: found the RAM image of an earlier daemon at ${imagePath}; writing it back before anything else`);
   for (const device of await loopsOf(imagePath)) {
     for (const mountpoint of mountsOf(device)) {
-      if (!(await unmountFilesystem(mountpoint, log))) {
-        throw new VbdError(`the earlier daemon's filesystem at ${mountpoint} is busy (held by ${holdersOf(mountpoint).join(', ') || 'an unknown user'}); close it and start again`);
+      if (thawIfFrozen(mountpoint)) log(`recovery: thawed ${mountpoint}, left frozen by the daemon that died mid-flush`);
+      // Processes of the crashed session may still be exiting: retry for a while.
+      for (let attempt = 1; !(await unmountFilesystem(mountpoint, log)); attempt++) {
+        if (attempt === UNMOUNT_ATTEMPTS) {
+          throw new VbdError(`the earlier daemon's filesystem at ${mountpoint} is busy (held by ${holdersOf(mountpoint).join(', ') || 'an unknown user'}); close it and start again`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 500));
       }
       log(`recovery: unmounted ${mountpoint}`);
     }

@@ -21,3 +21,20 @@ export async function whileFrozen<T>(mountpoint: string, capture: () => T): Prom
     closeSync(fd);
   }
 }
+
+/**
+ * Thaws a filesystem a killed daemon may have left frozen (its writers would hang forever and
+ * it could never be unmounted). Returns whether it was frozen.
+ */
+export function thawIfFrozen(mountpoint: string): boolean {
+  const fd = openSync(mountpoint, fsc.O_RDONLY | fsc.O_DIRECTORY);
+  try {
+    ioctl(fd, ioctls.FITHAW, 0, `FITHAW of ${mountpoint}`);
+    return true;
+  } catch (err) {
+    if ((err as { code?: string }).code === 'EINVAL') return false; // was not frozen
+    throw err;
+  } finally {
+    closeSync(fd);
+  }
+}

@@ -2,9 +2,9 @@
 // awaited until live, and always stopped (then swept) after the test.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { afterEach } from 'vitest';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
 import { BIN } from './cli.js';
+import { Stage, eachTestCleanup } from './cleanup.js';
 import { sweep } from './system.js';
 
 export interface TestDaemon {
@@ -17,7 +17,7 @@ export interface TestDaemon {
 
 const running: TestDaemon[] = [];
 
-afterEach(async () => {
+eachTestCleanup(Stage.Processes, async () => {
   for (const d of running.splice(0)) {
     if (d.child.exitCode === null && d.child.signalCode === null) {
       d.child.kill('SIGTERM');
@@ -26,8 +26,8 @@ afterEach(async () => {
       clearTimeout(timer);
     }
   }
-  sweep();
 });
+eachTestCleanup(Stage.Kernel, sweep);
 
 export function startDaemon(name: string, args: string[], input?: string): TestDaemon {
   const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground'], { stdio: ['pipe', 'pipe', 'pipe'] });

@@ -3,12 +3,12 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach } from 'vitest';
+import { Stage, eachTestCleanup } from './cleanup.js';
 import { tempDir } from './tmp.js';
 
 const made: { mountpoint: string; device: string }[] = [];
 
-afterEach(() => {
+eachTestCleanup(Stage.Kernel, () => {
   for (const { mountpoint, device } of made.splice(0)) {
     spawnSync('umount', [mountpoint]);
     spawnSync('losetup', ['--detach', device]);

@@ -57,7 +57,11 @@ export function testLoops(): [string, string][] {
 /** Removes whatever test volumes left in the kernel: mounts, loop devices, tmpfs, names. */
 export function sweep(): void {
   for (const [device] of testLoops()) {
-    for (const target of mountsUnder((source) => source === device)) spawnSync('umount', ['-l', target]);
+    for (const target of mountsUnder((source) => source === device)) {
+      spawnSync('fsfreeze', ['--unfreeze', target]); // a killed daemon may have left it frozen
+      spawnSync('umount', [target]);
+      spawnSync('umount', ['-l', target]);
+    }
     spawnSync('losetup', ['--detach', device]);
   }
   for (const target of mountsUnder((_s, t) => t.startsWith(`/run/vbd-shadow/${TEST_PREFIX}`))) spawnSync('umount', ['-l', target]);
