@@ -11,7 +11,7 @@
 import { xxh64 } from '@node-rs/xxhash';
 import { failure } from '../common/errors.js';
 import { sectorsWritten, syncDevice } from '../device/loop.js';
-import { whileFrozen } from '../device/freeze.js';
+import { syncMountedFilesystem, whileFrozen } from '../device/freeze.js';
 import { mountsOf } from '../device/mount.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { WINDOW_BYTES, type ShadowImage } from '../shadow/image.js';
@@ -22,7 +22,14 @@ import { applyBatch, settleJournal } from './apply.js';
 import { readSync } from 'node:fs';
 import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
 
-const STAGING_BLOCK = 256 * 2 ** 20;
+const STAGING_BLOCK = 64 * 2 ** 20;
+/** Staging beyond this is given back after a flush (a one-off burst should not pin RAM). */
+const STAGING_KEEP = 256 * 2 ** 20;
+
+interface StagedChunk {
+  slot: number;
+  hash: bigint;
+}
 
 export type FlushTimings = {
   syncMs: number;
@@ -43,6 +50,8 @@ export class FlushEngine {
   /** xxh64 of each chunk as the backing files hold it. */
   private readonly hashes: BigUint64Array;
   private readonly order: Uint32Array;
+  /** Staging memory for captured chunks, reused from flush to flush. */
+  private staging: Buffer[] = [];
   /** Set when the files changed behind our back: the next flush scans even if the device is idle. */
   private mustScan = false;
   private baseline = 0;
@@ -123,25 +132,50 @@ export class FlushEngine {
     return run;
   }
 
-  /** Capture while frozen: the dirty chunks (indices, and their data copied), in file order. */
-  private capture(): { chunks: number[]; entries: JournalEntry[] } {
+  /** A staging slot for the n-th captured chunk; the blocks are kept for the next flushes. */
+  private stagingSlot(n: number): Buffer {
     const { chunkSize } = this.volume.manifest;
+    const perBlock = Math.max(1, Math.floor(STAGING_BLOCK / chunkSize));
+    const blockIndex = Math.floor(n / perBlock);
+    while (this.staging.length <= blockIndex) this.staging.push(Buffer.allocUnsafeSlow(perBlock * chunkSize));
+    const at = (n % perBlock) * chunkSize;
+    return (this.staging[blockIndex] as Buffer).subarray(at, at + chunkSize);
+  }
+
+  /**
+   * Copies every chunk whose hash differs from the files' into staging, in file order.
+   * Given an earlier pass (`staged`), a chunk still equal to its staged copy is not copied
+   * again: the pass made while writers run does the bulk, the frozen pass only verifies.
+   * (The frozen pass is the one given `staged`; nothing changes under it.)
+   */
+  private stage(staged?: Map<number, StagedChunk>): Map<number, StagedChunk> {
+    const result = new Map<number, StagedChunk>();
+    let next = 0;
+    for (const s of staged?.values() ?? []) next = Math.max(next, s.slot + 1);
+    for (const chunk of this.order) {
+      const hash = xxh64(this.chunkView(chunk));
+      if (hash === this.hashes[chunk]) continue;
+      const earlier = staged?.get(chunk);
+      if (earlier !== undefined && earlier.hash === hash) {
+        result.set(chunk, earlier);
+        continue;
+      }
+      const slot = earlier?.slot ?? next++;
+      const copy = this.stagingSlot(slot);
+      this.chunkView(chunk).copy(copy);
+      // Live writers may change the chunk between hash and copy: record what was copied.
+      result.set(chunk, { slot, hash: staged === undefined ? xxh64(copy) : hash });
+    }
+    return result;
+  }
+
+  /** The capture as journal entries (file order), with the chunk each came from. */
+  private entriesOf(staged: Map<number, StagedChunk>): { chunks: number[]; entries: JournalEntry[] } {
     const chunks: number[] = [];
     const entries: JournalEntry[] = [];
-    let block = Buffer.alloc(0);
-    let used = 0;
-    for (const chunk of this.order) {
-      const view = this.chunkView(chunk);
-      if (xxh64(view) === this.hashes[chunk]) continue;
-      if (used + chunkSize > block.length) {
-        block = Buffer.allocUnsafe(Math.max(chunkSize, STAGING_BLOCK));
-        used = 0;
-      }
-      const data = block.subarray(used, used + chunkSize);
-      view.copy(data);
-      used += chunkSize;
+    for (const [chunk, s] of staged) {
       chunks.push(chunk);
-      entries.push({ file: this.table.file[chunk] ?? 0, offset: this.table.offset[chunk] ?? 0, data });
+      entries.push({ file: this.table.file[chunk] ?? 0, offset: this.table.offset[chunk] ?? 0, data: this.stagingSlot(s.slot) });
     }
     return { chunks, entries };
   }
@@ -151,7 +185,11 @@ export class FlushEngine {
     const at = new Date().toISOString();
     const t: FlushTimings = { syncMs: 0, freezeMs: 0, frozenMs: 0, scanMs: 0, journalMs: 0, applyMs: 0 };
     try {
-      if (this.device !== undefined) syncDevice(this.device);
+      // Push pending writes into the image, so the write counter sees them: a filesystem on
+      // the device keeps its own dirty pages until synced; the raw device's buffers need fsync.
+      const mountpoint = this.device !== undefined ? mountsOf(this.device)[0] : undefined;
+      if (mountpoint !== undefined) await syncMountedFilesystem(mountpoint);
+      else if (this.device !== undefined) syncDevice(this.device);
       t.syncMs = performance.now() - started;
       const counter = this.device === undefined ? 0 : sectorsWritten(this.device);
       if (!full && this.device !== undefined && counter === this.baseline && !this.mustScan && !this.lastFailed) {
@@ -162,22 +200,23 @@ export class FlushEngine {
 
       // Cleared before the scan: a file change noted during this flush asks for another.
       this.mustScan = false;
-      const frozenAt = this.device !== undefined ? mountsOf(this.device)[0] : undefined;
+      const frozenAt = mountpoint;
       const scanStart = performance.now();
-      let captured: { chunks: number[]; entries: JournalEntry[] };
+      let staged: Map<number, StagedChunk>;
       if (frozenAt !== undefined) {
-        const frozen = await whileFrozen(frozenAt, () => this.capture());
-        captured = frozen.result;
+        const early = this.stage();
+        const frozen = await whileFrozen(frozenAt, () => this.stage(early));
+        staged = frozen.result;
         t.freezeMs = frozen.freezeMs;
         t.frozenMs = frozen.frozenMs;
         // Freeze and thaw write the superblock: count from after the thaw, or every tick looks dirty.
         this.resetBaseline();
       } else {
         this.baseline = counter;
-        captured = this.capture();
+        staged = this.stage();
       }
-      const { chunks, entries } = captured;
-      t.scanMs = performance.now() - scanStart - t.freezeMs;
+      const { chunks, entries } = this.entriesOf(staged);
+      t.scanMs = performance.now() - scanStart - t.freezeMs; // both passes, and the pre-freeze sync
 
       let journalBytes = 0;
       let bytesWritten = 0;
@@ -191,9 +230,10 @@ export class FlushEngine {
         retireJournal(this.journalFd);
         this.afterWrite?.();
         t.applyMs = performance.now() - a0;
-        entries.forEach((e, i) => (this.hashes[chunks[i] ?? 0] = xxh64(e.data)));
+        chunks.forEach((chunk) => (this.hashes[chunk] = staged.get(chunk)?.hash ?? 0n));
       }
       this.lastFailed = false;
+      if (this.staging.length * STAGING_BLOCK > STAGING_KEEP) this.staging = [];
       const durationMs = performance.now() - started;
       return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: entries.length, timings: t };
     } catch (err) {

@@ -17,7 +17,7 @@ const c = {
   mlock: libc.func('int mlock(void *addr, size_t len)'),
   munlock: libc.func('int munlock(void *addr, size_t len)'),
   ioctlInt: libc.func('int ioctl(int fd, unsigned long request, int arg)'),
-  fsync: libc.func('int fsync(int fd)'),
+  syncfs: libc.func('int syncfs(int fd)'),
   preadv: libc.func('int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)'),
   pwritev: libc.func('int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)'),
 };
@@ -94,6 +94,17 @@ export function vectorIo(kind: 'read' | 'write', fd: number, iov: Uint32Array, c
   const n = Number(fn(fd, iov, count, offset));
   if (n < 0) throw syscallError(kind === 'read' ? 'preadv' : 'pwritev', what);
   return n;
+}
+
+/** syncfs(2) on a worker thread: writes out everything dirty on the filesystem holding `fd`. */
+export function syncFilesystem(fd: number, what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    c.syncfs.async(fd, (err: unknown, r: number) => {
+      if (err !== null && err !== undefined) reject(err);
+      else if (r < 0) reject(syscallError('syncfs', what));
+      else resolve();
+    });
+  });
 }
 
 export const ioctls = {

@@ -1,0 +1,48 @@
+// Driving a real daemon from a benchmark: start, wait live, flush, read its status, stop.
+
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { readStatus, type DaemonStatus } from '../src/daemon/runtime.js';
+
+const BIN = fileURLToPath(new URL('../../bin/vbd-shadow', import.meta.url));
+
+export interface BenchDaemon {
+  child: ChildProcess;
+  name: string;
+  status: () => DaemonStatus;
+  flush: () => DaemonStatus;
+  stop: () => Promise<void>;
+}
+
+export function cli(args: string[]): string {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`vbd-shadow ${args.join(' ')}: ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+export async function startBenchDaemon(name: string, args: string[]): Promise<BenchDaemon> {
+  const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground', '--interval', '1h', '--max-dirty', '64G'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const exited = new Promise((r) => child.once('exit', r));
+  for (;;) {
+    const s = readStatus(name);
+    if (s?.pid === child.pid && s?.state === 'live') break;
+    if (child.exitCode !== null) throw new Error(`daemon for ${name} exited ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const status = (): DaemonStatus => {
+    const s = readStatus(name);
+    if (s === undefined) throw new Error(`no status for ${name}`);
+    return s;
+  };
+  return {
+    child, name, status,
+    flush: () => {
+      cli(['flush', name]);
+      return status();
+    },
+    stop: async () => {
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
