@@ -1,15 +1,18 @@
 // The commands that drive the root daemon: start, stop, status, recover.
 
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { runAgent } from '../agent/agent.js';
+import { closePipe, openPipeForWriting } from '../agent/pipe.js';
+import { encodeMessage, type PipeMessage } from '../agent/protocol.js';
 import { settleJournal } from '../flush/apply.js';
 import { openJournal } from '../flush/journal.js';
 import { isTmpfsMounted } from '../shadow/image.js';
 import { Option, type Command } from 'commander';
-import { VbdError } from '../common/errors.js';
+import { VbdError, failure } from '../common/errors.js';
 import { parseDuration } from '../common/duration.js';
 import { formatSize, parseSize } from '../common/size.js';
-import { requireRoot, runDaemon } from '../daemon/daemon.js';
+import { controlPipePath, requireRoot, runDaemon, type CanaryMode } from '../daemon/daemon.js';
 import { createLog } from '../daemon/log.js';
 import { recoverLeftover } from '../daemon/recover.js';
 import { acquireLock, isAlive, knownVolumes, lockHolder, readStatus, releaseLock, runtimePaths, type DaemonStatus } from '../daemon/runtime.js';
@@ -22,6 +25,7 @@ const LOG_DIR = '/var/log/vbd-shadow';
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 interface StartOptions {
+  canary?: string;
   mount?: string;
   mkfs?: string;
   interval: string;
@@ -48,13 +52,23 @@ async function readStdin(): Promise<Buffer> {
   return Buffer.concat(parts);
 }
 
+/** --canary, defaulting to the owner's agent on a terminal under sudo, else none. */
+function canaryMode(o: StartOptions): CanaryMode {
+  const mode = o.canary ?? (process.stdin.isTTY && process.env['SUDO_UID'] !== undefined ? 'spawn' : 'none');
+  if (mode !== 'none' && mode !== 'spawn' && mode !== 'wait') throw new VbdError(`--canary must be none, spawn or wait, got '${mode}'`);
+  return mode;
+}
+
 async function startForeground(dir: string, o: StartOptions): Promise<number> {
   const volume = loadVolume(dir);
   closeVolume(volume);
-  const secret = o.keyStdin === true ? await readStdin() : await secretFor(volume.manifest, o.keyFile);
+  const canary = canaryMode(o);
+  // With an agent, the key comes from the agent (the owner), never through root's command line.
+  const secret = canary !== 'none' ? undefined : o.keyStdin === true ? await readStdin() : await secretFor(volume.manifest, o.keyFile);
   try {
     return await runDaemon({
-      dir, mount: o.mount, mkfs: o.mkfs, intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: parseSize(o.maxDirty, '--max-dirty'),
+      dir, canary, agentArgs: o.keyFile !== undefined ? ['--key-file', o.keyFile] : [],
+      mount: o.mount, mkfs: o.mkfs, intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: parseSize(o.maxDirty, '--max-dirty'),
       secret: secret !== undefined && secret.length > 0 ? secret : undefined, log: createLog(volume.manifest.name),
     });
   } finally {
@@ -81,7 +95,7 @@ async function startBackground(dir: string, o: StartOptions): Promise<number> {
   mkdirSync(LOG_DIR, { recursive: true, mode: 0o700 });
   const logPath = `${LOG_DIR}/${name}.log`;
   const logFd = openSync(logPath, 'a', 0o600);
-  const args = [process.argv[1] ?? '', 'start', dir, '--foreground', '--interval', o.interval, '--max-dirty', o.maxDirty, '--key-stdin'];
+  const args = [process.argv[1] ?? '', 'start', dir, '--foreground', '--canary', 'none', '--interval', o.interval, '--max-dirty', o.maxDirty, '--key-stdin'];
   if (o.mount !== undefined) args.push('--mount', o.mount);
   if (o.mkfs !== undefined) args.push('--mkfs', o.mkfs);
   const child = spawn(process.execPath, args, { detached: true, stdio: ['pipe', logFd, logFd] });
@@ -106,9 +120,25 @@ async function startBackground(dir: string, o: StartOptions): Promise<number> {
   }
 }
 
+/** Sends one message on the daemon's control pipe (the owner and root may open it). */
+function sendControl(name: string, message: PipeMessage): void {
+  const path = controlPipePath(runtimePaths(name));
+  let fd: number;
+  try {
+    fd = openPipeForWriting(path);
+  } catch (err) {
+    throw failure(`cannot reach the daemon of '${name}' through ${path}`, err);
+  }
+  try {
+    writeSync(fd, encodeMessage(message));
+  } finally {
+    closePipe(fd);
+  }
+}
+
 function printStatus(s: DaemonStatus): void {
   const alive = isAlive(s.pid) && s.state !== 'stopped' && s.state !== 'failed';
-  console.log(`${s.name}: ${s.state}${alive ? ` (pid ${s.pid})` : ''}`);
+  console.log(`${s.name}: ${s.state}${alive ? ` (pid ${s.pid}, canary ${s.canary}, ${s.sessions} sessions)` : ''}`);
   console.log(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
   if (s.device !== undefined) console.log(`  device   ${s.link} -> ${s.device}`);
   if (s.mountpoint !== undefined) console.log(`  mounted  ${s.mountpoint}`);
@@ -130,26 +160,49 @@ export function registerDaemonCommands(program: Command): void {
     .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, xfs, ...')
     .option('--interval <duration>', 'periodic writeback interval', '30s')
     .option('--max-dirty <size>', 'flush early once this much was written since the last flush (bounds what a crash can lose)', '256M')
-    .option('--foreground', 'stay in the foreground and log to stdout (Ctrl-C / SIGTERM tears down)')
+    .option('--canary <mode>', 'what ends a session: spawn = start the owner\'s agent here and serve while it lives (default on a terminal under sudo); wait = wait for the owner\'s agent, serve while it lives, then wait again (the systemd unit); none = the daemon\'s own lifetime (default otherwise)')
+    .option('--foreground', 'stay in the foreground and log to stdout (Ctrl-C / SIGTERM tears down); implied by --canary spawn|wait')
     .option('--key-file <file>', 'keyed layout: the secret (else asked on the terminal)')
     .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
     .action(async (dir: string, o: StartOptions) => {
-      process.exitCode = o.foreground === true ? await startForeground(dir, o) : await startBackground(dir, o);
+      const foreground = o.foreground === true || canaryMode(o) !== 'none';
+      process.exitCode = foreground ? await startForeground(dir, o) : await startBackground(dir, o);
     });
 
   program
     .command('stop')
-    .description('(root) tear a volume down: final writeback, unmount, detach, free the RAM; waits until done')
+    .description('tear a volume down: final writeback, unmount, detach, free the RAM, and end its daemon; waits until done (root or the owner)')
     .argument('<volume>', 'volume name or directory')
     .action(async (target: string) => {
       const name = volumeName(target);
       const pid = lockHolder(name);
       if (pid === undefined) throw new VbdError(`volume '${name}' is not live`);
-      process.kill(pid, 'SIGTERM');
+      sendControl(name, { kind: 'stop' });
       while (isAlive(pid)) await sleep(100);
       const s = readStatus(name);
       if (s?.state !== 'stopped') throw new VbdError(`volume '${name}' did not stop cleanly: ${s?.error ?? 'see its log'}`);
       console.log(`volume '${name}' stopped: written back, detached, RAM freed`);
+    });
+
+  program
+    .command('agent')
+    .description('(the volume owner) the canary of a login session: the volume lives while this runs; logout or Ctrl-C writes everything back and frees the RAM')
+    .argument('<volume>', 'volume directory or name')
+    .option('--key-file <file>', `keyed layout: the secret (default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
+    .action(async (target: string, o: { keyFile?: string }) => {
+      let name = target;
+      let keyed: boolean;
+      if (existsSync(`${target}/${MANIFEST_NAME}`)) {
+        const volume = loadVolume(target);
+        closeVolume(volume);
+        name = volume.manifest.name;
+        keyed = volume.manifest.layout.kind === 'keyed';
+      } else {
+        const s = readStatus(volumeName(target));
+        if (s === undefined) throw new VbdError(`no volume '${target}' here (give its directory)`);
+        keyed = s.layout === 'keyed';
+      }
+      process.exitCode = await runAgent({ name, keyed, keyFile: o.keyFile, say: (line) => console.log(line) });
     });
 
   program
@@ -208,7 +261,7 @@ export function registerDaemonCommands(program: Command): void {
 
   program
     .command('flush')
-    .description('write back what changed now, and wait for the result (root, or the owner via the agent)')
+    .description('write back what changed now, and wait for the result (root or the owner)')
     .argument('<volume>', 'volume name or directory')
     .action(async (target: string) => {
       const name = volumeName(target);
@@ -216,7 +269,7 @@ export function registerDaemonCommands(program: Command): void {
       const before = readStatus(name);
       if (pid === undefined || before === undefined || before.state !== 'live') throw new VbdError(`volume '${name}' is not live`);
       const requested = new Date().toISOString();
-      process.kill(pid, 'SIGUSR1');
+      sendControl(name, { kind: 'flush' });
       for (;;) {
         await sleep(20);
         const s = readStatus(name);

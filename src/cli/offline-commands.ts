@@ -3,7 +3,7 @@
 import type { Command } from 'commander';
 import { VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
-import { lockHolder } from '../daemon/runtime.js';
+import { lockHolder, readStatus } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
 import { exportImage, importImage } from '../image/offline.js';
 import { resolvePlacement } from '../layouts/index.js';
@@ -42,8 +42,12 @@ async function withVolume(dir: string, keyFile: string | undefined, writable: bo
   let secret: Buffer | undefined;
   try {
     const { name } = volume.manifest;
+    // Between sessions (waiting for its agent) a daemon holds no RAM image: the files are the
+    // truth and may be read; writing them behind its back is still refused.
     const holder = lockHolder(name);
-    if (holder !== undefined) throw new VbdError(`volume '${name}' is live (daemon pid ${holder}): its RAM image is the truth; stop it first`);
+    if (holder !== undefined && (writable || readStatus(name)?.state !== 'waiting')) {
+      throw new VbdError(`volume '${name}' is live (daemon pid ${holder}): its RAM image is the truth; stop it first`);
+    }
     if (journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
     const table = await resolvePlacement(volume.manifest, { secret });

@@ -1,38 +1,37 @@
-// The root daemon's lifecycle for one volume: check → lock → recover → RAM image → populate
-// → loop device → name → (mkfs) → (mount) → live … signal → teardown. Every acquired resource
-// pushes its undo step, so a failure halfway and a normal stop unwind the same way, and the
-// writeback step guards the image: if it fails, the RAM is not freed.
+// The root daemon for one volume: checks, lock, journal recovery, the control pipe, and the
+// canary that decides when the volume is attached and torn down:
+//   none  — one session for the daemon's lifetime (scripts);
+//   spawn — start the owner's agent ourselves (dropping to the owner) and serve while it lives:
+//           `sudo vbd-shadow start DIR` on a terminal, Ctrl-C ends it cleanly;
+//   wait  — wait for the owner's agent, serve while it lives, tear down when it goes, wait
+//           again (the systemd unit's mode: login → attach, logout → write back and free).
 
-import { chownSync, closeSync, existsSync, mkdirSync, statSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { VbdError } from '../common/errors.js';
-import { startProgress } from '../common/progress.js';
 import { formatSize } from '../common/size.js';
-import { attachLoop, detachLoop, disableDiscard, giveDevice, publishName, restoreDevice, unpublishName } from '../device/loop.js';
-import { filesystemType, makeFilesystem, mountFilesystem, unmountFilesystem } from '../device/mount.js';
+import { createFifo, readPipe, servePipe } from '../agent/pipe.js';
+import { dispatch, type Handlers, type PipeMessage } from '../agent/protocol.js';
 import { settleJournal } from '../flush/apply.js';
-import { FlushEngine, type FlushResult } from '../flush/engine.js';
-import { ExternalChangeWatcher } from '../flush/external.js';
 import { openJournal } from '../flush/journal.js';
-import { populateImage } from '../shadow/fill.js';
 import { resolvePlacement } from '../layouts/index.js';
-import { checkLockable, createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
-import { closeVolume, loadVolume, type Owner } from '../volume/volume.js';
-import { CleanupStack } from './cleanup.js';
+import type { PlacementTable } from '../layouts/layout.js';
+import { checkLockable } from '../shadow/image.js';
+import { closeVolume, loadVolume, type Volume } from '../volume/volume.js';
 import type { Log } from './log.js';
-import { recoverLeftover } from './recover.js';
-import { FlushScheduler } from './scheduler.js';
-import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonStatus } from './runtime.js';
+import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonStatus, type RuntimePaths } from './runtime.js';
+import { serveSession, type SessionContext, type SessionOptions } from './session.js';
 
-export interface DaemonOptions {
+export type CanaryMode = 'none' | 'spawn' | 'wait';
+
+export interface DaemonOptions extends SessionOptions {
   dir: string;
-  mount?: string | undefined;
-  mkfs?: string | undefined;
-  intervalMs: number;
-  /** Flush early once this many bytes were written since the last flush. */
-  maxDirtyBytes: number;
-  /** The keyed layout's secret; wiped as soon as the placement is computed. */
+  canary: CanaryMode;
+  /** canary none: the keyed layout's secret (wiped once used). Agents bring their own. */
   secret?: Buffer | undefined;
+  /** canary spawn: extra arguments for the agent (e.g. --key-file). */
+  agentArgs?: string[];
   log: Log;
 }
 
@@ -42,181 +41,28 @@ export function requireRoot(command: string): void {
   }
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+export function agentPipePath(paths: RuntimePaths): string {
+  return join(paths.dir, 'agent.fifo');
+}
 
-/** Resolves on the first SIGTERM or SIGINT (the signal's name). */
-function stopSignal(log: Log): Promise<string> {
-  return new Promise((resolveStop) => {
-    const onSignal = (signal: NodeJS.Signals): void => {
-      log(`received ${signal}: tearing down`);
-      process.removeListener('SIGTERM', onSignal);
-      process.removeListener('SIGINT', onSignal);
-      // A second signal during teardown must not kill us halfway: log and carry on.
-      const again = (s: NodeJS.Signals): void => log(`received ${s} during teardown: still writing back, please wait`);
-      process.on('SIGTERM', again);
-      process.on('SIGINT', again);
-      resolveStop(signal);
+export function controlPipePath(paths: RuntimePaths): string {
+  return join(paths.dir, 'control.fifo');
+}
+
+/** Resolves on the first SIGTERM or SIGINT, or a stop command (with the reason). */
+function stopRequests(log: Log): { stopped: Promise<string>; stop: (reason: string) => void } {
+  let stop: (reason: string) => void = () => undefined;
+  const stopped = new Promise<string>((resolveStop) => {
+    let done = false;
+    stop = (reason) => {
+      if (done) return log(`${reason} during teardown: still writing back, please wait`);
+      done = true;
+      resolveStop(reason);
     };
-    process.on('SIGTERM', onSignal);
-    process.on('SIGINT', onSignal);
   });
-}
-
-/** Runs the daemon until a stop signal; returns the process exit code. */
-export async function runDaemon(o: DaemonOptions): Promise<number> {
-  requireRoot('vbd-shadow start');
-  const { log } = o;
-  const stopping = stopSignal(log);
-  const volume = loadVolume(o.dir, { writable: true });
-  const { manifest, owner } = volume;
-  const paths = runtimePaths(manifest.name);
-  const cleanup = new CleanupStack();
-  let status: DaemonStatus | undefined;
-  const setStatus = (change: Partial<DaemonStatus>): void => {
-    if (status === undefined) return;
-    status = { ...status, ...change };
-    writeStatus(paths, status);
-  };
-
-  try {
-    const table = await resolvePlacement(manifest, { secret: o.secret, runAs: owner.uid !== 0 ? owner : undefined });
-    o.secret?.fill(0);
-    if (o.mount !== undefined) checkMountpoint(o.mount);
-    checkLockable(manifest.deviceSize);
-
-    const { stale } = acquireLock(paths, manifest.name);
-    cleanup.push('release the lock', () => releaseLock(paths));
-    const journalFd = openJournal(volume);
-    cleanup.push('close the journal', () => closeSync(journalFd));
-    status = {
-      name: manifest.name, volumeDir: volume.dir, state: 'starting', pid: process.pid, owner,
-      deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind,
-      startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0, externalChanges: 0,
-    };
-    setStatus({});
-    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks`);
-    if (stale) log('found the lock of a daemon that is gone');
-    setStatus({ state: 'recovering' });
-    await settleJournal(volume, journalFd, log);
-    await recoverLeftover(paths, volume, table, journalFd, log);
-
-    const image = await createImage(paths.shadow, manifest.deviceSize);
-    cleanup.push('free the RAM image', () => destroyImage(image));
-    log(`RAM image: ${formatSize(image.size)} in ${image.path}, mapped and locked`);
-
-    setStatus({ state: 'populating', image: image.path });
-    const started = performance.now();
-    const progress = startProgress('populate', manifest.deviceSize);
-    populateImage(image, table, volume, (n) => progress.advance(n));
-    progress.done();
-    const populateMs = Math.round(performance.now() - started);
-    log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms`);
-    setStatus({ populateMs });
-    const engine = new FlushEngine(volume, image, table, journalFd, log);
-    engine.hashImage();
-    const report = (r: FlushResult): void => {
-      const { timings: _t, idle, ...rest } = r;
-      setStatus({ lastCheck: { at: r.at, idle, ok: r.ok, durationMs: r.durationMs }, flushChecks: (status?.flushChecks ?? 0) + 1 });
-      if (!idle) setStatus({ lastFlush: { ...rest, timings: r.timings }, flushFailures: (status?.flushFailures ?? 0) + (r.ok ? 0 : 1) });
-      if (r.ok) setStatus({ lastGoodFlush: r.at });
-    };
-    cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
-
-    const device = await attachLoop(image.path);
-    cleanup.push(`detach ${device}`, async () => {
-      await detachLoop(device, image.path, log);
-      engine.device = undefined;
-    });
-    disableDiscard(device);
-    engine.device = device;
-    engine.resetBaseline();
-    const link = publishName(manifest.name, device);
-    cleanup.push(`remove ${link}`, () => unpublishName(manifest.name, device));
-    giveDevice(device, owner);
-    cleanup.push(`give ${device} back to root`, () => restoreDevice(device));
-    log(`attached ${device} as ${link}, owned by uid ${owner.uid}`);
-    setStatus({ device, link });
-
-    const formatted = o.mkfs !== undefined && (await formatIfNew(device, o.mkfs, image, owner, log));
-    if (o.mount !== undefined) {
-      const mountpoint = resolve(o.mount);
-      await mountFilesystem(device, mountpoint);
-      // ext* got its root owner from mkfs; other new filesystems get it here.
-      if (formatted && !o.mkfs?.startsWith('ext')) chownSync(mountpoint, owner.uid, owner.gid);
-      cleanup.push(`unmount ${mountpoint}`, async () => {
-        // Busy: say who holds it (unmountFilesystem logs), keep the files current, retry.
-        while (!(await unmountFilesystem(mountpoint, log))) {
-          report(await engine.flush('waiting for unmount'));
-          await sleep(2000);
-        }
-        log(`unmounted ${mountpoint}`);
-      });
-      log(`mounted ${device} on ${mountpoint} (nosuid,nodev)`);
-      setStatus({ mountpoint });
-    }
-
-    // The scheduler's timers also keep Node's event loop alive (signal handlers alone do not).
-    const scheduler = new FlushScheduler(engine, { intervalMs: o.intervalMs, maxDirtyBytes: o.maxDirtyBytes, onResult: report, log });
-    cleanup.push('stop periodic flushes', () => {
-      scheduler.stop();
-      process.removeListener('SIGUSR1', onFlushSignal);
-    });
-    const onFlushSignal = (): void => void scheduler.request('signal');
-    process.on('SIGUSR1', onFlushSignal);
-    scheduler.start();
-    const watcher = new ExternalChangeWatcher(volume, () => engine.settled(), (change) => {
-      log(`EXTERNAL CHANGE: backing file '${change.name}' was ${change.what} by someone else; kept aside as ${change.keptAs ?? '(nothing to keep)'}; the chunks that differ from RAM will be rewritten`);
-      setStatus({ externalChanges: (status?.externalChanges ?? 0) + 1, lastExternalChange: { at: new Date().toISOString(), ...change } });
-      engine.hashFiles(change.file);
-      void scheduler.request('external change');
-    }, log);
-    engine.afterWrite = () => watcher.recordOwnWrites();
-    await watcher.start();
-    cleanup.push('stop watching the backing files', () => watcher.stop());
-    setStatus({ state: 'live' });
-    log(`live; flushing every ${o.intervalMs / 1000} s or after ${formatSize(o.maxDirtyBytes)} written`);
-    await stopping;
-    setStatus({ state: 'stopping' });
-  } catch (err) {
-    log(`start failed: ${err instanceof Error ? err.message : String(err)}`);
-    const undoError = await cleanup.unwind(log);
-    if (undoError !== undefined) keepImageNotice(paths.shadow, volume.dir, log);
-    setStatus({ state: 'failed', error: err instanceof Error ? err.message : String(err) });
-    closeVolume(volume);
-    throw err;
-  }
-
-  const error = await cleanup.unwind(log);
-  closeVolume(volume);
-  if (error !== undefined) {
-    keepImageNotice(paths.shadow, volume.dir, log);
-    setStatus({ state: 'failed', error: error.message });
-    return 1;
-  }
-  setStatus({ state: 'stopped' });
-  log('stopped: everything written back, device detached, RAM freed');
-  return 0;
-}
-
-/** The last flush, after detach: everything that differs from the files, retried twice. */
-async function finalFlush(engine: FlushEngine, report: (r: FlushResult) => void, log: Log): Promise<void> {
-  for (let attempt = 1; ; attempt++) {
-    const r = await engine.flush('teardown', true);
-    report(r);
-    if (r.ok) {
-      log(`final flush: ${r.chunksChanged} chunks, ${formatSize(r.bytesWritten)} to the files in ${r.durationMs.toFixed(0)} ms`);
-      return;
-    }
-    log(`final flush failed (attempt ${attempt} of 3): ${r.error}`);
-    if (attempt === 3) throw new VbdError(r.error ?? 'final flush failed');
-    await sleep(1000 * attempt);
-  }
-}
-
-function keepImageNotice(shadow: string, dir: string, log: Log): void {
-  if (existsSync(`${shadow}/image`)) {
-    log(`the RAM image is KEPT at ${shadow}/image (root-only) so nothing is lost; fix the cause, then run 'vbd-shadow recover ${dir}' or start the volume again`);
-  }
+  process.on('SIGTERM', () => stop('received SIGTERM'));
+  process.on('SIGINT', () => stop('received SIGINT'));
+  return { stopped, stop };
 }
 
 function checkMountpoint(mountpoint: string): void {
@@ -225,15 +71,215 @@ function checkMountpoint(mountpoint: string): void {
   if (!statSync(dir).isDirectory()) throw new VbdError(`--mount ${dir} is not a directory`);
 }
 
-/** Formats only a device that has never held data: never mkfs over a user's bytes. */
-async function formatIfNew(device: string, type: string, image: ShadowImage, owner: Owner, log: Log): Promise<boolean> {
-  const found = await filesystemType(device);
-  if (found !== undefined) {
-    log(`--mkfs ${type}: the device already holds ${found}; not formatting`);
-    return false;
+function placementFor(volume: Volume, secret: Buffer | undefined): Promise<PlacementTable> {
+  return resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
+}
+
+/** The uid running `pid`, from /proc (to name who connected). */
+function uidOf(pid: number): number | undefined {
+  const match = /^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return match === null ? undefined : Number(match[1]);
+}
+
+interface AgentConnection {
+  /** Resolves when the agent's pipe closes (exit, crash, kill -9) or it asks for teardown. */
+  gone: Promise<string>;
+  secret: Buffer | undefined;
+  stop: () => void;
+}
+
+/**
+ * Waits for an agent on the pipe: its hello, and for a keyed volume its key. Resolves
+ * undefined if `stopped` comes first.
+ */
+function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped: Promise<string>): Promise<AgentConnection | undefined> {
+  const { log } = ctx;
+  return new Promise((resolveAgent) => {
+    let hello: Extract<PipeMessage, { kind: 'hello' }> | undefined;
+    let settled = false;
+    let endSession: (reason: string) => void = () => undefined;
+    const gone = new Promise<string>((r) => (endSession = r));
+    const ready = (secret: Buffer | undefined): void => {
+      if (settled) return;
+      settled = true;
+      resolveAgent({ gone, secret, stop: stopReading });
+    };
+    const handlers: Handlers = {
+      hello: (m) => {
+        hello = m;
+        let who = `pid ${m.pid}`;
+        try {
+          who += ` (uid ${uidOf(m.pid)})`;
+        } catch {
+          who += ' (gone already)';
+        }
+        log(`agent connected: ${who}`);
+        if (!keyed) ready(undefined);
+      },
+      key: (m) => {
+        if (hello === undefined || !keyed || settled) return log('agent pipe: ignored a key message out of turn');
+        ready(Buffer.from(m.secret, 'base64'));
+      },
+      flush: () => ctx.requestFlush?.('agent request'),
+      teardown: () => endSession('the agent asked for teardown (logout)'),
+      stop: () => log('agent pipe: ignored a stop message (use the control pipe)'),
+    };
+    const stopReading = readPipe(pipe, {
+      message: (m) => dispatch(m, handlers),
+      garbage: (what) => log(`agent pipe: ignored ${what}`),
+      closed: () => {
+        endSession('the agent is gone (its pipe closed)');
+        if (!settled) {
+          settled = true;
+          log('agent pipe closed before the agent was ready');
+          resolveAgent({ gone, secret: undefined, stop: () => undefined });
+        }
+      },
+    });
+    void stopped.then(() => {
+      stopReading();
+      endSession('stopping');
+      if (!settled) {
+        settled = true;
+        resolveAgent(undefined);
+      }
+    });
+  });
+}
+
+/** Starts the owner's agent as the owner, on our terminal. */
+function spawnAgent(volume: Volume, args: string[], log: Log): ChildProcess {
+  const passwd = readFileSync('/etc/passwd', 'utf8').split('\n').map((l) => l.split(':')).find((f) => Number(f[2]) === volume.owner.uid);
+  const child = spawn(process.execPath, [process.argv[1] ?? '', 'agent', volume.dir, ...args], {
+    uid: volume.owner.uid,
+    gid: volume.owner.gid,
+    stdio: 'inherit',
+    env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', HOME: passwd?.[5] ?? '/', USER: passwd?.[0] ?? String(volume.owner.uid) },
+  });
+  child.on('error', (err) => log(`cannot start the agent as uid ${volume.owner.uid}: ${err.message}`));
+  return child;
+}
+
+/** Runs the daemon until stopped; returns the process exit code. */
+export async function runDaemon(o: DaemonOptions): Promise<number> {
+  requireRoot('vbd-shadow start');
+  const { log } = o;
+  const { stopped, stop } = stopRequests(log);
+  let stopping = false;
+  void stopped.then(() => (stopping = true));
+  const volume = loadVolume(o.dir, { writable: true });
+  const { manifest, owner } = volume;
+  const paths = runtimePaths(manifest.name);
+  const keyed = manifest.layout.kind === 'keyed';
+  let locked = false;
+  let journalFd: number | undefined;
+  let stopControl: (() => void) | undefined;
+  let status: DaemonStatus | undefined;
+  const ctx: SessionContext = {
+    volume, paths, journalFd: -1, log,
+    status: () => status as DaemonStatus,
+    setStatus: (change) => {
+      if (status === undefined) return;
+      status = { ...status, ...change };
+      writeStatus(paths, status);
+    },
+    requestFlush: undefined,
+  };
+  try {
+    // Everything that can be checked is checked before anything is touched.
+    let table = keyed && o.canary !== 'none' ? undefined : await placementFor(volume, o.secret);
+    o.secret?.fill(0);
+    if (o.mount !== undefined) checkMountpoint(o.mount);
+    checkLockable(manifest.deviceSize);
+
+    const { stale } = acquireLock(paths, manifest.name);
+    locked = true;
+    journalFd = openJournal(volume);
+    ctx.journalFd = journalFd;
+    status = {
+      name: manifest.name, volumeDir: volume.dir, state: 'starting', pid: process.pid, owner, canary: o.canary,
+      deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind, intervalMs: o.intervalMs,
+      startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0, externalChanges: 0, sessions: 0,
+    };
+    ctx.setStatus({});
+    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`);
+    if (stale) log('found the lock of a daemon that is gone');
+    await settleJournal(volume, journalFd, log);
+
+    const control = controlPipePath(paths);
+    createFifo(control, owner);
+    stopControl = servePipe(control, (m) => dispatch(m, {
+      hello: () => log('control pipe: ignored a hello'),
+      key: () => log('control pipe: ignored a key'),
+      flush: () => ctx.requestFlush?.('flush command'),
+      teardown: () => log('control pipe: ignored a teardown (the agent sends those)'),
+      stop: () => stop('stop command'),
+    }), (what) => log(`control pipe: ignored ${what}`));
+    process.on('SIGUSR1', () => ctx.requestFlush?.('signal'));
+
+    if (o.canary === 'none') {
+      const error = await serveSession(ctx, table as PlacementTable, o, stopped);
+      return finish(error);
+    }
+
+    const pipe = agentPipePath(paths);
+    createFifo(pipe, owner);
+    let agent: ChildProcess | undefined;
+    let lastError: Error | undefined;
+    for (;;) {
+      ctx.setStatus({ state: 'waiting', device: undefined, link: undefined, mountpoint: undefined });
+      const connecting = waitForAgent(ctx, pipe, keyed, stopped);
+      if (o.canary === 'spawn' && agent === undefined) {
+        agent = spawnAgent(volume, o.agentArgs ?? [], log);
+        agent.on('exit', (code) => stop(`the agent exited (${code ?? 'killed'})`));
+      }
+      if (o.canary === 'wait') log('waiting for the owner\'s agent');
+      const connection = await connecting;
+      if (connection === undefined) break;
+      try {
+        if (keyed) {
+          if (connection.secret === undefined) throw new VbdError('the agent left before giving the key');
+          try {
+            table = await placementFor(volume, connection.secret);
+          } finally {
+            connection.secret.fill(0);
+          }
+        }
+        ctx.setStatus({ sessions: (status?.sessions ?? 0) + 1 });
+        lastError = await serveSession(ctx, table as PlacementTable, o, Promise.race([connection.gone, stopped]));
+      } catch (err) {
+        const message = err instanceof Error ? err.message : String(err);
+        log(`session refused: ${message}`);
+        ctx.setStatus({ refused: { at: new Date().toISOString(), reason: message } });
+        connection.stop();
+        if (o.canary === 'spawn') throw err;
+      }
+      connection.stop();
+      if (lastError !== undefined || o.canary === 'spawn' || stopping) break;
+    }
+    if (agent !== undefined && agent.exitCode === null) agent.kill('SIGTERM');
+    return finish(lastError);
+  } catch (err) {
+    ctx.setStatus({ state: 'failed', error: err instanceof Error ? err.message : String(err) });
+    cleanupProcess();
+    throw err;
   }
-  if (!isAllZero(image)) throw new VbdError(`--mkfs ${type}: the device holds data but no filesystem blkid knows; refusing to format over it`);
-  await makeFilesystem(device, type, owner);
-  log(`formatted ${device} as ${type} (no discard)`);
-  return true;
+
+  function finish(error: Error | undefined): number {
+    cleanupProcess();
+    if (error !== undefined) {
+      ctx.setStatus({ state: 'failed', error: error.message });
+      return 1;
+    }
+    ctx.setStatus({ state: 'stopped' });
+    log('stopped: everything written back, device detached, RAM freed');
+    return 0;
+  }
+
+  function cleanupProcess(): void {
+    stopControl?.();
+    if (journalFd !== undefined) closeSync(journalFd);
+    if (locked) releaseLock(paths);
+    closeVolume(volume);
+  }
 }

@@ -42,7 +42,7 @@ export interface FlushCheck {
   durationMs: number;
 }
 
-export type DaemonState = 'starting' | 'recovering' | 'populating' | 'live' | 'stopping' | 'stopped' | 'failed';
+export type DaemonState = 'starting' | 'waiting' | 'recovering' | 'populating' | 'live' | 'stopping' | 'stopped' | 'failed';
 
 export interface DaemonStatus {
   name: string;
@@ -50,6 +50,11 @@ export interface DaemonStatus {
   state: DaemonState;
   pid: number;
   owner: { uid: number; gid: number };
+  /** What decides attach and teardown: none, spawn (our own agent) or wait (the owner's agent). */
+  canary: string;
+  /** Sessions served so far (attach … teardown). */
+  sessions: number;
+  intervalMs: number;
   deviceSize: number;
   chunkSize: number;
   layout: string;
@@ -68,6 +73,8 @@ export interface DaemonStatus {
   /** The start time of the latest flush that completed: the files hold at least that state. */
   lastGoodFlush?: string;
   externalChanges: number;
+  /** The latest agent session refused (e.g. a wrong key), for the agent to report. */
+  refused?: { at: string; reason: string };
   lastExternalChange?: { at: string; name: string; what: string; keptAs: string | undefined };
   error?: string;
 }

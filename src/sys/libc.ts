@@ -18,6 +18,7 @@ const c = {
   munlock: libc.func('int munlock(void *addr, size_t len)'),
   ioctlInt: libc.func('int ioctl(int fd, unsigned long request, int arg)'),
   syncfs: libc.func('int syncfs(int fd)'),
+  mkfifo: libc.func('int mkfifo(const char *path, uint32_t mode)'),
   preadv: libc.func('int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)'),
   pwritev: libc.func('int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)'),
 };
@@ -94,6 +95,11 @@ export function vectorIo(kind: 'read' | 'write', fd: number, iov: Uint32Array, c
   const n = Number(fn(fd, iov, count, offset));
   if (n < 0) throw syscallError(kind === 'read' ? 'preadv' : 'pwritev', what);
   return n;
+}
+
+/** mkfifo(3): Node has no way to make a FIFO. */
+export function makeFifo(path: string, mode: number): void {
+  if (c.mkfifo(path, mode) !== 0) throw syscallError('mkfifo', path);
 }
 
 /** syncfs(2) on a worker thread: writes out everything dirty on the filesystem holding `fd`. */

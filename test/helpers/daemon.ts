@@ -53,6 +53,18 @@ export async function waitLive(d: TestDaemon, timeoutMs = 60_000): Promise<Daemo
   throw new Error(`daemon not live after ${timeoutMs} ms:\n${d.output()}`);
 }
 
+/** Waits until the daemon's status is in `state` (e.g. 'waiting' for its agent). */
+export async function waitState(d: TestDaemon, state: string, timeoutMs = 60_000): Promise<DaemonStatus> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const s = readStatus(d.name);
+    if (s !== undefined && s.pid === d.child.pid && s.state === state) return s;
+    if (d.child.exitCode !== null) throw new Error(`daemon exited ${d.child.exitCode} while waiting for ${state}:\n${d.output()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`daemon not ${state} after ${timeoutMs} ms:\n${d.output()}`);
+}
+
 /** SIGTERM and wait for the exit code. */
 export async function stopDaemon(d: TestDaemon): Promise<number | null> {
   d.child.kill('SIGTERM');
