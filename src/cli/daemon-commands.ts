@@ -145,7 +145,7 @@ function printStatus(s: DaemonStatus): void {
   if (s.populateMs !== undefined) console.log(`  populate ${s.populateMs} ms`);
   const f = s.lastFlush;
   if (f !== undefined) {
-    console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs} ms${f.error !== undefined ? `: ${f.error}` : ''}`);
+    console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms${f.error !== undefined ? `: ${f.error}` : ''}`);
   }
   if (s.flushFailures > 0) console.log(`  failures ${s.flushFailures} flushes failed since start`);
   if (s.error !== undefined) console.log(`  error    ${s.error}`);

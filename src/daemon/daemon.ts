@@ -218,6 +218,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     process.on('SIGUSR1', () => ctx.requestFlush?.('signal'));
 
     if (o.canary === 'none') {
+      ctx.setStatus({ sessions: 1 });
       const error = await serveSession(ctx, table as PlacementTable, o, stopped);
       return finish(error);
     }
