@@ -3,7 +3,9 @@
 
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { execFileSync } from 'node:child_process';
 import { benchFlush } from './flush.js';
+import { benchPeers } from './peers.js';
 import { benchPopulate } from './populate.js';
 import { machine } from './lib.js';
 
@@ -12,17 +14,63 @@ function option(name: string, fallback: string): string {
   return i >= 0 ? (process.argv[i + 1] ?? fallback) : fallback;
 }
 
+const PEERS: Record<string, string> = { fio: 'fio', nbdkit: 'nbdkit', nbdfuse: 'libnbd-bin', fusermount3: 'fuse3', rsync: 'rsync' };
+
+/** The peers come from Debian: installed here if missing. */
+function installPeers(): void {
+  const missing = Object.entries(PEERS).filter(([cmd]) => !commandExists(cmd)).map(([, pkg]) => pkg);
+  if (!existsSyncPy()) missing.push('python3-fusepy');
+  if (missing.length === 0) return;
+  process.stderr.write(`bench: installing ${missing.join(' ')}\n`);
+  execFileSync('apt-get', ['update', '-qq'], { stdio: 'inherit' });
+  execFileSync('apt-get', ['install', '-y', '-qq', ...missing], { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+}
+
+function commandExists(cmd: string): boolean {
+  try {
+    execFileSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function existsSyncPy(): boolean {
+  try {
+    execFileSync('/usr/bin/python3', ['-c', 'import fusepy'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function versions(): string {
+  const first = (cmd: string, args: string[]): string => {
+    try {
+      return execFileSync(cmd, args, { encoding: 'utf8' }).split('\n')[0]?.trim() ?? '?';
+    } catch {
+      return '?';
+    }
+  };
+  return [first('fio', ['--version']), first('nbdkit', ['--version']), first('nbdfuse', ['--version']), `fusepy (Debian python3-fusepy) on ${first('/usr/bin/python3', ['--version'])}`, first('losetup', ['--version'])].join(', ');
+}
+
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('the benchmarks need root (tmpfs mounts, mlock, loop devices)');
   const sizes = option('sizes', '1,2,4,8').split(',').map(Number);
   const flushSizes = option('flush-sizes', '1,8').split(',').map(Number);
-  const only = option('only', 'populate,flush').split(',');
+  const only = option('only', 'populate,flush,fio').split(',');
+  const files = Number(option('files', '100'));
+  const fileMiB = Number(option('file-size', '10'));
+  const seconds = Number(option('seconds', '5'));
+  installPeers();
   const rounds = Number(option('rounds', '3'));
   const work = '/var/tmp/vbd-shadow-bench';
   mkdirSync(work, { recursive: true });
   try {
     const populate = only.includes('populate') ? await benchPopulate(work, sizes, rounds) : '(not run)';
     const flush = only.includes('flush') ? await benchFlush(work, flushSizes, rounds) : '(not run)';
+    const fio = only.includes('fio') ? await benchPeers(work, files, fileMiB, seconds) : '(not run)';
     const doc = [
       '# Benchmarks',
       '',
@@ -44,6 +92,15 @@ async function main(): Promise<void> {
       'Targets: idle < 1 ms; 1%-dirty flush of 1 GiB ≤ 50 ms with scan ≥ 15 GB/s and ≤ 1.05× the changed bytes written to the files (plus the journal).',
       '',
       flush,
+      '',
+      `## fio on the block device, ${files} files × ${fileMiB} MiB`,
+      '',
+      `fio ${seconds} s per workload, direct=1, libaio, on the device each contender gives (MB/s, and the ratio to the ceiling).`,
+      'With direct I/O off, reads of a FUSE-backed loop come from the page cache and hide the FUSE path; with it on they do not.',
+      'After each run the whole device is hashed and compared with what the backing files hold.',
+      `Versions: ${versions()}.`,
+      '',
+      fio,
       '',
     ].join('\n');
     const out = fileURLToPath(new URL('../../docs/BENCHMARKS.md', import.meta.url));
