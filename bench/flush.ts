@@ -22,18 +22,18 @@ function someChunks(deviceSize: number, fraction: number): number[] {
   return [...picked].sort((a, b) => a - b);
 }
 
+/** New random data (distinct per piece, so no delta tool can match it) at each chunk's place. */
 function writeChunks(path: string, chunks: number[], offsetOf: (chunk: number) => [string, number] | number): void {
-  const data = randomBytes(CHUNK);
   if (typeof offsetOf(0) === 'number') {
     const fd = openSync(path, 'r+');
-    for (const c of chunks) writeSync(fd, data, 0, CHUNK, offsetOf(c) as number);
+    for (const c of chunks) writeSync(fd, randomBytes(CHUNK), 0, CHUNK, offsetOf(c) as number);
     closeSync(fd);
     return;
   }
   for (const c of chunks) {
     const [file, at] = offsetOf(c) as [string, number];
     const fd = openSync(join(path, file), 'r+');
-    writeSync(fd, data, 0, CHUNK, at);
+    writeSync(fd, randomBytes(CHUNK), 0, CHUNK, at);
     closeSync(fd);
   }
 }
