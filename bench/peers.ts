@@ -5,7 +5,7 @@
 
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { backingFileNames } from '../src/volume/init.js';
@@ -26,7 +26,8 @@ export const WORKLOADS = [
 interface Served {
   device: string;
   finish: () => Promise<void>;
-  backing: () => Buffer;
+  /** sha256 of what the backing files hold, in device order. */
+  backing: () => string;
   cleanup: () => void;
 }
 
@@ -50,13 +51,22 @@ function fio(device: string, w: (typeof WORKLOADS)[number], seconds: number, siz
   return (bytes ?? 0) / 1e6;
 }
 
-function sha(data: Buffer): string {
-  return createHash('sha256').update(data).digest('hex');
+/** sha256 of files read one after the other, streamed (a 1 GiB Buffer per check piles up:
+ *  V8 hardly counts such external memory towards collecting it). */
+function hashFiles(paths: string[]): string {
+  const hash = createHash('sha256');
+  const buf = Buffer.allocUnsafe(4 * MiB);
+  for (const path of paths) {
+    const fd = openSync(path, 'r');
+    for (let n = readSync(fd, buf); n > 0; n = readSync(fd, buf)) hash.update(buf.subarray(0, n));
+    closeSync(fd);
+  }
+  return hash.digest('hex');
 }
 
-function readDevice(device: string): Buffer {
+function hashDevice(device: string): string {
   spawnSync('blockdev', ['--flushbufs', device]);
-  return readFileSync(device);
+  return hashFiles([device]);
 }
 
 function losetup(file: string, directIo: boolean): string {
@@ -78,8 +88,9 @@ function stopProcess(child: ChildProcess): Promise<void> {
   return gone;
 }
 
-function concatFiles(dir: string, names: string[]): Buffer {
-  return Buffer.concat(names.map((n) => readFileSync(join(dir, n))));
+/** Writes the files one after the other into `out` (streamed). */
+function concatInto(out: string, paths: string[]): void {
+  execFileSync('sh', ['-c', 'cat "$@" > "$0"', out, ...paths]);
 }
 
 /** The volume's bytes as 100 files, the same for every peer (fresh copies each run). */
@@ -109,13 +120,11 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       const names = makeFiles(join(work, 'src'), files, fileSize, seed);
       mkdirSync(dir, { recursive: true });
       const image = join(dir, 'image');
-      const fd = openSync(image, 'w');
-      for (const n of names) writeSync(fd, readFileSync(join(work, 'src', n)));
-      closeSync(fd);
+      concatInto(image, names.map((n) => join(work, 'src', n)));
       const device = losetup(image, directIo);
       return {
         device,
-        backing: () => readFileSync(image),
+        backing: () => hashFiles([image]),
         finish: async () => void spawnSync('losetup', ['--detach', device]),
         cleanup: () => rmSync(dir, { recursive: true, force: true }),
       };
@@ -137,7 +146,7 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       const device = losetup(join(mnt, 'disk'), directIo);
       return {
         device,
-        backing: () => concatFiles(join(dir, 'files'), names),
+        backing: () => hashFiles(names.map((n) => join(dir, 'files', n))),
         finish: async () => {
           spawnSync('losetup', ['--detach', device]);
           spawnSync('fusermount3', ['-u', mnt]);
@@ -160,7 +169,7 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       const device = losetup(join(mnt, 'disk'), directIo);
       return {
         device,
-        backing: () => concatFiles(join(dir, 'files'), names),
+        backing: () => hashFiles(names.map((n) => join(dir, 'files', n))),
         finish: async () => {
           spawnSync('losetup', ['--detach', device]);
           spawnSync('fusermount3', ['-u', mnt]);
@@ -180,7 +189,7 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       cli(['init', dir, '--size', String(size), '--files', String(files), '--chunk', chunk, '--layout', layout, '--force', ...(layout === 'keyed' ? ['--key-file', key] : [])]);
       const srcNames = makeFiles(join(work, 'src'), files, fileSize, seed);
       const image = join(work, 'src.img');
-      writeFileSync600(image, concatFiles(join(work, 'src'), srcNames));
+      concatInto(image, srcNames.map((n) => join(work, 'src', n)));
       cli(['import', dir, image, ...(layout === 'keyed' ? ['--key-file', key] : [])]);
       rmSync(image);
       const d = await startBenchDaemon(name, [dir, ...(layout === 'keyed' ? ['--key-file', key] : [])]);
@@ -190,9 +199,9 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
         backing: () => {
           const out = join(work, 'export.img');
           cli(['export', dir, out, ...(layout === 'keyed' ? ['--key-file', key] : [])]);
-          const data = readFileSync(out);
+          const hash = hashFiles([out]);
           rmSync(out);
-          return data;
+          return hash;
         },
         finish: async () => {
           if (d.child.exitCode === null) await d.stop(); // the final flush
@@ -224,9 +233,9 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       fio(served.device, WORKLOADS[1], 1, size);
       fio(served.device, WORKLOADS[0], 1, size);
       for (const w of WORKLOADS) mbps.push(fio(served.device, w, seconds, size));
-      const deviceHash = sha(readDevice(served.device));
+      const deviceHash = hashDevice(served.device);
       await served.finish();
-      correct = sha(served.backing()) === deviceHash ? 'files = device' : 'FILES DIFFER from the device';
+      correct = served.backing() === deviceHash ? 'files = device' : 'FILES DIFFER from the device';
     } finally {
       await served.finish().catch(() => undefined);
       served.cleanup();

@@ -6,6 +6,7 @@
 
 import { homedir } from 'node:os';
 import { join } from 'node:path';
+import { sleep } from '../common/fd.js';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { agentPipePath } from '../daemon/daemon.js';
 import { readStatus, runtimePaths, type DaemonStatus } from '../daemon/runtime.js';
@@ -21,7 +22,6 @@ export interface AgentOptions {
   say: (line: string) => void;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** The default key file: ~/.config/vbd-shadow/NAME.key (mode 0600). */
 export function defaultKeyFile(name: string): string {

@@ -9,6 +9,7 @@ import { settleJournal } from '../flush/apply.js';
 import { openJournal } from '../flush/journal.js';
 import { isTmpfsMounted } from '../shadow/image.js';
 import { Option, type Command } from 'commander';
+import { sleep } from '../common/fd.js';
 import { VbdError, failure } from '../common/errors.js';
 import { parseDuration } from '../common/duration.js';
 import { formatSize, parseSize } from '../common/size.js';
@@ -22,7 +23,6 @@ import { closeVolume, loadVolume } from '../volume/volume.js';
 import { secretFor } from './key-input.js';
 
 const LOG_DIR = '/var/log/vbd-shadow';
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 interface StartOptions {
   canary?: string;

@@ -14,6 +14,15 @@ function buildProgram(): Command {
     .configureOutput({ outputError: (text, write) => write(`vbd-shadow: ${text.replace(/^error: /, '')}`) });
   registerOfflineCommands(program);
   registerDaemonCommands(program);
+  program.addHelpText('after', `
+Examples:
+  vbd-shadow init ~/myvbd --size 1G --files 100 --layout keyed   # as you: files + manifest
+  sudo vbd-shadow start ~/myvbd --mkfs ext4 --mount ~/vbd        # RAM-speed device; Ctrl-C writes back
+  vbd-shadow status                                              # what is live, last flush
+  vbd-shadow export ~/myvbd image.raw                            # the device's bytes, offline
+
+Durability: data reaches the files at each flush (--interval, --max-dirty, 'flush', logout);
+a power loss loses what was written since the last one, and never tears a flush.`);
   return program;
 }
 

@@ -5,6 +5,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError } from '../common/errors.js';
+import { sleep } from '../common/fd.js';
 import { runOk } from '../common/exec.js';
 import { formatSize } from '../common/size.js';
 import { detachLoop, loopsOf, restoreDevice, unpublishName } from '../device/loop.js';
@@ -37,7 +38,7 @@ export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table
         if (attempt === UNMOUNT_ATTEMPTS) {
           throw new VbdError(`the earlier daemon's filesystem at ${mountpoint} is busy (held by ${holdersOf(mountpoint).join(', ') || 'an unknown user'}); close it and start again`);
         }
-        await new Promise((resolve) => setTimeout(resolve, 500));
+        await sleep(500);
       }
       log(`recovery: unmounted ${mountpoint}`);
     }

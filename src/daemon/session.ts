@@ -6,6 +6,7 @@
 
 import { chownSync, existsSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { sleep } from '../common/fd.js';
 import { VbdError } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
 import { formatSize } from '../common/size.js';
@@ -41,7 +42,6 @@ export interface SessionContext {
   requestFlush: ((reason: string) => void) | undefined;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Serves the volume until `ended` resolves; returns the teardown's error, if any (image kept). */
 export async function serveSession(ctx: SessionContext, table: PlacementTable, o: SessionOptions, ended: Promise<string>): Promise<Error | undefined> {

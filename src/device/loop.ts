@@ -4,6 +4,7 @@ import { chownSync, chmodSync, closeSync, fsyncSync, mkdirSync, openSync, readFi
 import { basename, join } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { run, runOk } from '../common/exec.js';
+import { sleep } from '../common/fd.js';
 import type { Owner } from '../volume/volume.js';
 
 export const NAME_DIR = '/dev/vbd-shadow';
@@ -75,7 +76,7 @@ export async function detachLoop(device: string, imagePath: string, log: (line: 
   }
   for (let waited = 0; loopBackingFile(device) === imagePath; waited++) {
     if (waited % 50 === 0) log(`waiting: ${device} is still open by a process; it detaches when that closes it`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
+    await sleep(100);
   }
 }
 

@@ -3,14 +3,10 @@
 import { writevSync } from 'node:fs';
 import { failure } from '../common/errors.js';
 import { syncFilesystem } from '../sys/libc.js';
-import type { Volume } from '../volume/volume.js';
+import { fileName, type Volume } from '../volume/volume.js';
 import { readJournal, retireJournal, type Batch, type JournalEntry } from './journal.js';
 
 const IOV_MAX = 1024;
-
-function fileName(volume: Volume, file: number): string {
-  return volume.manifest.files[file]?.path ?? `#${file}`;
-}
 
 /** Writes the batch's chunks (one writev per run of consecutive file bytes) and makes them durable. */
 export async function applyBatch(volume: Volume, batch: Batch): Promise<{ bytes: number; files: number }> {

@@ -1,13 +1,16 @@
 // The flush engine: writes back only what changed, as one crash-atomic, point-in-time batch.
 //
-//  1. idle check: fsync the loop device (pushes its buffered writes into the image) and read
-//     its write counter; unchanged since the last flush → nothing to do, no scan, no I/O;
-//  2. capture: with the filesystem on the device frozen (if mounted), hash every chunk (xxh64)
-//     and copy those whose hash differs from the files' state, in file order;
+//  1. idle check: syncfs the filesystem mounted on the device (or fsync the raw device), so
+//     pending writes reach the image, then read the loop write counter; unchanged since the
+//     last flush → nothing to do, no scan, no I/O;
+//  2. capture: hash every chunk (xxh64) and stage those that differ from the files' state,
+//     in file order, while writers run; then, with the filesystem frozen, hash everything
+//     again and re-stage only what changed meanwhile (writers stall for one scan, not a copy);
 //  3. journal the batch and sync it; 4. apply it to the files and sync them; 5. retire it.
 // Only then are the chunk hashes updated: a failed flush leaves everything dirty, in RAM,
 // and is retried.
 
+import { readSync } from 'node:fs';
 import { xxh64 } from '@node-rs/xxhash';
 import { failure } from '../common/errors.js';
 import { sectorsWritten, syncDevice } from '../device/loop.js';
@@ -16,10 +19,9 @@ import { mountsOf } from '../device/mount.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { WINDOW_BYTES, type ShadowImage } from '../shadow/image.js';
 import { fileOrder } from '../shadow/populate.js';
-import type { Volume } from '../volume/volume.js';
+import { fileName, type Volume } from '../volume/volume.js';
 import type { FlushReport } from '../daemon/runtime.js';
 import { applyBatch, settleJournal } from './apply.js';
-import { readSync } from 'node:fs';
 import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
 
 const STAGING_BLOCK = 64 * 2 ** 20;
@@ -103,7 +105,7 @@ export class FlushEngine {
         const n = readSync(this.volume.fds[file] ?? -1, buf, 0, chunkSize, offset);
         buf.fill(0, n);
       } catch (err) {
-        throw failure(`read of backing file '${this.volume.manifest.files[file]?.path}' at offset ${offset}`, err);
+        throw failure(`read of backing file '${fileName(this.volume, file)}' at offset ${offset}`, err);
       }
       this.hashes[chunk] = xxh64(buf);
     }
@@ -200,12 +202,11 @@ export class FlushEngine {
 
       // Cleared before the scan: a file change noted during this flush asks for another.
       this.mustScan = false;
-      const frozenAt = mountpoint;
       const scanStart = performance.now();
       let staged: Map<number, StagedChunk>;
-      if (frozenAt !== undefined) {
+      if (mountpoint !== undefined) {
         const early = this.stage();
-        const frozen = await whileFrozen(frozenAt, () => this.stage(early));
+        const frozen = await whileFrozen(mountpoint, () => this.stage(early));
         staged = frozen.result;
         t.freezeMs = frozen.freezeMs;
         t.frozenMs = frozen.frozenMs;
@@ -216,7 +217,7 @@ export class FlushEngine {
         staged = this.stage();
       }
       const { chunks, entries } = this.entriesOf(staged);
-      t.scanMs = performance.now() - scanStart - t.freezeMs; // both passes, and the pre-freeze sync
+      t.scanMs = performance.now() - scanStart - t.freezeMs; // both passes (FIFREEZE itself apart)
 
       let journalBytes = 0;
       let bytesWritten = 0;
@@ -242,5 +243,4 @@ export class FlushEngine {
       return { at, ok: false, idle: false, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0, error, timings: t };
     }
   }
-
 }

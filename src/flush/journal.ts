@@ -11,9 +11,10 @@
 // record and every chunk's hash verify; then it is applied again (idempotent), otherwise
 // discarded — the files never hold a mix of two flushes.
 
-import { closeSync, fchownSync, fdatasyncSync, fstatSync, openSync, readSync, writeSync, constants as fsc } from 'node:fs';
+import { closeSync, fchownSync, fdatasyncSync, fstatSync, openSync, writeSync, constants as fsc } from 'node:fs';
 import { xxh64 } from '@node-rs/xxhash';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { readFully } from '../common/fd.js';
 import { JOURNAL_NAME, entryPath, type Volume } from '../volume/volume.js';
 
 const HEADER_MAGIC = Buffer.from('VBDJRNL1');
@@ -123,17 +124,6 @@ export function retireJournal(fd: number): void {
   }
 }
 
-function readExactly(fd: number, length: number, position: number): Buffer | undefined {
-  const buf = Buffer.alloc(length);
-  let done = 0;
-  while (done < length) {
-    const n = readSync(fd, buf, done, length - done, position + done);
-    if (n === 0) return undefined;
-    done += n;
-  }
-  return buf;
-}
-
 export type JournalState =
   | { kind: 'empty' }
   | { kind: 'uncommitted'; reason: string }
@@ -145,7 +135,7 @@ export type JournalState =
  * Entries are checked against the volume (file index, alignment, bounds) as well.
  */
 export function readJournal(fd: number, volume: Volume): JournalState {
-  const head = readExactly(fd, HEADER_BYTES, 0);
+  const head = readFully(fd, HEADER_BYTES, 0);
   if (head === undefined || !head.subarray(0, 8).equals(HEADER_MAGIC)) return { kind: 'empty' };
   const seq = Number(head.readBigUInt64LE(16));
   const count = head.readUInt32LE(24);
@@ -153,10 +143,10 @@ export function readJournal(fd: number, volume: Volume): JournalState {
   if (head.readUInt32LE(8) !== 1 || count > MAX_ENTRIES || chunkSize !== volume.manifest.chunkSize) {
     return { kind: 'uncommitted', reason: 'header does not match this volume' };
   }
-  const entries = readExactly(fd, count * ENTRY_BYTES, HEADER_BYTES);
+  const entries = readFully(fd, count * ENTRY_BYTES, HEADER_BYTES);
   if (entries === undefined || xxh64(entries) !== head.readBigUInt64LE(32)) return { kind: 'uncommitted', reason: 'entry table incomplete' };
   const payloadAt = HEADER_BYTES + count * ENTRY_BYTES;
-  const tail = readExactly(fd, COMMIT_BYTES, payloadAt + count * chunkSize);
+  const tail = readFully(fd, COMMIT_BYTES, payloadAt + count * chunkSize);
   const expected = commit(seq, count, head, entries);
   if (tail === undefined || !tail.equals(expected)) return { kind: 'uncommitted', reason: 'no commit record' };
   const list: JournalEntry[] = [];
@@ -167,7 +157,7 @@ export function readJournal(fd: number, volume: Volume): JournalState {
     if (size === undefined || offset % chunkSize !== 0 || offset + chunkSize > size) {
       throw new VbdError(`journal '${JOURNAL_NAME}' entry ${i} points outside the volume (file ${file}, offset ${offset}); refusing to apply it`);
     }
-    const data = readExactly(fd, chunkSize, payloadAt + i * chunkSize);
+    const data = readFully(fd, chunkSize, payloadAt + i * chunkSize);
     if (data === undefined || xxh64(data) !== entries.readBigUInt64LE(i * ENTRY_BYTES + 16)) {
       return { kind: 'uncommitted', reason: `chunk ${i} of the batch does not verify` };
     }
@@ -186,7 +176,7 @@ export function journalPending(volume: Volume): boolean {
     throw failure(`cannot read journal '${JOURNAL_NAME}'`, err);
   }
   try {
-    const magic = readExactly(fd, HEADER_MAGIC.length, 0);
+    const magic = readFully(fd, HEADER_MAGIC.length, 0);
     return magic !== undefined && magic.equals(HEADER_MAGIC);
   } finally {
     closeSync(fd);

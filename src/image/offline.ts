@@ -5,14 +5,12 @@ import { closeSync, fstatSync, fsyncSync, openSync, readSync, renameSync, unlink
 import { VbdError, failure } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
 import type { PlacementTable } from '../layouts/layout.js';
-import type { Volume } from '../volume/volume.js';
+import { fileName, type Volume } from '../volume/volume.js';
 import { readRuns, runsFor, windows, writeRuns } from './transfer.js';
 
 const WINDOW_BYTES = 64 * 2 ** 20;
 
-function namer(volume: Volume): (file: number) => string {
-  return (file) => volume.manifest.files[file]?.path ?? `#${file}`;
-}
+const namer = (volume: Volume) => (file: number): string => fileName(volume, file);
 
 function writeAll(fd: number, buf: Uint8Array, length: number, what: string): void {
   let done = 0;

@@ -3,8 +3,9 @@
 // a wrong secret is refused by the check before any backing file is read or written.
 
 import { createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, fstatSync, openSync, readSync, constants as fsc } from 'node:fs';
+import { closeSync, fstatSync, openSync, constants as fsc } from 'node:fs';
 import { VbdError, failure } from '../common/errors.js';
+import { readFully } from '../common/fd.js';
 import type { ScryptParams } from '../volume/manifest.js';
 
 export const DEFAULT_KDF: ScryptParams = { N: 2 ** 15, r: 8, p: 1 };
@@ -62,13 +63,8 @@ export function readKeyFile(path: string): Buffer {
       throw new VbdError(`key file ${path} is accessible by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it`);
     }
     if (st.size === 0 || st.size > MAX_SECRET) throw new VbdError(`key file ${path} must hold 1 to ${MAX_SECRET} bytes, holds ${st.size}`);
-    const secret = Buffer.alloc(st.size);
-    let got = 0;
-    while (got < st.size) {
-      const n = readSync(fd, secret, got, st.size - got, got);
-      if (n === 0) break;
-      got += n;
-    }
+    const secret = readFully(fd, st.size, 0) ?? Buffer.alloc(0);
+    const got = secret.length;
     const end = secret[got - 1] === 0x0a ? got - 1 : got;
     const trimmed = Buffer.from(secret.subarray(0, end));
     secret.fill(0);

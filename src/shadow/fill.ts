@@ -1,16 +1,12 @@
 // Filling a volume's RAM image from its backing files (start).
 
 import type { PlacementTable } from '../layouts/layout.js';
-import type { Volume } from '../volume/volume.js';
+import { fileName, type Volume } from '../volume/volume.js';
 import type { ShadowImage } from './image.js';
 import { transferImage } from './populate.js';
 
-export function fileNamer(volume: Volume): (file: number) => string {
-  return (file) => volume.manifest.files[file]?.path ?? `#${file}`;
-}
-
 /** Reads every chunk from its place in the files into the image, in file order. */
 export function populateImage(image: ShadowImage, table: PlacementTable, volume: Volume, progress?: (bytes: number) => void): void {
-  const io = { image, table, chunkSize: volume.manifest.chunkSize, fds: volume.fds, name: fileNamer(volume) };
+  const io = { image, table, chunkSize: volume.manifest.chunkSize, fds: volume.fds, name: (file: number) => fileName(volume, file) };
   transferImage('read', io, volume.manifest.files.map((f) => f.size), progress);
 }

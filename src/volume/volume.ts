@@ -3,9 +3,10 @@
 // (/proc/self/fd/N/NAME — openat() for Node), opened with O_NOFOLLOW and checked with fstat:
 // regular, owned by the volume owner, one link, the size the manifest says.
 
-import { closeSync, fstatSync, openSync, readdirSync, readSync, constants as fsc, type Stats } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, constants as fsc, type Stats } from 'node:fs';
 import { resolve } from 'node:path';
 import { VbdError, failure } from '../common/errors.js';
+import { readFully } from '../common/fd.js';
 import { MANIFEST_NAME, parseManifest, type Manifest } from './manifest.js';
 
 /** Entries the tool itself keeps in a volume directory besides the backing files. */
@@ -56,14 +57,9 @@ function readManifest(dirFd: number, owner: Owner): Manifest {
     const st = fstatSync(fd);
     checkOwnedRegular(st, MANIFEST_NAME, owner, 'manifest');
     if (st.size > MAX_MANIFEST_BYTES) throw new VbdError(`manifest is ${st.size} bytes, more than the ${MAX_MANIFEST_BYTES} allowed`);
-    const buf = Buffer.alloc(st.size);
-    let got = 0;
-    while (got < st.size) {
-      const n = readSync(fd, buf, got, st.size - got, got);
-      if (n === 0) break;
-      got += n;
-    }
-    return parseManifest(buf.subarray(0, got).toString('utf8'));
+    const text = readFully(fd, st.size, 0);
+    if (text === undefined) throw new VbdError('manifest changed size while being read');
+    return parseManifest(text.toString('utf8'));
   } finally {
     closeSync(fd);
   }
@@ -115,6 +111,11 @@ export function loadVolume(dir: string, options: LoadOptions = {}): Volume {
     closeSync(dirFd);
     throw err;
   }
+}
+
+/** The name of backing file number `file`, for messages. */
+export function fileName(volume: Volume, file: number): string {
+  return volume.manifest.files[file]?.path ?? `#${file}`;
 }
 
 export function closeVolume(volume: Volume): void {
