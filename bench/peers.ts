@@ -140,9 +140,16 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       const mnt = join(dir, 'mnt');
       mkdirSync(mnt, { recursive: true });
       const server = spawn('nbdkit', ['-f', '-U', sock, '-P', join(dir, 'pid'), 'split', ...names.map((n) => join(dir, 'files', n))], { stdio: 'ignore' });
-      await waitFor(sock, 'nbdkit');
-      const fuse = spawn('nbdfuse', [join(mnt, 'disk'), '--unix', sock], { stdio: 'ignore' });
-      await waitFor(join(mnt, 'disk'), 'nbdfuse');
+      // nbdkit writes its pid file once it accepts connections (the socket may exist before).
+      await waitFor(join(dir, 'pid'), 'nbdkit');
+      const fuse = spawn('nbdfuse', [join(mnt, 'disk'), '--unix', sock], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let fuseErr = '';
+      fuse.stderr?.on('data', (d: Buffer) => (fuseErr += d.toString()));
+      await waitFor(join(mnt, 'disk'), 'nbdfuse').catch(async (err: unknown) => {
+        await stopProcess(fuse);
+        await stopProcess(server);
+        throw new Error(`${String(err)}: ${fuseErr.trim()}`);
+      });
       const device = losetup(join(mnt, 'disk'), directIo);
       return {
         device,
