@@ -88,6 +88,21 @@ function stopProcess(child: ChildProcess): Promise<void> {
   return gone;
 }
 
+/** A loop device over MNT/disk, a FUSE file backed by DIR/files/NAMES, served by `processes`. */
+function servedOverFuse(dir: string, names: string[], mnt: string, directIo: boolean, processes: ChildProcess[]): Served {
+  const device = losetup(join(mnt, 'disk'), directIo);
+  return {
+    device,
+    backing: () => hashFiles(names.map((n) => join(dir, 'files', n))),
+    finish: async () => {
+      spawnSync('losetup', ['--detach', device]);
+      spawnSync('fusermount3', ['-u', mnt]);
+      for (const p of processes) await stopProcess(p);
+    },
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
 /** Writes the files one after the other into `out` (streamed). */
 function concatInto(out: string, paths: string[]): void {
   execFileSync('sh', ['-c', 'cat "$@" > "$0"', out, ...paths]);
@@ -150,18 +165,7 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
         await stopProcess(server);
         throw new Error(`${String(err)}: ${fuseErr.trim()}`);
       });
-      const device = losetup(join(mnt, 'disk'), directIo);
-      return {
-        device,
-        backing: () => hashFiles(names.map((n) => join(dir, 'files', n))),
-        finish: async () => {
-          spawnSync('losetup', ['--detach', device]);
-          spawnSync('fusermount3', ['-u', mnt]);
-          await stopProcess(fuse);
-          await stopProcess(server);
-        },
-        cleanup: () => rmSync(dir, { recursive: true, force: true }),
-      };
+      return servedOverFuse(dir, names, mnt, directIo, [fuse, server]);
     },
   });
   const fusePeer = (bigWrites: boolean, directIo: boolean): Peer => ({
@@ -173,17 +177,7 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       mkdirSync(mnt, { recursive: true });
       const fuse = spawn('/usr/bin/python3', [FUSE_SCRIPT, mnt, ...(bigWrites ? ['--big-writes'] : []), ...names.map((n) => join(dir, 'files', n))], { stdio: 'ignore' });
       await waitFor(join(mnt, 'disk'), 'python FUSE');
-      const device = losetup(join(mnt, 'disk'), directIo);
-      return {
-        device,
-        backing: () => hashFiles(names.map((n) => join(dir, 'files', n))),
-        finish: async () => {
-          spawnSync('losetup', ['--detach', device]);
-          spawnSync('fusermount3', ['-u', mnt]);
-          await stopProcess(fuse);
-        },
-        cleanup: () => rmSync(dir, { recursive: true, force: true }),
-      };
+      return servedOverFuse(dir, names, mnt, directIo, [fuse]);
     },
   });
   const vbdPeer = (layout: 'linear' | 'keyed'): Peer => ({
