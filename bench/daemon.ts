@@ -2,7 +2,8 @@
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { readStatus, type DaemonStatus } from '../src/daemon/runtime.js';
+import { rmSync } from 'node:fs';
+import { readStatus, runtimePaths, type DaemonStatus } from '../src/daemon/runtime.js';
 
 const BIN = fileURLToPath(new URL('../../bin/vbd-shadow', import.meta.url));
 
@@ -43,6 +44,7 @@ export async function startBenchDaemon(name: string, args: string[]): Promise<Be
     stop: async () => {
       child.kill('SIGTERM');
       await exited;
+      rmSync(runtimePaths(name).dir, { recursive: true, force: true }); // its last status, no longer needed
     },
   };
 }
