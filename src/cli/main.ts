@@ -29,7 +29,8 @@ a power loss loses what was written since the last one, and never tears a flush.
 export async function main(argv: string[]): Promise<number> {
   try {
     await buildProgram().parseAsync(argv);
-    return 0;
+    // A command that ends with a code of its own (the daemon, the agent) set process.exitCode.
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
     if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
     const message = err instanceof VbdError ? err.message : err instanceof Error ? `internal error: ${err.message}` : String(err);
