@@ -2,31 +2,19 @@
 // ENOSPC), the daemon exits non-zero, the image stays in its root-only tmpfs with a message
 // saying how to recover, and `recover` writes it back once there is space again.
 
-import { execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { cliOk, sha256 } from '../helpers/cli.js';
-import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
-import { freeBytes, smallExt4 } from '../helpers/small-fs.js';
+import { stopDaemon } from '../helpers/daemon.js';
+import { liveVolumeOnFullFs } from '../helpers/full-fs.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers } from '../helpers/system.js';
 import { tempDir } from '../helpers/tmp.js';
 
 describe.skipIf(!IS_ROOT)(`teardown with a failing final flush (${IS_ROOT ? 'as root, real ENOSPC' : ROOT_SKIP_REASON})`, () => {
   it('keeps the RAM image, says how to recover, and recover writes it back', async () => {
-    const fs = smallExt4(48);
-    const dir = join(fs, 'vol');
     const name = `${TEST_PREFIX}keep`;
-    cliOk(['init', dir, '--size', '16M', '--files', '4', '--chunk', '64K', '--name', name]);
-    const daemon = startDaemon(name, [dir, '--interval', '1h']);
-    const live = await waitLive(daemon);
-    const filler = join(fs, 'filler');
-    execFileSync('fallocate', ['-l', String(freeBytes(fs) - 2 ** 20), filler]);
-    const data = randomBytes(8 * 2 ** 20);
-    const fd = openSync(live.device ?? '', 'r+');
-    writeSync(fd, data, 0, data.length, 4 * 2 ** 20);
-    closeSync(fd);
+    const { dir, daemon, live, filler } = await liveVolumeOnFullFs(name, 4 * 2 ** 20);
     const device = readFileSync(live.device ?? '');
 
     const code = await stopDaemon(daemon);
