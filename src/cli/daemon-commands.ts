@@ -120,6 +120,14 @@ async function startBackground(dir: string, o: StartOptions): Promise<number> {
   }
 }
 
+/** The daemon serving a volume named on the command line (`live`: with its device attached). */
+function runningDaemon(target: string, need: 'running' | 'live'): { name: string; pid: number } {
+  const name = volumeName(target);
+  const pid = lockHolder(name);
+  if (pid === undefined || (need === 'live' && readStatus(name)?.state !== 'live')) throw new VbdError(`volume '${name}' is not live`);
+  return { name, pid };
+}
+
 /** Sends one message on the daemon's control pipe (the owner and root may open it). */
 function sendControl(name: string, message: PipeMessage): void {
   const path = controlPipePath(runtimePaths(name));
@@ -174,9 +182,7 @@ export function registerDaemonCommands(program: Command): void {
     .description('tear a volume down: final writeback, unmount, detach, free the RAM, and end its daemon; waits until done (root or the owner)')
     .argument('<volume>', 'volume name or directory')
     .action(async (target: string) => {
-      const name = volumeName(target);
-      const pid = lockHolder(name);
-      if (pid === undefined) throw new VbdError(`volume '${name}' is not live`);
+      const { name, pid } = runningDaemon(target, 'running');
       sendControl(name, { kind: 'stop' });
       while (isAlive(pid)) await sleep(100);
       const s = readStatus(name);
@@ -264,10 +270,7 @@ export function registerDaemonCommands(program: Command): void {
     .description('write back what changed now, and wait for the result (root or the owner)')
     .argument('<volume>', 'volume name or directory')
     .action(async (target: string) => {
-      const name = volumeName(target);
-      const pid = lockHolder(name);
-      const before = readStatus(name);
-      if (pid === undefined || before === undefined || before.state !== 'live') throw new VbdError(`volume '${name}' is not live`);
+      const { name, pid } = runningDaemon(target, 'live');
       const requested = new Date().toISOString();
       sendControl(name, { kind: 'flush' });
       for (;;) {

@@ -68,10 +68,14 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
     const engine = new FlushEngine(volume, image, table, journalFd, log);
     engine.hashImage();
     const report = (r: FlushResult): void => {
-      const { timings: _t, idle, ...rest } = r;
-      setStatus({ lastCheck: { at: r.at, idle, ok: r.ok, durationMs: r.durationMs }, flushChecks: (status().flushChecks ?? 0) + 1 });
-      if (!idle) setStatus({ lastFlush: { ...rest, timings: r.timings }, flushFailures: (status().flushFailures ?? 0) + (r.ok ? 0 : 1) });
-      if (r.ok) setStatus({ lastGoodFlush: r.at });
+      const { idle, ...flush } = r;
+      // One status write per flush check (each is a file write and a rename).
+      setStatus({
+        lastCheck: { at: r.at, idle, ok: r.ok, durationMs: r.durationMs },
+        flushChecks: status().flushChecks + 1,
+        ...(idle ? {} : { lastFlush: flush, flushFailures: status().flushFailures + (r.ok ? 0 : 1) }),
+        ...(r.ok ? { lastGoodFlush: r.at } : {}),
+      });
     };
     cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
 
@@ -118,7 +122,7 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
     scheduler.start();
     const watcher = new ExternalChangeWatcher(volume, () => engine.settled(), (change) => {
       log(`EXTERNAL CHANGE: backing file '${change.name}' was ${change.what} by someone else; kept aside as ${change.keptAs ?? '(nothing to keep)'}; the chunks that differ from RAM will be rewritten`);
-      setStatus({ externalChanges: (status().externalChanges ?? 0) + 1, lastExternalChange: { at: new Date().toISOString(), ...change } });
+      setStatus({ externalChanges: status().externalChanges + 1, lastExternalChange: { at: new Date().toISOString(), ...change } });
       engine.hashFiles(change.file);
       void scheduler.request('external change');
     }, log);

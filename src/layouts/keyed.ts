@@ -3,7 +3,7 @@
 // sampling so every permutation is equally likely. Without the secret the placement is unknown.
 
 import { createCipheriv } from 'node:crypto';
-import { chunkSlots, placeSlot, type Geometry, type Layout, type PlacementTable, newTable } from './layout.js';
+import { chunkSlots, placeSlot, type Geometry, type Layout } from './layout.js';
 
 /** Uniform 32-bit random numbers from AES-256-CTR over zeros. */
 function keystream(key: Buffer): () => number {
@@ -43,17 +43,5 @@ export function keyedPermutation(key: Buffer, slotCount: number, chunkCount: num
 export function createKeyedLayout(geometry: Geometry, layoutKey: Buffer): Layout {
   const slots = chunkSlots(geometry);
   const slotOfChunk = keyedPermutation(layoutKey, slots.total, Math.min(slots.total, geometry.chunkCount));
-  const place = (chunk: number) => placeSlot(slots, geometry.chunkSize, slotOfChunk[chunk] ?? Number.NaN);
-  return {
-    place,
-    table(): PlacementTable {
-      const table = newTable(geometry.chunkCount);
-      for (let chunk = 0; chunk < geometry.chunkCount; chunk++) {
-        const { file, offset } = place(chunk);
-        table.file[chunk] = file;
-        table.offset[chunk] = offset;
-      }
-      return table;
-    },
-  };
+  return { place: (chunk) => placeSlot(slots, geometry.chunkSize, slotOfChunk[chunk] ?? Number.NaN) };
 }

@@ -23,17 +23,14 @@ export interface PlacementTable {
 
 export interface Layout {
   place(chunk: number): Placement;
-  /** Optional fast form of the whole table; `placementTable` falls back to `place`. */
-  table?(): PlacementTable;
 }
 
 export function newTable(chunkCount: number): PlacementTable {
   return { file: new Uint32Array(chunkCount), offset: new Float64Array(chunkCount) };
 }
 
-/** The whole table of a layout, from its fast form when it has one. */
+/** The whole table of a layout, the form populate, flush and the bijection check work from. */
 export function placementTable(layout: Layout, geometry: Geometry): PlacementTable {
-  if (layout.table !== undefined) return layout.table();
   const table = newTable(geometry.chunkCount);
   for (let chunk = 0; chunk < geometry.chunkCount; chunk++) {
     const { file, offset } = layout.place(chunk);
@@ -71,16 +68,4 @@ export function placeSlot(slots: Slots, chunkSize: number, slot: number): Placem
     else hi = mid - 1;
   }
   return { file: lo, offset: (slot - (slots.first[lo] ?? 0)) * chunkSize };
-}
-
-/** Fills a table from a chunk → slot mapping (identity for linear). */
-export function tableFromSlots(geometry: Geometry, slotOfChunk: (chunk: number) => number): PlacementTable {
-  const slots = chunkSlots(geometry);
-  const table = newTable(geometry.chunkCount);
-  for (let chunk = 0; chunk < geometry.chunkCount; chunk++) {
-    const { file, offset } = placeSlot(slots, geometry.chunkSize, slotOfChunk(chunk));
-    table.file[chunk] = file;
-    table.offset[chunk] = offset;
-  }
-  return table;
 }

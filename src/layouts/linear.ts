@@ -1,11 +1,8 @@
 // `linear`: the device is the plain concatenation of the files, in manifest order.
 
-import { chunkSlots, placeSlot, tableFromSlots, type Geometry, type Layout } from './layout.js';
+import { chunkSlots, placeSlot, type Geometry, type Layout } from './layout.js';
 
 export function createLinearLayout(geometry: Geometry): Layout {
   const slots = chunkSlots(geometry);
-  return {
-    place: (chunk) => placeSlot(slots, geometry.chunkSize, chunk),
-    table: () => tableFromSlots(geometry, (chunk) => chunk),
-  };
+  return { place: (chunk) => placeSlot(slots, geometry.chunkSize, chunk) };
 }

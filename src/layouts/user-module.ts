@@ -1,5 +1,5 @@
 // `module:PATH`: the user's own layout, a JS module exporting
-//   createLayout(geometry, params) → { place(chunk) → { file, offset }, table?() }
+//   createLayout(geometry, params) → { place(chunk) → { file, offset } }
 // It is user code: when we are root it runs in a child process as the volume owner
 // (module-runner.ts), and whatever it returns is validated like any other layout.
 
@@ -39,7 +39,6 @@ export async function userModuleTable(path: string, geometry: Geometry, params: 
       return { file, offset };
     },
   };
-  // A module's own table() is not trusted to be well-typed; `place` is the contract.
   return placementTable(checked, geometry);
 }
 
