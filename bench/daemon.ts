@@ -3,7 +3,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { rmSync } from 'node:fs';
-import { readStatus, runtimePaths, type DaemonStatus } from '../src/daemon/runtime.js';
+import { findVolumeByName, readStatus, type DaemonStatus } from '../src/daemon/runtime.js';
 
 const BIN = fileURLToPath(new URL('../../bin/vbd-shadow', import.meta.url));
 
@@ -42,9 +42,10 @@ export async function startBenchDaemon(name: string, args: string[]): Promise<Be
       return status();
     },
     stop: async () => {
+      const { paths } = findVolumeByName(name);
       child.kill('SIGTERM');
       await exited;
-      rmSync(runtimePaths(name).dir, { recursive: true, force: true }); // its last status, no longer needed
+      rmSync(paths.dir, { recursive: true, force: true }); // its last status, no longer needed
     },
   };
 }

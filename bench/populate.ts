@@ -8,17 +8,17 @@ import { resolvePlacement } from '../src/layouts/index.js';
 import { createImage, destroyImage } from '../src/shadow/image.js';
 import { populateImage } from '../src/shadow/fill.js';
 import { backingFileNames } from '../src/volume/init.js';
-import { closeVolume, loadVolume } from '../src/volume/volume.js';
+import { closeVolume, openVolume } from '../src/volume/volume.js';
 import { filledVolume, median, table, timeMs } from './lib.js';
 
 const GiB = 2 ** 30;
 const KEY = Buffer.from('benchmark key');
 
 async function populateMs(dir: string, mountpoint: string): Promise<number> {
-  const volume = loadVolume(dir);
+  const volume = openVolume(dir);
   try {
     const t = await resolvePlacement(volume.manifest, { secret: KEY });
-    const image = await createImage(mountpoint, volume.manifest.deviceSize);
+    const image = await createImage(mountpoint, volume.manifest.deviceSize, volume.identity);
     try {
       return await timeMs(() => populateImage(image, t, volume));
     } finally {

@@ -4,19 +4,20 @@
 // the pipe closes and the daemon tears down all the same: that is the point of a canary.
 
 
+import { fstatSync, lstatSync, writeSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { sleep } from '../common/fd.js';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
-import { agentPipePath } from '../daemon/daemon.js';
-import { readStatus, runtimePaths, type DaemonStatus } from '../daemon/runtime.js';
+import { checkRootOwnedPath, readStatusAt, type DaemonStatus, type RuntimePaths } from '../daemon/runtime.js';
 import { promptSecret, readKeyFile } from '../layouts/secret.js';
 import { closePipe, openPipeForWriting } from './pipe.js';
 import { encodeMessage, type PipeMessage } from './protocol.js';
-import { writeSync } from 'node:fs';
 
 export interface AgentOptions {
   name: string;
+  /** The runtime directory of this user's volume, derived from her uid and its identity. */
+  paths: RuntimePaths;
   keyed: boolean;
   keyFile?: string | undefined;
   say: (line: string) => void;
@@ -38,11 +39,34 @@ async function agentSecret(o: AgentOptions): Promise<Buffer> {
   return promptSecret(`Key for volume '${o.name}': `);
 }
 
+/**
+ * The FIFO is the daemon's for us only if root made it: every directory above it is root's
+ * and writable only by root, and the FIFO itself was made for our uid, 0600. Checked on the
+ * path and again on the opened fd (same inode) before anything — the key — is written.
+ */
+function checkDaemonFifo(path: string, fd: number | undefined): void {
+  const uid = process.getuid?.() ?? -1;
+  checkRootOwnedPath(path.slice(0, path.lastIndexOf('/')));
+  const st = lstatSync(path);
+  if (!st.isFIFO() || st.uid !== uid || (st.mode & 0o077) !== 0) {
+    throw new VbdError(`${path} is not a FIFO made for uid ${uid} with mode 0600; refusing to talk to it`);
+  }
+  if (fd !== undefined && fstatSync(fd).ino !== st.ino) throw new VbdError(`${path} changed while it was opened; refusing to talk to it`);
+}
+
 /** Opens the daemon's pipe, waiting for a daemon that is not there yet. */
 async function connect(path: string, say: (line: string) => void): Promise<number> {
   for (let waited = 0; ; waited++) {
     try {
-      return openPipeForWriting(path);
+      checkDaemonFifo(path, undefined);
+      const fd = openPipeForWriting(path);
+      try {
+        checkDaemonFifo(path, fd);
+      } catch (err) {
+        closePipe(fd);
+        throw err;
+      }
+      return fd;
     } catch (err) {
       const code = errnoCode(err);
       if (code === 'EACCES' || code === 'EPERM') throw failure(`cannot open the daemon's pipe ${path} (only the volume owner may)`, err);
@@ -55,8 +79,8 @@ async function connect(path: string, say: (line: string) => void): Promise<numbe
 
 /** Runs the agent until logout or until the daemon's session ends; returns the exit code. */
 export async function runAgent(o: AgentOptions): Promise<number> {
-  const paths = runtimePaths(o.name);
-  const pipe = agentPipePath(paths);
+  const { paths } = o;
+  const pipe = paths.agentFifo;
   const secret = o.keyed ? await agentSecret(o) : undefined;
   const fd = await connect(pipe, o.say);
   const send = (m: PipeMessage): void => {
@@ -88,7 +112,7 @@ export async function runAgent(o: AgentOptions): Promise<number> {
       o.say(`${leaving}: asked the daemon to write everything back and detach`);
       return 0;
     }
-    const s = readStatus(o.name);
+    const s = readStatusAt(paths);
     if (s === undefined) throw new VbdError(`volume '${o.name}': the daemon's status is gone`);
     if (s.refused !== undefined && s.refused.at >= connectedAt && s.state !== 'live') {
       closePipe(fd);

@@ -1,7 +1,10 @@
-// The commands that drive the root daemon: start, stop, status, recover.
+// The commands that drive the root daemon: start, stop, status, recover, flush, agent.
+// A volume is named by its directory (opened once, no symlinks) or by its name among the
+// volumes the caller may see; either way, what root then touches is keyed by the owner's uid
+// and the volume's identity, never by the name.
 
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { runAgent } from '../agent/agent.js';
 import { closePipe, openPipeForWriting } from '../agent/pipe.js';
 import { encodeMessage, type PipeMessage } from '../agent/protocol.js';
@@ -13,13 +16,16 @@ import { sleep } from '../common/fd.js';
 import { VbdError, failure } from '../common/errors.js';
 import { parseDuration } from '../common/duration.js';
 import { formatSize, parseSize } from '../common/size.js';
-import { controlPipePath, requireRoot, runDaemon, type CanaryMode } from '../daemon/daemon.js';
+import { parseMkfsType } from '../device/mkfs.js';
+import { requireRoot, runDaemon, type CanaryMode } from '../daemon/daemon.js';
 import { createLog } from '../daemon/log.js';
 import { recoverLeftover } from '../daemon/recover.js';
-import { acquireLock, isAlive, knownVolumes, lockHolder, readStatus, releaseLock, runtimePaths, type DaemonStatus } from '../daemon/runtime.js';
+import {
+  acquireLock, checkRootOwnedPath, daemonRunning, findVolumeByName, isAlive, knownVolumes, readStatusAt, releaseLock, runtimePaths,
+  type DaemonStatus, type RuntimePaths,
+} from '../daemon/runtime.js';
 import { resolvePlacement } from '../layouts/index.js';
-import { MANIFEST_NAME } from '../volume/manifest.js';
-import { closeVolume, loadVolume } from '../volume/volume.js';
+import { closeVolume, identityKey, openVolume, type Volume } from '../volume/volume.js';
 import { secretFor } from './key-input.js';
 
 const LOG_DIR = '/var/log/vbd-shadow';
@@ -28,22 +34,46 @@ interface StartOptions {
   canary?: string;
   mount?: string;
   mkfs?: string;
+  rawAccess?: boolean;
   interval: string;
   maxDirty: string;
   foreground?: boolean;
   keyFile?: string;
   keyStdin?: boolean;
+  expectIdentity?: string;
 }
 
-/** A volume named on the command line: its directory (holding a manifest) or its name. */
-export function volumeName(target: string): string {
-  if (existsSync(`${target}/${MANIFEST_NAME}`)) {
-    const volume = loadVolume(target);
-    closeVolume(volume);
-    return volume.manifest.name;
+/** A volume named on the command line, as the caller may see it. */
+interface Target {
+  name: string;
+  paths: RuntimePaths;
+  /** Its status, if a daemon ever ran for it here. */
+  status: DaemonStatus | undefined;
+  layout: string | undefined;
+}
+
+/** A directory (anything with a slash, or an existing directory) — else a volume name. */
+function isDirectoryTarget(target: string): boolean {
+  if (target.includes('/') || target === '.' || target === '..') return true;
+  try {
+    return lstatSync(target).isDirectory();
+  } catch {
+    return false;
   }
-  if (target.includes('/')) throw new VbdError(`${target} holds no volume (no ${MANIFEST_NAME})`);
-  return target;
+}
+
+function resolveTarget(target: string): Target {
+  if (isDirectoryTarget(target)) {
+    const volume = openVolume(target);
+    try {
+      const paths = runtimePaths(volume.identity);
+      return { name: volume.manifest.name, paths, status: readStatusAt(paths), layout: volume.manifest.layout.kind };
+    } finally {
+      closeVolume(volume);
+    }
+  }
+  const found = findVolumeByName(target);
+  return { name: found.status.name, paths: found.paths, status: found.status, layout: found.status.layout };
 }
 
 async function readStdin(): Promise<Buffer> {
@@ -52,23 +82,44 @@ async function readStdin(): Promise<Buffer> {
   return Buffer.concat(parts);
 }
 
-/** --canary, defaulting to the owner's agent on a terminal under sudo, else none. */
-function canaryMode(o: StartOptions): CanaryMode {
-  const mode = o.canary ?? (process.stdin.isTTY && process.env['SUDO_UID'] !== undefined ? 'spawn' : 'none');
+/**
+ * --canary. `spawn` puts the owner's agent on this terminal, so only when the owner herself
+ * ran sudo (her terminal); it is the default then, else `none`.
+ */
+function canaryMode(o: StartOptions, volume: Volume): CanaryMode {
+  const ownersTerminal = process.env['SUDO_UID'] === String(volume.owner.uid);
+  const mode = o.canary ?? (process.stdin.isTTY && ownersTerminal ? 'spawn' : 'none');
   if (mode !== 'none' && mode !== 'spawn' && mode !== 'wait') throw new VbdError(`--canary must be none, spawn or wait, got '${mode}'`);
+  if (mode === 'spawn' && !ownersTerminal) {
+    throw new VbdError(`--canary spawn runs the owner's agent on this terminal, so only the owner (uid ${volume.owner.uid}) may use it through sudo; use --canary wait and let her start 'vbd-shadow agent'`);
+  }
   return mode;
 }
 
-async function startForeground(dir: string, o: StartOptions): Promise<number> {
-  const volume = loadVolume(dir);
-  closeVolume(volume);
-  const canary = canaryMode(o);
-  // With an agent, the key comes from the agent (the owner), never through root's command line.
-  const secret = canary !== 'none' ? undefined : o.keyStdin === true ? await readStdin() : await secretFor(volume.manifest, o.keyFile);
+function checkStartOptions(o: StartOptions): void {
+  parseDuration(o.interval, '--interval');
+  parseSize(o.maxDirty, '--max-dirty');
+  if (o.mkfs !== undefined) parseMkfsType(o.mkfs);
+  if (o.rawAccess === true && o.mount === undefined) throw new VbdError('--raw-access only matters with --mount (without it the owner always gets the device node)');
+}
+
+async function startForeground(volume: Volume, canary: CanaryMode, o: StartOptions): Promise<number> {
+  let secret: Buffer | undefined;
+  try {
+    if (o.expectIdentity !== undefined && identityKey(volume.identity) !== o.expectIdentity) {
+      throw new VbdError(`${volume.dir} is not the volume the start command checked (it was replaced meanwhile)`);
+    }
+    // With an agent, the key comes from the agent (the owner), never through root's command line.
+    secret = canary !== 'none' ? undefined : o.keyStdin === true ? await readStdin() : await secretFor(volume.manifest, o.keyFile);
+  } catch (err) {
+    closeVolume(volume);
+    throw err;
+  }
   try {
     return await runDaemon({
-      dir, canary, agentArgs: o.keyFile !== undefined ? ['--key-file', o.keyFile] : [],
-      mount: o.mount, mkfs: o.mkfs, intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: parseSize(o.maxDirty, '--max-dirty'),
+      volume, canary, agentArgs: o.keyFile !== undefined ? ['--key-file', o.keyFile] : [],
+      mount: o.mount, mkfs: o.mkfs !== undefined ? parseMkfsType(o.mkfs) : undefined, rawAccess: o.rawAccess === true,
+      intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: parseSize(o.maxDirty, '--max-dirty'),
       secret: secret !== undefined && secret.length > 0 ? secret : undefined, log: createLog(volume.manifest.name),
     });
   } finally {
@@ -81,23 +132,32 @@ function describeLive(s: DaemonStatus): string {
   return `volume '${s.name}' is live: ${s.link} -> ${s.device} (${formatSize(s.deviceSize)})${mounted}`;
 }
 
-/** Starts the daemon detached (logging to /var/log/vbd-shadow/NAME.log) and waits until it is live. */
-async function startBackground(dir: string, o: StartOptions): Promise<number> {
-  requireRoot('vbd-shadow start');
-  const volume = loadVolume(dir);
-  closeVolume(volume);
-  const name = volume.manifest.name;
-  const holder = lockHolder(name);
-  if (holder !== undefined) throw new VbdError(`volume '${name}' is already served by pid ${holder}`);
-  parseDuration(o.interval, '--interval');
-  parseSize(o.maxDirty, '--max-dirty');
-  const secret = await secretFor(volume.manifest, o.keyFile);
-  mkdirSync(LOG_DIR, { recursive: true, mode: 0o700 });
-  const logPath = `${LOG_DIR}/${name}.log`;
+/** /var/log/vbd-shadow/UID/NAME-DEV.INO.log: root's, keyed like the runtime state. */
+function logPathOf(volume: Volume): string {
+  const dir = `${LOG_DIR}/${volume.identity.uid}`;
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  return `${dir}/${volume.manifest.name}-${volume.identity.dev}.${volume.identity.ino}.log`;
+}
+
+/** Starts the daemon detached (logging to /var/log/vbd-shadow/…) and waits until it is live. */
+async function startBackground(volume: Volume, o: StartOptions): Promise<number> {
+  let secret: Buffer | undefined;
+  let logPath: string;
+  let paths: RuntimePaths;
+  try {
+    paths = runtimePaths(volume.identity);
+    const current = readStatusAt(paths);
+    if (current !== undefined && daemonRunning(current)) throw new VbdError(`volume '${current.name}' is already served by pid ${current.pid}`);
+    secret = await secretFor(volume.manifest, o.keyFile);
+    logPath = logPathOf(volume);
+  } finally {
+    closeVolume(volume);
+  }
   const logFd = openSync(logPath, 'a', 0o600);
-  const args = [process.argv[1] ?? '', 'start', dir, '--foreground', '--canary', 'none', '--interval', o.interval, '--max-dirty', o.maxDirty, '--key-stdin'];
+  const args = [process.argv[1] ?? '', 'start', volume.dir, '--foreground', '--canary', 'none', '--interval', o.interval, '--max-dirty', o.maxDirty, '--key-stdin', '--expect-identity', identityKey(volume.identity)];
   if (o.mount !== undefined) args.push('--mount', o.mount);
   if (o.mkfs !== undefined) args.push('--mkfs', o.mkfs);
+  if (o.rawAccess === true) args.push('--raw-access');
   const child = spawn(process.execPath, args, { detached: true, stdio: ['pipe', logFd, logFd] });
   closeSync(logFd);
   child.stdin?.end(secret ?? Buffer.alloc(0));
@@ -105,7 +165,7 @@ async function startBackground(dir: string, o: StartOptions): Promise<number> {
   let exited: number | null | undefined;
   child.on('exit', (code) => (exited = code));
   for (;;) {
-    const s = readStatus(name);
+    const s = readStatusAt(paths);
     if (s !== undefined && s.pid === child.pid && s.state === 'live') {
       child.unref();
       console.log(`${describeLive(s)}; daemon pid ${child.pid}, log ${logPath}`);
@@ -121,18 +181,18 @@ async function startBackground(dir: string, o: StartOptions): Promise<number> {
 }
 
 /** The daemon serving a volume named on the command line (`live`: with its device attached). */
-function runningDaemon(target: string, need: 'running' | 'live'): { name: string; pid: number } {
-  const name = volumeName(target);
-  const pid = lockHolder(name);
-  if (pid === undefined || (need === 'live' && readStatus(name)?.state !== 'live')) throw new VbdError(`volume '${name}' is not live`);
-  return { name, pid };
+function runningDaemon(target: string, need: 'running' | 'live'): { name: string; pid: number; paths: RuntimePaths } {
+  const { name, paths, status } = resolveTarget(target);
+  if (status === undefined || !daemonRunning(status) || (need === 'live' && status.state !== 'live')) throw new VbdError(`volume '${name}' is not live`);
+  return { name, pid: status.pid, paths };
 }
 
 /** Sends one message on the daemon's control pipe (the owner and root may open it). */
-function sendControl(name: string, message: PipeMessage): void {
-  const path = controlPipePath(runtimePaths(name));
+function sendControl(name: string, paths: RuntimePaths, message: PipeMessage): void {
+  const path = paths.controlFifo;
   let fd: number;
   try {
+    checkRootOwnedPath(paths.dir);
     fd = openPipeForWriting(path);
   } catch (err) {
     throw failure(`cannot reach the daemon of '${name}' through ${path}`, err);
@@ -165,16 +225,27 @@ export function registerDaemonCommands(program: Command): void {
     .description('(root) serve a volume: RAM image, loop device /dev/vbd-shadow/NAME, optional mkfs and mount')
     .argument('<dir>', 'volume directory')
     .option('--mount <dir>', 'mount the device here (nosuid,nodev), for the volume owner')
-    .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, xfs, ...')
+    .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, ext3, ext2, xfs, btrfs')
+    .option('--raw-access', 'with --mount: give the owner the raw device node too (she could then rewrite the mounted filesystem under the kernel; see SECURITY.md)')
     .option('--interval <duration>', 'periodic writeback interval', '30s')
     .option('--max-dirty <size>', 'flush early once this much was written since the last flush (bounds what a crash can lose)', '256M')
     .option('--canary <mode>', 'what ends a session: spawn = start the owner\'s agent here and serve while it lives (default on a terminal under sudo); wait = wait for the owner\'s agent, serve while it lives, then wait again (the systemd unit); none = the daemon\'s own lifetime (default otherwise)')
     .option('--foreground', 'stay in the foreground and log to stdout (Ctrl-C / SIGTERM tears down); implied by --canary spawn|wait')
     .option('--key-file <file>', 'keyed layout: the secret (else asked on the terminal)')
     .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
+    .addOption(new Option('--expect-identity <key>', 'refuse unless the directory is still this volume (used by the background start)').hideHelp())
     .action(async (dir: string, o: StartOptions) => {
-      const foreground = o.foreground === true || canaryMode(o) !== 'none';
-      process.exitCode = foreground ? await startForeground(dir, o) : await startBackground(dir, o);
+      requireRoot('vbd-shadow start');
+      checkStartOptions(o);
+      const volume = openVolume(dir, { writable: true });
+      let canary: CanaryMode;
+      try {
+        canary = canaryMode(o, volume);
+      } catch (err) {
+        closeVolume(volume);
+        throw err;
+      }
+      process.exitCode = o.foreground === true || canary !== 'none' ? await startForeground(volume, canary, o) : await startBackground(volume, o);
     });
 
   program
@@ -182,10 +253,10 @@ export function registerDaemonCommands(program: Command): void {
     .description('tear a volume down: final writeback, unmount, detach, free the RAM, and end its daemon; waits until done (root or the owner)')
     .argument('<volume>', 'volume name or directory')
     .action(async (target: string) => {
-      const { name, pid } = runningDaemon(target, 'running');
-      sendControl(name, { kind: 'stop' });
+      const { name, pid, paths } = runningDaemon(target, 'running');
+      sendControl(name, paths, { kind: 'stop' });
       while (isAlive(pid)) await sleep(100);
-      const s = readStatus(name);
+      const s = readStatusAt(paths);
       if (s?.state !== 'stopped') throw new VbdError(`volume '${name}' did not stop cleanly: ${s?.error ?? 'see its log'}`);
       console.log(`volume '${name}' stopped: written back, detached, RAM freed`);
     });
@@ -196,19 +267,10 @@ export function registerDaemonCommands(program: Command): void {
     .argument('<volume>', 'volume directory or name')
     .option('--key-file <file>', `keyed layout: the secret (default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
     .action(async (target: string, o: { keyFile?: string }) => {
-      let name = target;
-      let keyed: boolean;
-      if (existsSync(`${target}/${MANIFEST_NAME}`)) {
-        const volume = loadVolume(target);
-        closeVolume(volume);
-        name = volume.manifest.name;
-        keyed = volume.manifest.layout.kind === 'keyed';
-      } else {
-        const s = readStatus(volumeName(target));
-        if (s === undefined) throw new VbdError(`no volume '${target}' here (give its directory)`);
-        keyed = s.layout === 'keyed';
-      }
-      process.exitCode = await runAgent({ name, keyed, keyFile: o.keyFile, say: (line) => console.log(line) });
+      const { name, paths, layout } = resolveTarget(target);
+      const uid = process.getuid?.() ?? -1;
+      if (!paths.dir.startsWith(`/run/vbd-shadow/${uid}/`)) throw new VbdError(`volume '${name}' is not yours: the agent runs as the volume owner`);
+      process.exitCode = await runAgent({ name, paths, keyed: layout === 'keyed', keyFile: o.keyFile, say: (line) => console.log(line) });
     });
 
   program
@@ -217,9 +279,9 @@ export function registerDaemonCommands(program: Command): void {
     .argument('[volume]', 'volume name or directory')
     .option('--json', 'print JSON')
     .action((target: string | undefined, o: { json?: boolean }) => {
-      const names = target !== undefined ? [volumeName(target)] : knownVolumes();
-      const all = names.map((n) => readStatus(n)).filter((s): s is DaemonStatus => s !== undefined);
-      if (target !== undefined && all.length === 0) throw new VbdError(`volume '${names[0]}' has never been started here`);
+      const one = target !== undefined ? resolveTarget(target) : undefined;
+      if (one !== undefined && one.status === undefined) throw new VbdError(`volume '${one.name}' has never been started here`);
+      const all = one?.status !== undefined ? [one.status] : knownVolumes().map((v) => v.status);
       if (o.json === true) console.log(JSON.stringify(target !== undefined ? all[0] : all, null, 2));
       else if (all.length === 0) console.log('no volumes');
       else all.forEach(printStatus);
@@ -231,14 +293,14 @@ export function registerDaemonCommands(program: Command): void {
     .argument('<dir>', 'volume directory')
     .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image)')
     .action(async (dir: string, o: { keyFile?: string }) => {
-      const volume = loadVolume(dir, { writable: true });
+      const volume = openVolume(dir, { writable: true });
       const { name } = volume.manifest;
-      const paths = runtimePaths(name);
+      const paths = runtimePaths(volume.identity);
       const say = (line: string): void => console.log(line);
       let secret: Buffer | undefined;
       try {
-        const holder = lockHolder(name);
-        if (holder !== undefined) throw new VbdError(`volume '${name}' is live (pid ${holder}); stop it first`);
+        const current = readStatusAt(paths);
+        if (current !== undefined && daemonRunning(current)) throw new VbdError(`volume '${name}' is live (pid ${current.pid}); stop it first`);
         const journalFd = openJournal(volume);
         try {
           const settled = await settleJournal(volume, journalFd, say);
@@ -249,12 +311,12 @@ export function registerDaemonCommands(program: Command): void {
           requireRoot('vbd-shadow recover (of a leftover RAM image)');
           secret = await secretFor(volume.manifest, o.keyFile);
           const table = await resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
-          acquireLock(paths, name);
+          const lock = acquireLock(paths, name);
           try {
             await recoverLeftover(paths, volume, table, journalFd, say);
             console.log(`volume '${name}' recovered into the files`);
           } finally {
-            releaseLock(paths);
+            releaseLock(lock);
           }
         } finally {
           closeSync(journalFd);
@@ -270,12 +332,12 @@ export function registerDaemonCommands(program: Command): void {
     .description('write back what changed now, and wait for the result (root or the owner)')
     .argument('<volume>', 'volume name or directory')
     .action(async (target: string) => {
-      const { name, pid } = runningDaemon(target, 'live');
+      const { name, pid, paths } = runningDaemon(target, 'live');
       const requested = new Date().toISOString();
-      sendControl(name, { kind: 'flush' });
+      sendControl(name, paths, { kind: 'flush' });
       for (;;) {
         await sleep(20);
-        const s = readStatus(name);
+        const s = readStatusAt(paths);
         if (s === undefined || !isAlive(pid)) throw new VbdError(`volume '${name}' went away during the flush`);
         if (s.lastCheck !== undefined && s.lastCheck.at >= requested) {
           if (!s.lastCheck.ok) throw new VbdError(`flush of '${name}' failed: ${s.lastFlush?.error ?? 'see the log'}`);

@@ -3,12 +3,12 @@
 import type { Command } from 'commander';
 import { VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
-import { lockHolder, readStatus } from '../daemon/runtime.js';
+import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
 import { exportImage, importImage } from '../image/offline.js';
 import { resolvePlacement } from '../layouts/index.js';
 import { initVolume, type LayoutChoice } from '../volume/init.js';
-import { closeVolume, loadVolume } from '../volume/volume.js';
+import { closeVolume, openVolume } from '../volume/volume.js';
 import { newSecret, secretFor } from './key-input.js';
 
 function parseCount(text: string): number {
@@ -37,16 +37,16 @@ async function layoutChoice(kind: string, keyFile: string | undefined, params: s
 }
 
 /** Loads a volume and its validated placement, runs `work`, and always closes and wipes. */
-async function withVolume(dir: string, keyFile: string | undefined, writable: boolean, work: (v: ReturnType<typeof loadVolume>, t: Awaited<ReturnType<typeof resolvePlacement>>) => void): Promise<void> {
-  const volume = loadVolume(dir, { writable });
+async function withVolume(dir: string, keyFile: string | undefined, writable: boolean, work: (v: ReturnType<typeof openVolume>, t: Awaited<ReturnType<typeof resolvePlacement>>) => void): Promise<void> {
+  const volume = openVolume(dir, { writable });
   let secret: Buffer | undefined;
   try {
     const { name } = volume.manifest;
     // Between sessions (waiting for its agent) a daemon holds no RAM image: the files are the
     // truth and may be read; writing them behind its back is still refused.
-    const holder = lockHolder(name);
-    if (holder !== undefined && (writable || readStatus(name)?.state !== 'waiting')) {
-      throw new VbdError(`volume '${name}' is live (daemon pid ${holder}): its RAM image is the truth; stop it first`);
+    const daemon = readStatusAt(runtimePaths(volume.identity));
+    if (daemon !== undefined && daemonRunning(daemon) && (writable || daemon.state !== 'waiting')) {
+      throw new VbdError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
     }
     if (journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);

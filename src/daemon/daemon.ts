@@ -7,8 +7,7 @@
 //           again (the systemd unit's mode: login → attach, logout → write back and free).
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { closeSync, readFileSync } from 'node:fs';
 import { VbdError } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
 import { createFifo, readPipe, servePipe } from '../agent/pipe.js';
@@ -17,16 +16,20 @@ import { settleJournal } from '../flush/apply.js';
 import { openJournal } from '../flush/journal.js';
 import { resolvePlacement } from '../layouts/index.js';
 import type { PlacementTable } from '../layouts/layout.js';
+import { closeMountPoint, openMountPoint, type MountPoint } from '../device/mount.js';
 import { checkLockable } from '../shadow/image.js';
-import { closeVolume, loadVolume, type Volume } from '../volume/volume.js';
+import { closeVolume, identityKey, type Volume } from '../volume/volume.js';
 import type { Log } from './log.js';
-import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonStatus, type RuntimePaths } from './runtime.js';
+import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonLock, type DaemonStatus } from './runtime.js';
 import { serveSession, type SessionContext, type SessionOptions } from './session.js';
 
 export type CanaryMode = 'none' | 'spawn' | 'wait';
 
-export interface DaemonOptions extends SessionOptions {
-  dir: string;
+export interface DaemonOptions extends Omit<SessionOptions, 'mountPoint'> {
+  /** The volume, opened once by the caller (read-write); the daemon closes it when it ends. */
+  volume: Volume;
+  /** --mount: opened and checked once, before anything is touched. */
+  mount?: string | undefined;
   canary: CanaryMode;
   /** canary none: the keyed layout's secret (wiped once used). Agents bring their own. */
   secret?: Buffer | undefined;
@@ -39,14 +42,6 @@ export function requireRoot(command: string): void {
   if (process.geteuid?.() !== 0) {
     throw new VbdError(`${command} needs root (it mounts a tmpfs, locks RAM and attaches a loop device); run it with sudo`);
   }
-}
-
-export function agentPipePath(paths: RuntimePaths): string {
-  return join(paths.dir, 'agent.fifo');
-}
-
-export function controlPipePath(paths: RuntimePaths): string {
-  return join(paths.dir, 'control.fifo');
 }
 
 /** Resolves on the first SIGTERM or SIGINT, or a stop command (with the reason). */
@@ -63,12 +58,6 @@ function stopRequests(log: Log): { stopped: Promise<string>; stop: (reason: stri
   process.on('SIGTERM', () => stop('received SIGTERM'));
   process.on('SIGINT', () => stop('received SIGINT'));
   return { stopped, stop };
-}
-
-function checkMountpoint(mountpoint: string): void {
-  const dir = resolve(mountpoint);
-  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o755 });
-  if (!statSync(dir).isDirectory()) throw new VbdError(`--mount ${dir} is not a directory`);
 }
 
 function placementFor(volume: Volume, secret: Buffer | undefined): Promise<PlacementTable> {
@@ -147,14 +136,15 @@ function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped
   });
 }
 
-/** Starts the owner's agent as the owner, on our terminal. */
+/**
+ * Starts the owner's agent as the owner (passwd gid and groups, clean environment), on our
+ * terminal — which is hers: spawn is only allowed when the owner herself ran sudo.
+ */
 function spawnAgent(volume: Volume, args: string[], log: Log): ChildProcess {
-  const passwd = readFileSync('/etc/passwd', 'utf8').split('\n').map((l) => l.split(':')).find((f) => Number(f[2]) === volume.owner.uid);
-  const child = spawn(process.execPath, [process.argv[1] ?? '', 'agent', volume.dir, ...args], {
-    uid: volume.owner.uid,
-    gid: volume.owner.gid,
+  const { uid, gid } = volume.owner;
+  const child = spawn('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--init-groups', '--reset-env', '--', process.execPath, process.argv[1] ?? '', 'agent', volume.dir, ...args], {
     stdio: 'inherit',
-    env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', HOME: passwd?.[5] ?? '/', USER: passwd?.[0] ?? String(volume.owner.uid) },
+    env: { PATH: '/usr/bin:/bin' },
   });
   child.on('error', (err) => log(`cannot start the agent as uid ${volume.owner.uid}: ${err.message}`));
   return child;
@@ -163,15 +153,15 @@ function spawnAgent(volume: Volume, args: string[], log: Log): ChildProcess {
 /** Runs the daemon until stopped; returns the process exit code. */
 export async function runDaemon(o: DaemonOptions): Promise<number> {
   requireRoot('vbd-shadow start');
-  const { log } = o;
+  const { log, volume } = o;
   const { stopped, stop } = stopRequests(log);
   let stopping = false;
   void stopped.then(() => (stopping = true));
-  const volume = loadVolume(o.dir, { writable: true });
   const { manifest, owner } = volume;
-  const paths = runtimePaths(manifest.name);
+  const paths = runtimePaths(volume.identity);
   const keyed = manifest.layout.kind === 'keyed';
-  let locked = false;
+  let lock: DaemonLock | undefined;
+  let mountPoint: MountPoint | undefined;
   let journalFd: number | undefined;
   let stopControl: (() => void) | undefined;
   let status: DaemonStatus | undefined;
@@ -189,24 +179,22 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     // Everything that can be checked is checked before anything is touched.
     let table = keyed && o.canary !== 'none' ? undefined : await placementFor(volume, o.secret);
     o.secret?.fill(0);
-    if (o.mount !== undefined) checkMountpoint(o.mount);
     checkLockable(manifest.deviceSize);
-
-    const { stale } = acquireLock(paths, manifest.name);
-    locked = true;
+    lock = acquireLock(paths, manifest.name);
+    if (o.mount !== undefined) mountPoint = openMountPoint(o.mount, owner);
+    const sessionOptions: SessionOptions = { ...o, mountPoint };
     journalFd = openJournal(volume);
     ctx.journalFd = journalFd;
     status = {
-      name: manifest.name, volumeDir: volume.dir, state: 'starting', pid: process.pid, owner, canary: o.canary,
+      name: manifest.name, volumeDir: volume.dir, identity: identityKey(volume.identity), state: 'starting', pid: process.pid, owner, canary: o.canary,
       deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind, intervalMs: o.intervalMs,
       startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0, externalChanges: 0, sessions: 0,
     };
     ctx.setStatus({});
     log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`);
-    if (stale) log('found the lock of a daemon that is gone');
     await settleJournal(volume, journalFd, log);
 
-    const control = controlPipePath(paths);
+    const control = paths.controlFifo;
     createFifo(control, owner);
     stopControl = servePipe(control, (m) => dispatch(m, {
       hello: () => log('control pipe: ignored a hello'),
@@ -219,11 +207,11 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
 
     if (o.canary === 'none') {
       ctx.setStatus({ sessions: 1 });
-      const error = await serveSession(ctx, table as PlacementTable, o, stopped);
+      const error = await serveSession(ctx, table as PlacementTable, sessionOptions, stopped);
       return finish(error);
     }
 
-    const pipe = agentPipePath(paths);
+    const pipe = paths.agentFifo;
     createFifo(pipe, owner);
     let agent: ChildProcess | undefined;
     let lastError: Error | undefined;
@@ -247,7 +235,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
           }
         }
         ctx.setStatus({ sessions: (status?.sessions ?? 0) + 1 });
-        lastError = await serveSession(ctx, table as PlacementTable, o, Promise.race([connection.gone, stopped]));
+        lastError = await serveSession(ctx, table as PlacementTable, sessionOptions, Promise.race([connection.gone, stopped]));
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
         log(`session refused: ${message}`);
@@ -280,7 +268,8 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
   function cleanupProcess(): void {
     stopControl?.();
     if (journalFd !== undefined) closeSync(journalFd);
-    if (locked) releaseLock(paths);
+    if (mountPoint !== undefined) closeMountPoint(mountPoint);
+    if (lock !== undefined) releaseLock(lock);
     closeVolume(volume);
   }
 }

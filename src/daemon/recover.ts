@@ -1,16 +1,18 @@
 // Recovery comes before exposure: an image left in the volume's private tmpfs by a killed
 // daemon (or by a teardown whose writeback failed) is written into the files before a new
-// image is made. Its loop device and mount, if still there, are taken down first (for real).
+// image is made — only if it carries this volume's identity. Its loop device and mount, if
+// still there, are found through the kernel (the device bound to that image file; the mounts
+// of that device), checked through fds, and taken down for real first.
 
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError } from '../common/errors.js';
 import { sleep } from '../common/fd.js';
 import { runOk } from '../common/exec.js';
 import { formatSize } from '../common/size.js';
-import { detachLoop, loopsOf, restoreDevice, unpublishName } from '../device/loop.js';
+import { detachLoop, loopsBoundTo, quarantine, unpublishName } from '../device/loop.js';
 import { thawIfFrozen } from '../device/freeze.js';
-import { holdersOf, mountsOf, unmountFilesystem } from '../device/mount.js';
+import { closeMountPoint, holdersOf, mountsOfLoop, openFoundMount, unmountDevice } from '../device/mount.js';
 import { FlushEngine } from '../flush/engine.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image.js';
@@ -30,24 +32,33 @@ export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table
     return false;
   }
   log(`recovery: found the RAM image of an earlier daemon at ${imagePath}; writing it back before anything else`);
-  for (const device of await loopsOf(imagePath)) {
-    for (const mountpoint of mountsOf(device)) {
-      if (thawIfFrozen(mountpoint)) log(`recovery: thawed ${mountpoint}, left frozen by the daemon that died mid-flush`);
-      // Processes of the crashed session may still be exiting: retry for a while.
-      for (let attempt = 1; !(await unmountFilesystem(mountpoint, log)); attempt++) {
-        if (attempt === UNMOUNT_ATTEMPTS) {
-          throw new VbdError(`the earlier daemon's filesystem at ${mountpoint} is busy (held by ${holdersOf(mountpoint).join(', ') || 'an unknown user'}); close it and start again`);
+  const image = openLeftoverImage(paths.shadow, volume.identity);
+  try {
+    for (const loop of await loopsBoundTo(image.backing)) {
+      for (const found of mountsOfLoop(loop.index)) {
+        const mounted = openFoundMount(found);
+        try {
+          if (thawIfFrozen(mounted)) log(`recovery: thawed ${found.point}, left frozen by the daemon that died mid-flush`);
+          // Processes of the crashed session may still be exiting: retry for a while.
+          for (let attempt = 1; !unmountDevice(mounted, log); attempt++) {
+            if (attempt === UNMOUNT_ATTEMPTS) {
+              throw new VbdError(`the earlier daemon's filesystem at ${found.point} is busy (held by ${holdersOf(found.point).join(', ') || 'an unknown user'}); close it and start again`);
+            }
+            await sleep(500);
+          }
+          log(`recovery: unmounted ${found.point}`);
+        } finally {
+          closeMountPoint(mounted.point);
         }
-        await sleep(500);
       }
-      log(`recovery: unmounted ${mountpoint}`);
+      if ((await detachLoop(loop, image.backing, log)) === 'quarantined') quarantine(volume.owner.uid, loop.index);
+      unpublishName(volume.owner, volume.manifest.name, loop);
+      log(`recovery: detached ${loop.path}`);
     }
-    await detachLoop(device, imagePath, log);
-    restoreDevice(device);
-    unpublishName(volume.manifest.name, device);
-    log(`recovery: detached ${device}`);
+  } catch (err) {
+    closeSync(image.fd);
+    throw err;
   }
-  const image = openLeftoverImage(paths.shadow);
   if (image.size !== volume.manifest.deviceSize) {
     throw new VbdError(`the leftover RAM image ${imagePath} is ${image.size} bytes but the volume is ${volume.manifest.deviceSize}; refusing to touch either (inspect it by hand)`);
   }

@@ -1,25 +1,72 @@
-// Where a live volume's state lives: /run/vbd-shadow/NAME/ (0755, so the owner can reach the
-// status file and, later, the agent's pipe), holding the root-only tmpfs `shadow/`, the pid
-// lock and status.json.
+// Where a live volume's state lives: /run/vbd-shadow/UID/DEV.INO/ — keyed by the owner's uid
+// and the volume directory's identity, never by the name a user chose, so no user can reach,
+// squat or receive another's state. Every directory on the way is root's and 0755 (the owner
+// reads the status and opens her FIFOs there); it holds the root-only tmpfs `shadow/`, the
+// lock, status.json and the owner-only FIFOs.
 
-import { closeSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, rmSync, writeSync, constants as fsc } from 'node:fs';
+import { closeSync, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, writeSync, ftruncateSync, constants as fsc } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { isValidName } from '../volume/manifest.js';
+import { tryLockExclusive } from '../sys/libc.js';
+import { identityKey, type VolumeIdentity } from '../volume/volume.js';
 
 export const RUN_ROOT = '/run/vbd-shadow';
 
 export interface RuntimePaths {
   dir: string;
   shadow: string;
-  pidFile: string;
+  lockFile: string;
   statusFile: string;
+  agentFifo: string;
+  controlFifo: string;
 }
 
-export function runtimePaths(name: string): RuntimePaths {
-  const dir = join(RUN_ROOT, name);
-  return { dir, shadow: join(dir, 'shadow'), pidFile: join(dir, 'daemon.pid'), statusFile: join(dir, 'status.json') };
+export function runtimeDir(id: VolumeIdentity): string {
+  return join(RUN_ROOT, identityKey(id));
 }
 
+function pathsIn(dir: string): RuntimePaths {
+  return {
+    dir, shadow: join(dir, 'shadow'), lockFile: join(dir, 'daemon.lock'), statusFile: join(dir, 'status.json'),
+    agentFifo: join(dir, 'agent.fifo'), controlFifo: join(dir, 'control.fifo'),
+  };
+}
+
+export function runtimePaths(id: VolumeIdentity): RuntimePaths {
+  return pathsIn(runtimeDir(id));
+}
+
+/**
+ * Checks that `dir` and every directory above it up to / are directories owned by root and
+ * writable by nobody else: then only root can have made what is inside (the agent checks this
+ * before it sends a key).
+ */
+export function checkRootOwnedPath(dir: string): void {
+  const parts = dir.split('/').filter((p) => p.length > 0);
+  for (let i = parts.length; i >= 0; i--) {
+    const path = `/${parts.slice(0, i).join('/')}`;
+    const st = lstatSync(path);
+    if (!st.isDirectory() || st.uid !== 0 || (st.mode & 0o022) !== 0) {
+      throw new VbdError(`${path} is not a root-owned directory writable only by root; refusing to trust what is in it`);
+    }
+  }
+}
+
+/** Creates (root only) the runtime directory and its parents, each root's 0755; refuses impostors. */
+export function makeRuntimeDir(paths: RuntimePaths): void {
+  const rel = paths.dir.slice(RUN_ROOT.length + 1).split('/');
+  let path = RUN_ROOT;
+  for (const part of ['', ...rel]) {
+    path = part === '' ? path : join(path, part);
+    try {
+      mkdirSync(path, { mode: 0o755 });
+    } catch (err) {
+      if (errnoCode(err) !== 'EEXIST') throw failure(`cannot create ${path}`, err);
+    }
+  }
+  checkRootOwnedPath(paths.dir);
+}
 export interface FlushReport {
   at: string;
   ok: boolean;
@@ -47,6 +94,8 @@ export type DaemonState = 'starting' | 'waiting' | 'recovering' | 'populating' |
 export interface DaemonStatus {
   name: string;
   volumeDir: string;
+  /** identityKey() of the volume: UID/DEV.INO. */
+  identity: string;
   state: DaemonState;
   pid: number;
   owner: { uid: number; gid: number };
@@ -90,21 +139,62 @@ export function writeStatus(paths: RuntimePaths, status: DaemonStatus): void {
   renameSync(temp, paths.statusFile);
 }
 
-export function readStatus(name: string): DaemonStatus | undefined {
+/** The status in a runtime directory, or undefined if there is none. */
+export function readStatusAt(paths: RuntimePaths): DaemonStatus | undefined {
   try {
-    return JSON.parse(readFileSync(runtimePaths(name).statusFile, 'utf8')) as DaemonStatus;
+    return JSON.parse(readFileSync(paths.statusFile, 'utf8')) as DaemonStatus;
   } catch (err) {
     if (errnoCode(err) === 'ENOENT') return undefined;
-    throw failure(`cannot read the status of volume '${name}'`, err);
+    throw failure(`cannot read ${paths.statusFile}`, err);
   }
 }
 
-export function knownVolumes(): string[] {
+export interface KnownVolume {
+  paths: RuntimePaths;
+  status: DaemonStatus;
+}
+
+/** Every volume with a status here: all owners' for root, else the caller's own. */
+export function knownVolumes(): KnownVolume[] {
+  const myUid = process.getuid?.() ?? -1;
+  const uids = myUid === 0 ? safeList(RUN_ROOT).filter((u) => /^\d+$/.test(u)) : [String(myUid)];
+  const found: KnownVolume[] = [];
+  for (const uid of uids) {
+    for (const key of safeList(join(RUN_ROOT, uid)).filter((k) => /^\d+\.\d+$/.test(k))) {
+      const paths = pathsIn(join(RUN_ROOT, uid, key));
+      const status = readStatusAt(paths);
+      if (status !== undefined) found.push({ paths, status });
+    }
+  }
+  return found.sort((a, b) => a.status.name.localeCompare(b.status.name) || a.status.owner.uid - b.status.owner.uid);
+}
+
+function safeList(dir: string): string[] {
   try {
-    return readdirSync(RUN_ROOT).sort();
+    return readdirSync(dir);
   } catch {
     return [];
   }
+}
+
+/**
+ * The volume called `name` among those the caller may see. Names are not unique across owners
+ * (nor identities): more than one match asks for the directory instead.
+ */
+export function findVolumeByName(name: string): KnownVolume {
+  if (!isValidName(name)) throw new VbdError(`'${name}' is neither a volume directory nor a volume name`);
+  const matches = knownVolumes().filter((v) => v.status.name === name);
+  const running = matches.filter((v) => daemonRunning(v.status));
+  const pick = running.length > 0 ? running : matches;
+  if (pick.length === 0) throw new VbdError(`no volume named '${name}' has been started here${process.getuid?.() === 0 ? '' : ' by you'}`);
+  if (pick.length > 1) throw new VbdError(`${pick.length} volumes are named '${name}' (${pick.map((v) => v.status.volumeDir).join(', ')}); give the directory`);
+  return pick[0] as KnownVolume;
+}
+
+/** The status of the volume called `name` (the running one, if any), or undefined. */
+export function readStatus(name: string): DaemonStatus | undefined {
+  const matches = knownVolumes().filter((v) => v.status.name === name);
+  return (matches.find((v) => daemonRunning(v.status)) ?? matches[0])?.status;
 }
 
 /** Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not). */
@@ -117,41 +207,41 @@ export function isAlive(pid: number): boolean {
   }
 }
 
-/** The pid holding the volume's lock, if that process is alive. */
-export function lockHolder(name: string): number | undefined {
+/** Whether the daemon a status names still runs. */
+export function daemonRunning(status: DaemonStatus): boolean {
+  return status.state !== 'stopped' && status.state !== 'failed' && isAlive(status.pid);
+}
+
+/** The daemon lock: an flock held for the daemon's life (the kernel drops it if it dies). */
+export interface DaemonLock {
+  fd: number;
+}
+
+/** Takes the volume's lock, or refuses naming the live holder. Root only (the directory is root's). */
+export function acquireLock(paths: RuntimePaths, name: string): DaemonLock {
+  makeRuntimeDir(paths);
+  let fd: number;
   try {
-    const pid = Number(readFileSync(runtimePaths(name).pidFile, 'utf8').trim());
-    return Number.isSafeInteger(pid) && pid > 0 && isAlive(pid) ? pid : undefined;
-  } catch {
-    return undefined;
+    fd = openSync(paths.lockFile, fsc.O_RDWR | fsc.O_CREAT | fsc.O_NOFOLLOW, 0o644);
+  } catch (err) {
+    throw failure(`cannot open lock ${paths.lockFile}`, err);
   }
+  const st = fstatSync(fd);
+  if (!st.isFile() || st.uid !== 0) {
+    closeSync(fd);
+    throw new VbdError(`lock ${paths.lockFile} is not root's regular file`);
+  }
+  if (!tryLockExclusive(fd, paths.lockFile)) {
+    const holder = readFileSync(paths.lockFile, 'utf8').trim();
+    closeSync(fd);
+    throw new VbdError(`volume '${name}' is already served by ${/^\d+$/.test(holder) ? `pid ${holder}` : 'another daemon'}`);
+  }
+  ftruncateSync(fd, 0);
+  writeSync(fd, `${process.pid}\n`, 0);
+  return { fd };
 }
 
-/**
- * Takes the volume's lock (an O_EXCL pid file). A lock left by a dead daemon is taken over;
- * a live holder is refused. Returns whether a dead daemon's lock was found (recovery due).
- */
-export function acquireLock(paths: RuntimePaths, name: string): { stale: boolean } {
-  mkdirSync(RUN_ROOT, { recursive: true, mode: 0o755 });
-  mkdirSync(paths.dir, { recursive: true, mode: 0o755 });
-  let stale = false;
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const fd = openSync(paths.pidFile, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o644);
-      writeSync(fd, `${process.pid}\n`);
-      closeSync(fd);
-      return { stale };
-    } catch (err) {
-      if (errnoCode(err) !== 'EEXIST') throw failure(`cannot create lock ${paths.pidFile}`, err);
-    }
-    const holder = lockHolder(name);
-    if (holder !== undefined) throw new VbdError(`volume '${name}' is already served by pid ${holder}`);
-    stale = true;
-    rmSync(paths.pidFile, { force: true });
-  }
-  throw new VbdError(`cannot take the lock ${paths.pidFile}: another start raced us`);
-}
-
-export function releaseLock(paths: RuntimePaths): void {
-  rmSync(paths.pidFile, { force: true });
+export function releaseLock(lock: DaemonLock): void {
+  ftruncateSync(lock.fd, 0);
+  closeSync(lock.fd);
 }

@@ -4,14 +4,14 @@
 // end unwind the same way, and the final flush guards the image: if it fails, the RAM image
 // is kept for `recover`.
 
-import { chownSync, existsSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { existsSync } from 'node:fs';
 import { sleep } from '../common/fd.js';
 import { VbdError } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
 import { formatSize } from '../common/size.js';
-import { attachLoop, detachLoop, disableDiscard, giveDevice, publishName, restoreDevice, unpublishName } from '../device/loop.js';
-import { filesystemType, makeFilesystem, mountFilesystem, unmountFilesystem } from '../device/mount.js';
+import { MAX_QUARANTINED, attachLoop, detachLoop, disableDiscard, giveDevice, publishName, quarantine, retryQuarantine, unpublishName, type LoopDevice } from '../device/loop.js';
+import { makeFilesystem, needsRootChown, type MkfsType } from '../device/mkfs.js';
+import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../device/mount.js';
 import { FlushEngine, type FlushResult } from '../flush/engine.js';
 import { ExternalChangeWatcher } from '../flush/external.js';
 import type { PlacementTable } from '../layouts/layout.js';
@@ -25,8 +25,11 @@ import type { DaemonStatus, RuntimePaths } from './runtime.js';
 import { FlushScheduler } from './scheduler.js';
 
 export interface SessionOptions {
-  mount?: string | undefined;
-  mkfs?: string | undefined;
+  /** The mount point, opened and checked once when the daemon started. */
+  mountPoint?: MountPoint | undefined;
+  mkfs?: MkfsType | undefined;
+  /** Give the owner the raw device node even while root has its filesystem mounted. */
+  rawAccess: boolean;
   intervalMs: number;
   maxDirtyBytes: number;
 }
@@ -52,8 +55,12 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
   try {
     setStatus({ state: 'recovering' });
     await recoverLeftover(paths, volume, table, journalFd, log);
+    const held = retryQuarantine(owner.uid);
+    if (held.length >= MAX_QUARANTINED) {
+      throw new VbdError(`${held.length} loop devices of earlier sessions are still held open (${held.map((n) => `/dev/loop${n}`).join(', ')}); close them first`);
+    }
 
-    const image = await createImage(paths.shadow, manifest.deviceSize);
+    const image = await createImage(paths.shadow, manifest.deviceSize, volume.identity);
     cleanup.push('free the RAM image', () => destroyImage(image));
     log(`RAM image: ${formatSize(image.size)} in ${image.path}, mapped and locked`);
 
@@ -79,37 +86,42 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
     };
     cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
 
-    const device = await attachLoop(image.path);
+    const loop = await attachLoop(image.fd, image.path, image.backing);
+    const device = loop.path;
     cleanup.push(`detach ${device}`, async () => {
-      await detachLoop(device, image.path, log);
+      if ((await detachLoop(loop, image.backing, log)) === 'quarantined') quarantine(owner.uid, loop.index);
       engine.device = undefined;
     });
-    disableDiscard(device);
-    engine.device = device;
+    disableDiscard(loop);
+    engine.device = loop;
     engine.resetBaseline();
-    const link = publishName(manifest.name, device);
-    cleanup.push(`remove ${link}`, () => unpublishName(manifest.name, device));
-    giveDevice(device, owner);
-    cleanup.push(`give ${device} back to root`, () => restoreDevice(device));
-    log(`attached ${device} as ${link}, owned by uid ${owner.uid}`);
+    const link = publishName(owner, manifest.name, loop);
+    cleanup.push(`remove ${link}`, () => unpublishName(owner, manifest.name, loop));
+    // With root's mount on it, the raw node stays root's unless asked: writing a mounted
+    // filesystem's bytes underneath the kernel is a known attack surface.
+    const ownerHasNode = o.mountPoint === undefined || o.rawAccess;
+    if (ownerHasNode) giveDevice(loop, owner);
+    log(`attached ${device} as ${link}${ownerHasNode ? `, node owned by uid ${owner.uid}` : ', node kept root-only while mounted'}`);
     setStatus({ device, link });
 
-    const formatted = o.mkfs !== undefined && (await formatIfNew(device, o.mkfs, image, owner, log));
-    if (o.mount !== undefined) {
-      const mountpoint = resolve(o.mount);
-      await mountFilesystem(device, mountpoint);
-      // ext* got its root owner from mkfs; other new filesystems get it here.
-      if (formatted && !o.mkfs?.startsWith('ext')) chownSync(mountpoint, owner.uid, owner.gid);
-      cleanup.push(`unmount ${mountpoint}`, async () => {
-        // Busy: say who holds it (unmountFilesystem logs), keep the files current, retry.
-        while (!(await unmountFilesystem(mountpoint, log))) {
+    const formatted = o.mkfs !== undefined && (await formatIfNew(loop, o.mkfs, image, owner, ownerHasNode, log));
+    const point = o.mountPoint;
+    if (point !== undefined) {
+      const mounted = mountDevice(loop, point, owner, formatted ? o.mkfs : undefined);
+      engine.mounted = mounted;
+      cleanup.push(`unmount ${point.path}`, async () => {
+        // Busy: say who holds it (unmountDevice logs), keep the files current, retry.
+        while (!unmountDevice(mounted, log)) {
           report(await engine.flush('waiting for unmount'));
           await sleep(2000);
         }
-        log(`unmounted ${mountpoint}`);
+        engine.mounted = undefined;
+        log(`unmounted ${point.path}`);
       });
-      log(`mounted ${device} on ${mountpoint} (nosuid,nodev)`);
-      setStatus({ mountpoint });
+      // ext* got its root owner from mkfs; other new filesystems get it here.
+      if (formatted && o.mkfs !== undefined && needsRootChown(o.mkfs)) chownMountRoot(mounted, owner);
+      log(`mounted ${device} on ${point.path} (nosuid,nodev)`);
+      setStatus({ mountpoint: point.path });
     }
 
     // The scheduler's timers also keep Node's event loop alive (signal handlers alone do not).
@@ -167,15 +179,13 @@ function keepImageNotice(shadow: string, dir: string, log: Log): void {
   }
 }
 
-/** Formats only a device that has never held data: never mkfs over a user's bytes. */
-async function formatIfNew(device: string, type: string, image: ShadowImage, owner: Owner, log: Log): Promise<boolean> {
-  const found = await filesystemType(device);
-  if (found !== undefined) {
-    log(`--mkfs ${type}: the device already holds ${found}; not formatting`);
+/** Formats only a device that has never held data (all zero): never mkfs over a user's bytes. */
+async function formatIfNew(loop: LoopDevice, type: MkfsType, image: ShadowImage, owner: Owner, asOwner: boolean, log: Log): Promise<boolean> {
+  if (!isAllZero(image)) {
+    log(`--mkfs ${type}: the device holds data already; not formatting`);
     return false;
   }
-  if (!isAllZero(image)) throw new VbdError(`--mkfs ${type}: the device holds data but no filesystem blkid knows; refusing to format over it`);
-  await makeFilesystem(device, type, owner);
-  log(`formatted ${device} as ${type} (no discard)`);
+  await makeFilesystem(loop, type, owner, asOwner);
+  log(`formatted ${loop.path} as ${type} (no discard${asOwner ? ', as the owner' : ''})`);
   return true;
 }

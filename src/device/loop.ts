@@ -1,24 +1,87 @@
-// The loop device over the RAM image, its stable name, and its write counter.
+// The session's own loop device over the RAM image: created for the session (LOOP_CTL_ADD),
+// bound and checked through the daemon's fd, which it holds for the whole session, and removed
+// at teardown. A loop number is never looked up by name and never handed to anyone else while
+// an owner may still hold it open: any fd of a loop node can issue LOOP_CLR_FD and reads
+// whatever is bound to that number later. A number the kernel will not remove (still open) is
+// quarantined: recorded per owner, retried at the next start, and bounded.
 
-import { chownSync, chmodSync, closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync, constants as fsc } from 'node:fs';
-import { basename, join } from 'node:path';
+import { closeSync, fchmodSync, fchownSync, fstatSync, fsyncSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync, constants as fsc } from 'node:fs';
+import { join } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
-import { run, runOk } from '../common/exec.js';
 import { sleep } from '../common/fd.js';
+import { addLoopDevice, clearLoop, configureLoop, loopBacking, removeLoopDevice } from '../sys/loop.js';
 import type { Owner } from '../volume/volume.js';
 
 export const NAME_DIR = '/dev/vbd-shadow';
+const LOOP_MAJOR = 7;
 
-/** Attaches `imagePath` to a free loop device (512-byte sectors) and returns /dev/loopN. */
-export async function attachLoop(imagePath: string): Promise<string> {
-  const out = await runOk('losetup', ['--find', '--show', '--sector-size', '512', '--direct-io=off', imagePath]);
-  const device = out.trim();
-  if (!/^\/dev\/loop\d+$/.test(device)) throw new VbdError(`losetup gave an unexpected device name '${device}'`);
-  return device;
+export interface LoopDevice {
+  index: number;
+  /** /dev/loopN: for messages, mount(2)'s source and the owner's link. */
+  path: string;
+  /** The daemon's fd of the device, held for the session. */
+  fd: number;
 }
 
-function sysDir(device: string): string {
-  return `/sys/block/${basename(device)}`;
+/** The file bound to a loop device, as the kernel identifies it. */
+export interface Backing {
+  dev: bigint;
+  ino: bigint;
+}
+
+function majorMinor(rdev: bigint): [number, number] {
+  const major = Number(((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & ~0xfffn));
+  const minor = Number((rdev & 0xffn) | ((rdev >> 12n) & ~0xffn));
+  return [major, minor];
+}
+
+/** Opens /dev/loopN (devtmpfs makes the node as the device appears) and checks it is loop N. */
+async function openLoopNode(index: number): Promise<number> {
+  const path = `/dev/loop${index}`;
+  for (let waited = 0; ; waited += 10) {
+    try {
+      const fd = openSync(path, fsc.O_RDWR | fsc.O_NOFOLLOW);
+      const st = fstatSync(fd, { bigint: true });
+      const [major, minor] = majorMinor(st.rdev);
+      if (!st.isBlockDevice() || major !== LOOP_MAJOR || minor !== index) {
+        closeSync(fd);
+        throw new VbdError(`${path} is not loop device ${LOOP_MAJOR}:${index}`);
+      }
+      return fd;
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOENT' || waited >= 2000) throw failure(`cannot open ${path}`, err);
+    }
+    await sleep(10);
+  }
+}
+
+/** A new loop device bound to the image (`imageFd`, identified by `backing`). */
+export async function attachLoop(imageFd: number, imagePath: string, backing: Backing): Promise<LoopDevice> {
+  for (let attempt = 0; attempt < 8; attempt++) {
+    const index = addLoopDevice();
+    const path = `/dev/loop${index}`;
+    const fd = await openLoopNode(index);
+    try {
+      configureLoop(fd, imageFd, imagePath, `LOOP_CONFIGURE of ${path}`);
+    } catch (err) {
+      closeSync(fd);
+      // Another tool (losetup --find) took the new device first: it is theirs now.
+      if ((err as { code?: string }).code === 'EBUSY') continue;
+      removeLoopDevice(index);
+      throw err;
+    }
+    const bound = loopBacking(fd, path);
+    if (bound === undefined || bound.ino !== backing.ino || bound.dev !== backing.dev) {
+      closeSync(fd);
+      throw new VbdError(`${path} is not bound to the RAM image after LOOP_CONFIGURE`);
+    }
+    return { index, path, fd };
+  }
+  throw new VbdError('could not get a loop device of our own after 8 tries (others keep taking them)');
+}
+
+function sysDir(loop: Pick<LoopDevice, 'index'>): string {
+  return `/sys/block/loop${loop.index}`;
 }
 
 /**
@@ -26,94 +89,189 @@ function sysDir(device: string): string {
  * mlocked mapping and later writes land in fresh, unlocked pages. With max 0 bytes the
  * kernel reports discard as unsupported (mkfs skips it, fstrim refuses).
  */
-export function disableDiscard(device: string): void {
-  const path = `${sysDir(device)}/queue/discard_max_bytes`;
+export function disableDiscard(loop: LoopDevice): void {
+  const path = `${sysDir(loop)}/queue/discard_max_bytes`;
   try {
     writeFileSync(path, '0');
   } catch (err) {
-    throw failure(`cannot turn off discard on ${device} (${path})`, err);
+    throw failure(`cannot turn off discard on ${loop.path} (${path})`, err);
   }
-  if (readFileSync(path, 'utf8').trim() !== '0') throw new VbdError(`discard is still on for ${device}; refusing to risk unlocked RAM`);
-}
-
-/** The image file a loop device is attached to, or undefined if it is free. */
-export function loopBackingFile(device: string): string | undefined {
-  try {
-    return readFileSync(`${sysDir(device)}/loop/backing_file`, 'utf8').trim();
-  } catch {
-    return undefined;
-  }
-}
-
-/** Loop devices attached to `imagePath` (e.g. left behind by a killed daemon). */
-export async function loopsOf(imagePath: string): Promise<string[]> {
-  const r = await run('losetup', ['--noheadings', '--output', 'NAME', '--associated', imagePath]);
-  return r.stdout.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('/dev/loop'));
+  if (readFileSync(path, 'utf8').trim() !== '0') throw new VbdError(`discard is still on for ${loop.path}; refusing to risk unlocked RAM`);
 }
 
 /** Sectors written to the device so far (field 7 of /sys/block/loopN/stat; only deltas count). */
-export function sectorsWritten(device: string): number {
-  const fields = readFileSync(`${sysDir(device)}/stat`, 'utf8').trim().split(/\s+/);
-  return Number(fields[6] ?? 0);
+export function sectorsWritten(loop: LoopDevice): number {
+  const fields = readFileSync(`${sysDir(loop)}/stat`, 'utf8').trim().split(/\s+/);
+  const sectors = fields[6];
+  if (sectors === undefined) throw new VbdError(`${sysDir(loop)}/stat has no write counter`);
+  return Number(sectors);
 }
 
 /** Pushes buffered writes to the raw device into the image (cheap when clean). */
-export function syncDevice(device: string): void {
-  const fd = openSync(device, fsc.O_RDONLY);
+export function syncDevice(loop: LoopDevice): void {
+  fsyncSync(loop.fd);
+}
+
+/** Whether the device is still bound to the image (the owner may have cleared it herself). */
+export function boundTo(loop: LoopDevice, backing: Backing): boolean {
+  const bound = loopBacking(loop.fd, loop.path);
+  return bound !== undefined && bound.ino === backing.ino && bound.dev === backing.dev;
+}
+
+/** Hands the node to the owner (0600), through our fd. */
+export function giveDevice(loop: LoopDevice, owner: Owner): void {
+  fchownSync(loop.fd, owner.uid, owner.gid);
+  fchmodSync(loop.fd, 0o600);
+}
+
+/** Takes the node back (root 0600): nobody else can open it any more. */
+export function takeBackDevice(loop: LoopDevice): void {
+  fchownSync(loop.fd, 0, 0);
+  fchmodSync(loop.fd, 0o600);
+}
+
+/** "pid 123 (bash)" for every process holding /dev/loopN open. */
+export function holdersOfDevice(path: string): string[] {
+  const holders: string[] = [];
+  for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p) && Number(p) !== process.pid)) {
+    try {
+      if (readdirSync(`/proc/${pid}/fd`).some((fd) => { try { return readlinkSync(`/proc/${pid}/fd/${fd}`) === path; } catch { return false; } })) {
+        holders.push(`pid ${pid} (${readFileSync(`/proc/${pid}/comm`, 'utf8').trim()})`);
+      }
+    } catch {
+      /* the process went away */
+    }
+  }
+  return holders;
+}
+
+function stillBound(loop: Pick<LoopDevice, 'index'>): boolean {
   try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
+    return readFileSync(`${sysDir(loop)}/loop/backing_file`, 'utf8').trim().length > 0;
+  } catch {
+    return false;
   }
 }
 
-/** Detaches and waits until the kernel has let go of the image (a holder keeps it attached). */
-export async function detachLoop(device: string, imagePath: string, log: (line: string) => void): Promise<void> {
-  syncDevice(device);
-  const r = await run('losetup', ['--detach', device]);
-  if (r.code !== 0 && loopBackingFile(device) === imagePath) {
-    throw new VbdError(`losetup --detach ${device} failed: ${r.stderr.trim()}`);
-  }
-  for (let waited = 0; loopBackingFile(device) === imagePath; waited++) {
-    if (waited % 50 === 0) log(`waiting: ${device} is still open by a process; it detaches when that closes it`);
+/**
+ * Detaches the session's device and removes it. The node is taken back first (no new opens);
+ * a device no longer bound to our image (the owner cleared it; maybe someone else bound it
+ * since) is not cleared by us. The kernel defers the unbinding until the last opener closes:
+ * we wait for that (saying who holds it), then remove the device; 'quarantined' if it is
+ * still open by then.
+ */
+export async function detachLoop(loop: LoopDevice, backing: Backing, log: (line: string) => void): Promise<'removed' | 'quarantined'> {
+  takeBackDevice(loop);
+  fsyncSync(loop.fd);
+  const bound = loopBacking(loop.fd, loop.path);
+  if (bound === undefined) log(`${loop.path} had been unbound by someone holding it (LOOP_CLR_FD); nothing to detach`);
+  else if (bound.ino !== backing.ino || bound.dev !== backing.dev) log(`${loop.path} is bound to another file now; leaving it alone`);
+  else clearLoop(loop.fd, `LOOP_CLR_FD of ${loop.path}`);
+  closeSync(loop.fd);
+  for (let waited = 0; bound !== undefined && bound.ino === backing.ino && stillBound(loop); waited++) {
+    if (waited % 50 === 0) log(`waiting: ${loop.path} is still open by ${holdersOfDevice(loop.path).join(', ') || 'a process'}; it detaches when that closes it`);
     await sleep(100);
   }
+  const removed = removeLoopDevice(loop.index);
+  if (removed === 'busy') {
+    log(`${loop.path} is still open (${holdersOfDevice(loop.path).join(', ') || 'by someone'}); quarantined: it is never reused by vbd-shadow and is removed at a later start`);
+    return 'quarantined';
+  }
+  return 'removed';
 }
 
-/** Publishes /dev/vbd-shadow/NAME → /dev/loopN (replaced atomically). */
-export function publishName(name: string, device: string): string {
-  mkdirSync(NAME_DIR, { recursive: true, mode: 0o755 });
-  const link = join(NAME_DIR, name);
-  const temp = `${link}.new`;
+/** Loop devices bound to the image file at `imagePath` (a killed daemon's), with an fd each. */
+export async function loopsBoundTo(backing: Backing): Promise<LoopDevice[]> {
+  const found: LoopDevice[] = [];
+  for (const entry of readdirSync('/sys/block').filter((n) => /^loop\d+$/.test(n))) {
+    const index = Number(entry.slice(4));
+    if (!stillBound({ index })) continue;
+    const fd = await openLoopNode(index);
+    const bound = loopBacking(fd, `/dev/loop${index}`);
+    if (bound !== undefined && bound.ino === backing.ino && bound.dev === backing.dev) found.push({ index, path: `/dev/loop${index}`, fd });
+    else closeSync(fd);
+  }
+  return found;
+}
+
+// --- quarantine: loop numbers that could not be removed, per owner ---------------------------
+
+export const MAX_QUARANTINED = 4;
+
+function quarantineFile(uid: number): string {
+  return `/run/vbd-shadow/${uid}/quarantined-loops`;
+}
+
+function readQuarantine(uid: number): number[] {
+  try {
+    return readFileSync(quarantineFile(uid), 'utf8').split('\n').filter((l) => /^\d+$/.test(l)).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+function writeQuarantine(uid: number, list: number[]): void {
+  const file = quarantineFile(uid);
+  writeFileSync(`${file}.new`, list.map((n) => `${n}\n`).join(''), { mode: 0o644 });
+  renameSync(`${file}.new`, file);
+}
+
+export function quarantine(uid: number, index: number): void {
+  writeQuarantine(uid, [...new Set([...readQuarantine(uid), index])]);
+}
+
+/** Retries removing the owner's quarantined devices; returns those still held. */
+export function retryQuarantine(uid: number): number[] {
+  const left = readQuarantine(uid).filter((index) => removeLoopDevice(index) === 'busy');
+  writeQuarantine(uid, left);
+  return left;
+}
+
+// --- the owner's stable name: /dev/vbd-shadow/USER/NAME -> /dev/loopN ------------------------
+
+/** The owner's directory of names: per owner, so nobody can squat or redirect another's name. */
+function ownerNameDir(owner: Owner): string {
+  return join(NAME_DIR, /^[a-z_][a-z0-9_.-]{0,31}$/i.test(owner.name) ? owner.name : `uid${owner.uid}`);
+}
+
+function makeRootDir(path: string): void {
+  try {
+    mkdirSync(path, { mode: 0o755 });
+  } catch (err) {
+    if (errnoCode(err) !== 'EEXIST') throw failure(`cannot create ${path}`, err);
+  }
+  const st = lstatSync(path);
+  if (!st.isDirectory() || st.uid !== 0 || (st.mode & 0o022) !== 0) throw new VbdError(`${path} is not root's directory; refusing to use it`);
+}
+
+/** Publishes /dev/vbd-shadow/USER/NAME -> /dev/loopN; refuses a name the owner already uses live. */
+export function publishName(owner: Owner, name: string, loop: LoopDevice): string {
+  makeRootDir(NAME_DIR);
+  const dir = ownerNameDir(owner);
+  makeRootDir(dir);
+  const link = join(dir, name);
+  try {
+    const current = readlinkSync(link);
+    const index = /^\/dev\/loop(\d+)$/.exec(current)?.[1];
+    if (index !== undefined && stillBound({ index: Number(index) }) && current !== loop.path) {
+      throw new VbdError(`${link} already names ${current}, another of your live volumes; give this one another name`);
+    }
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT' && errnoCode(err) !== 'EINVAL') throw err;
+  }
+  const temp = join(dir, `.${name}.${process.pid}.new`);
   rmSync(temp, { force: true });
-  symlinkSync(device, temp);
+  symlinkSync(loop.path, temp);
   renameSync(temp, link);
   return link;
 }
 
-/** Removes the name if it still points at `device`. */
-export function unpublishName(name: string, device: string): void {
-  const link = join(NAME_DIR, name);
+/** Removes the name if it still points at `loop`. */
+export function unpublishName(owner: Owner, name: string, loop: Pick<LoopDevice, 'path'>): void {
+  const link = join(ownerNameDir(owner), name);
   try {
-    if (readlinkSync(link) === device) rmSync(link);
+    if (readlinkSync(link) === loop.path) rmSync(link);
   } catch (err) {
     if (errnoCode(err) !== 'ENOENT') throw failure(`cannot remove ${link}`, err);
   }
-}
-
-function diskGroup(): number {
-  const line = readFileSync('/etc/group', 'utf8').split('\n').find((l) => l.startsWith('disk:'));
-  return Number(line?.split(':')[2] ?? 0);
-}
-
-/** Hands the device node to the owner (0600). */
-export function giveDevice(device: string, owner: Owner): void {
-  chownSync(device, owner.uid, owner.gid);
-  chmodSync(device, 0o600);
-}
-
-/** Gives the device node back to root:disk 0660, as udev makes it. */
-export function restoreDevice(device: string): void {
-  chownSync(device, 0, diskGroup());
-  chmodSync(device, 0o660);
 }

@@ -13,9 +13,9 @@
 import { readSync } from 'node:fs';
 import { xxh64 } from '@node-rs/xxhash';
 import { failure } from '../common/errors.js';
-import { sectorsWritten, syncDevice } from '../device/loop.js';
-import { syncMountedFilesystem, whileFrozen } from '../device/freeze.js';
-import { mountsOf } from '../device/mount.js';
+import { sectorsWritten, syncDevice, type LoopDevice } from '../device/loop.js';
+import { syncMounted, whileFrozen } from '../device/freeze.js';
+import type { Mounted } from '../device/mount.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { WINDOW_BYTES, type ShadowImage } from '../shadow/image.js';
 import { fileOrder } from '../shadow/populate.js';
@@ -61,7 +61,9 @@ export class FlushEngine {
   private lastFailed = false;
   private queue: Promise<unknown> = Promise.resolve();
   /** The loop device, while attached: the write counter and fsync target. */
-  device: string | undefined;
+  device: LoopDevice | undefined;
+  /** Our mount of the device's filesystem, while mounted: synced and frozen through its root fd. */
+  mounted: Mounted | undefined;
   /** Called right after the engine wrote to the backing files (so those writes are known as ours). */
   afterWrite: (() => void) | undefined;
 
@@ -189,8 +191,8 @@ export class FlushEngine {
     try {
       // Push pending writes into the image, so the write counter sees them: a filesystem on
       // the device keeps its own dirty pages until synced; the raw device's buffers need fsync.
-      const mountpoint = this.device !== undefined ? mountsOf(this.device)[0] : undefined;
-      if (mountpoint !== undefined) await syncMountedFilesystem(mountpoint);
+      const mounted = this.device !== undefined ? this.mounted : undefined;
+      if (mounted !== undefined) await syncMounted(mounted);
       else if (this.device !== undefined) syncDevice(this.device);
       t.syncMs = performance.now() - started;
       const counter = this.device === undefined ? 0 : sectorsWritten(this.device);
@@ -204,9 +206,9 @@ export class FlushEngine {
       this.mustScan = false;
       const scanStart = performance.now();
       let staged: Map<number, StagedChunk>;
-      if (mountpoint !== undefined) {
+      if (mounted !== undefined) {
         const early = this.stage();
-        const frozen = await whileFrozen(mountpoint, () => this.stage(early));
+        const frozen = await whileFrozen(mounted, () => this.stage(early));
         staged = frozen.result;
         t.freezeMs = frozen.freezeMs;
         t.frozenMs = frozen.frozenMs;

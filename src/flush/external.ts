@@ -5,10 +5,16 @@
 //
 // Our own writes also raise events: after every flush the daemon records each file's
 // (inode, size, mtime); an event whose file still matches that record is ours.
+//
+// Root works in a directory the owner controls: everything is reached through the volume's
+// directory fd, one component at a time with O_NOFOLLOW, checked with fstat, and what root
+// creates is handed to the owner at once (fchown). The watcher's cost does not grow with what
+// the owner puts in the directory: entries the manifest does not list are ignored (no watch).
 
-import { closeSync, fchownSync, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readSync, writeSync, constants as fsc, type BigIntStats } from 'node:fs';
+import { basename } from 'node:path';
+import { closeSync, fchownSync, fstatSync, readlinkSync, ftruncateSync, lstatSync, mkdirSync, openSync, readSync, writeSync, constants as fsc, type BigIntStats } from 'node:fs';
 import { watch, type FSWatcher } from 'chokidar';
-import { errnoCode, failure } from '../common/errors.js';
+import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { ASIDE_DIR, entryPath, type Volume } from '../volume/volume.js';
 
 interface FileIdentity {
@@ -49,12 +55,23 @@ export class ExternalChangeWatcher {
 
   async start(): Promise<void> {
     const names = new Map(this.volume.manifest.files.map((f, i) => [f.path, i]));
-    this.watcher = watch(this.volume.dir, { depth: 0, ignoreInitial: true, followSymlinks: false, persistent: true });
+    // Where the directory we hold is now (the kernel's name for it; the watch only triggers
+    // checks, which go through our fds — a re-pointed path can only make us miss events).
+    const root = readlinkSync(`/proc/self/fd/${this.volume.dirFd}`);
+    const listed = (path: string): boolean => path === root || names.has(basename(path));
+    this.watcher = watch(root, { depth: 0, ignoreInitial: true, followSymlinks: false, persistent: true, ignored: (path: string) => !listed(path) });
     const onEvent = (path: string): void => {
-      const file = names.get(path.slice(this.volume.dir.length + 1));
-      if (file !== undefined) void this.quiet().then(() => this.check(file)).catch((err: unknown) => this.log(`external change check failed: ${String(err)}`));
+      const file = path.startsWith(`${root}/`) ? names.get(path.slice(root.length + 1)) : undefined;
+      if (file !== undefined) void this.quiet().then(() => this.check(file)).catch((err: unknown) => this.log(`external change check failed: ${err instanceof Error ? err.message : String(err)}`));
     };
     this.watcher.on('change', onEvent).on('unlink', onEvent).on('add', onEvent);
+    // Out of inotify watches and the like: said once, never fatal (the RAM image stays the truth).
+    let reported = false;
+    this.watcher.on('error', (err: unknown) => {
+      if (reported) return;
+      reported = true;
+      this.log(`watching the backing files failed (${err instanceof Error ? err.message : String(err)}); external changes may go unnoticed until the next start`);
+    });
     await new Promise<void>((resolve) => this.watcher?.on('ready', () => resolve()));
   }
 
@@ -89,6 +106,10 @@ export class ExternalChangeWatcher {
     let keptAs: string | undefined;
     try {
       keptAs = this.keepAside(name, source);
+    } catch (err) {
+      // Keeping a copy failed (the owner's aside directory is not usable): still repair the
+      // volume, so writes after this reach the files.
+      this.log(`could not keep '${name}' aside: ${err instanceof Error ? err.message : String(err)}`);
     } finally {
       if (source !== fd) closeSync(source);
     }
@@ -99,18 +120,45 @@ export class ExternalChangeWatcher {
     this.onChange({ file, name, what, keptAs });
   }
 
-  /** Copies `source` to vbd-shadow-aside/NAME.TIME (owned by the volume owner); returns its path. */
-  private keepAside(name: string, source: number): string | undefined {
-    const asideDir = entryPath(this.volume, ASIDE_DIR);
+  /**
+   * Opens vbd-shadow-aside/ through the volume's directory fd (creating it for the owner if
+   * missing): never through a symlink, and only a directory the owner owns.
+   */
+  private openAsideDir(): number {
+    const { uid, gid } = this.volume.owner;
+    let created = false;
     try {
-      mkdirSync(asideDir, { mode: 0o700 });
+      mkdirSync(entryPath(this.volume, ASIDE_DIR), { mode: 0o700 });
+      created = true;
     } catch (err) {
       if (errnoCode(err) !== 'EEXIST') throw failure(`cannot create ${ASIDE_DIR}`, err);
     }
-    const dirStat = lstatSync(asideDir);
-    if (!dirStat.isDirectory() || dirStat.uid !== this.volume.owner.uid) throw new Error(`${ASIDE_DIR} is not a directory of the volume owner`);
+    let fd: number;
+    try {
+      fd = openSync(entryPath(this.volume, ASIDE_DIR), fsc.O_RDONLY | fsc.O_DIRECTORY | fsc.O_NOFOLLOW);
+    } catch (err) {
+      throw failure(`cannot open ${ASIDE_DIR}`, err);
+    }
+    const st = fstatSync(fd);
+    // Made just now by us: it is the owner's.
+    if (created && st.uid !== uid) fchownSync(fd, uid, gid);
+    if (fstatSync(fd).uid !== uid) {
+      closeSync(fd);
+      throw new VbdError(`${ASIDE_DIR} belongs to uid ${st.uid}, not the volume owner`);
+    }
+    return fd;
+  }
+
+  /** Copies `source` to vbd-shadow-aside/NAME.TIME (owned by the volume owner); returns its path. */
+  private keepAside(name: string, source: number): string | undefined {
+    const asideFd = this.openAsideDir();
     const keptName = `${name}.${new Date().toISOString().replace(/[:.]/g, '-')}`;
-    const target = openSync(`${asideDir}/${keptName}`, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+    let target: number;
+    try {
+      target = openSync(`/proc/self/fd/${asideFd}/${keptName}`, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+    } finally {
+      closeSync(asideFd);
+    }
     try {
       fchownSync(target, this.volume.owner.uid, this.volume.owner.gid);
       const buf = Buffer.alloc(2 ** 20);

@@ -2,13 +2,16 @@
 // (one fault per 2 MiB instead of per 4 KiB: populate is ~5× faster) and sized to the image,
 // so nobody else can fill the space it needs. It is mapped MAP_SHARED|MAP_NORESERVE in
 // windows of at most 1 GiB (a Node Buffer holds < 4 GiB) and every window is mlocked, so
-// the user's data never reaches swap.
+// the user's data never reaches swap. The tmpfs is `noswap` as well: an image left by a killed
+// daemon is no longer locked, and must not reach swap either. Beside the image lies the
+// identity of its volume, so a leftover is only ever recovered into the volume it came from.
 
-import { closeSync, fstatSync, ftruncateSync, mkdirSync, openSync, readFileSync, rmdirSync, unlinkSync, constants as fsc } from 'node:fs';
+import { closeSync, fstatSync, ftruncateSync, mkdirSync, openSync, readFileSync, rmSync, rmdirSync, unlinkSync, writeFileSync, constants as fsc } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError, failure } from '../common/errors.js';
 import { runOk } from '../common/exec.js';
 import { formatSize } from '../common/size.js';
+import { sameIdentity, type VolumeIdentity } from '../volume/volume.js';
 import { lockMemory, mapShared, pointerAddress, unlockMemory, unmap, viewOf, type Pointer } from '../sys/libc.js';
 
 export const WINDOW_BYTES = 2 ** 30;
@@ -29,6 +32,8 @@ export interface ShadowImage {
   path: string;
   size: number;
   fd: number;
+  /** The image file as the kernel identifies it (what its loop device must be bound to). */
+  backing: { dev: bigint; ino: bigint };
   windows: ImageWindow[];
   locked: boolean;
 }
@@ -78,17 +83,40 @@ function releaseWindows(windows: ImageWindow[]): void {
 }
 
 /** Mounts the private tmpfs, creates the image file, maps and locks it. Undone by `destroyImage`. */
-export async function createImage(mountpoint: string, size: number): Promise<ShadowImage> {
+function backingOf(fd: number): { dev: bigint; ino: bigint } {
+  const st = fstatSync(fd, { bigint: true });
+  return { dev: st.dev, ino: st.ino };
+}
+
+const IDENTITY_FILE = 'identity.json';
+
+function writeIdentity(mountpoint: string, identity: VolumeIdentity): void {
+  const text = JSON.stringify({ uid: identity.uid, dev: String(identity.dev), ino: String(identity.ino), bornNs: String(identity.bornNs) });
+  writeFileSync(join(mountpoint, IDENTITY_FILE), `${text}\n`, { mode: 0o600, flag: 'wx' });
+}
+
+/** The identity recorded beside a leftover image, or undefined if it is missing or unreadable. */
+function readIdentity(mountpoint: string): VolumeIdentity | undefined {
+  try {
+    const raw = JSON.parse(readFileSync(join(mountpoint, IDENTITY_FILE), 'utf8')) as Record<string, unknown>;
+    return { uid: Number(raw['uid']), dev: BigInt(String(raw['dev'])), ino: BigInt(String(raw['ino'])), bornNs: BigInt(String(raw['bornNs'])) };
+  } catch {
+    return undefined;
+  }
+}
+
+export async function createImage(mountpoint: string, size: number, identity: VolumeIdentity): Promise<ShadowImage> {
   mkdirSync(mountpoint, { recursive: true, mode: 0o700 });
   const tmpfsSize = Math.ceil(size / HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE;
-  await runOk('mount', ['-t', 'tmpfs', '-o', `size=${tmpfsSize},huge=within_size,mode=0700,nosuid,nodev,noexec`, 'vbd-shadow', mountpoint]);
+  await runOk('mount', ['-t', 'tmpfs', '-o', `size=${tmpfsSize},huge=within_size,noswap,mode=0700,nosuid,nodev,noexec`, 'vbd-shadow', mountpoint]);
   const path = join(mountpoint, 'image');
   let fd = -1;
   try {
+    writeIdentity(mountpoint, identity);
     fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
     ftruncateSync(fd, size);
     const windows = mapWindows(fd, size, true);
-    return { mountpoint, path, size, fd, windows, locked: true };
+    return { mountpoint, path, size, fd, backing: backingOf(fd), windows, locked: true };
   } catch (err) {
     if (fd >= 0) closeSync(fd);
     await runOk('umount', [mountpoint]);
@@ -96,12 +124,19 @@ export async function createImage(mountpoint: string, size: number): Promise<Sha
   }
 }
 
-/** Maps an image left behind by an earlier daemon (for recovery), without locking it. */
-export function openLeftoverImage(mountpoint: string): ShadowImage {
+/**
+ * Maps an image left behind by an earlier daemon (for recovery), without locking it — only if
+ * the identity beside it is this volume's.
+ */
+export function openLeftoverImage(mountpoint: string, identity: VolumeIdentity): ShadowImage {
   const path = join(mountpoint, 'image');
+  const recorded = readIdentity(mountpoint);
+  if (recorded === undefined || !sameIdentity(recorded, identity)) {
+    throw new VbdError(`the leftover RAM image ${path} does not carry this volume's identity; refusing to write it into this volume (inspect it by hand)`);
+  }
   const fd = openSync(path, fsc.O_RDWR | fsc.O_NOFOLLOW);
   const size = fstatSync(fd).size;
-  return { mountpoint, path, size, fd, windows: mapWindows(fd, size, false), locked: false };
+  return { mountpoint, path, size, fd, backing: backingOf(fd), windows: mapWindows(fd, size, false), locked: false };
 }
 
 /** Unlocks, unmaps and deletes the image, then unmounts its tmpfs. */
@@ -109,6 +144,7 @@ export async function destroyImage(image: ShadowImage): Promise<void> {
   releaseWindows(image.windows);
   closeSync(image.fd);
   unlinkSync(image.path);
+  rmSync(join(image.mountpoint, IDENTITY_FILE), { force: true });
   await runOk('umount', [image.mountpoint]);
   try {
     rmdirSync(image.mountpoint);

@@ -1,9 +1,7 @@
 // The few syscalls Node lacks, declared once through koffi, each checked and errno-decoded.
 
 import koffi from 'koffi';
-import { VbdError, describeErrno } from '../common/errors.js';
-
-const libc = koffi.load('libc.so.6');
+import { libc, syscallError } from './ffi.js';
 
 const PROT_READ = 0x1;
 const PROT_WRITE = 0x2;
@@ -16,26 +14,14 @@ const c = {
   munmap: libc.func('int munmap(void *addr, size_t length)'),
   mlock: libc.func('int mlock(void *addr, size_t len)'),
   munlock: libc.func('int munlock(void *addr, size_t len)'),
-  ioctlInt: libc.func('int ioctl(int fd, unsigned long request, int arg)'),
+  ioctlInt: libc.func('int ioctl(int fd, unsigned long request, long arg)'),
+  ioctlPtr: libc.func('int ioctl(int fd, unsigned long request, void *arg)'),
+  flock: libc.func('int flock(int fd, int operation)'),
   syncfs: libc.func('int syncfs(int fd)'),
   mkfifo: libc.func('int mkfifo(const char *path, uint32_t mode)'),
   preadv: libc.func('int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)'),
   pwritev: libc.func('int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)'),
 };
-
-const ERRNO_NAMES: Record<number, string> = {
-  1: 'EPERM', 2: 'ENOENT', 5: 'EIO', 9: 'EBADF', 11: 'EAGAIN', 12: 'ENOMEM', 13: 'EACCES', 16: 'EBUSY',
-  22: 'EINVAL', 25: 'ENOTTY', 28: 'ENOSPC', 30: 'EROFS', 75: 'EOVERFLOW', 95: 'EOPNOTSUPP',
-};
-
-/** An error naming the syscall, what it was applied to, and the errno, with `.code` set. */
-function syscallError(call: string, what: string): VbdError {
-  const errno = koffi.errno();
-  const code = ERRNO_NAMES[errno] ?? `errno ${errno}`;
-  const err = new VbdError(`${call} ${what}: ${describeErrno(code)}`);
-  (err as VbdError & { code: string }).code = code;
-  return err;
-}
 
 /** An opaque pointer into a mapping, as koffi hands it out. */
 export type Pointer = unknown;
@@ -73,6 +59,27 @@ export function ioctl(fd: number, request: number, arg: number, what: string): n
   const r = c.ioctlInt(fd, request, arg) as number;
   if (r < 0) throw syscallError('ioctl', what);
   return r;
+}
+
+/** ioctl whose argument is a struct in `arg` (read and/or written by the kernel). */
+export function ioctlStruct(fd: number, request: number, arg: Buffer, what: string): number {
+  const r = c.ioctlPtr(fd, request, arg) as number;
+  if (r < 0) throw syscallError('ioctl', what);
+  return r;
+}
+
+const LOCK_EX = 2;
+const LOCK_NB = 4;
+
+/**
+ * flock(LOCK_EX | LOCK_NB): true if taken, false if another open file holds it. The kernel
+ * drops the lock with the holder's last fd, so a killed holder never leaves a stale lock.
+ */
+export function tryLockExclusive(fd: number, what: string): boolean {
+  if (c.flock(fd, LOCK_EX | LOCK_NB) === 0) return true;
+  const err = syscallError('flock', what);
+  if (err.code === 'EAGAIN') return false;
+  throw err;
 }
 
 /** Async ioctl for calls that can block a while (FIFREEZE syncs the filesystem first). */

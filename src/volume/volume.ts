@@ -1,13 +1,16 @@
-// Opening a volume directory safely, also as root: the directory is opened once without
-// following symlinks, and every file inside is reached through that directory fd
+// A volume, opened once into one value: the directory is opened without following a symlink
+// anywhere on its path (openat2), and every file inside is reached through that directory fd
 // (/proc/self/fd/N/NAME — openat() for Node), opened with O_NOFOLLOW and checked with fstat:
-// regular, owned by the volume owner, one link, the size the manifest says.
+// regular, owned by the volume owner, one link, the size the manifest says. Its identity
+// (owner uid, device, inode, birth time of the directory) keys everything root keeps for it.
 
 import { closeSync, fstatSync, openSync, readdirSync, constants as fsc, type Stats } from 'node:fs';
 import { resolve } from 'node:path';
 import { VbdError, failure } from '../common/errors.js';
 import { readFully } from '../common/fd.js';
+import { openNoSymlinks } from '../sys/open.js';
 import { MANIFEST_NAME, parseManifest, type Manifest } from './manifest.js';
+import { ownerOf, type Owner } from './owner.js';
 
 /** Entries the tool itself keeps in a volume directory besides the backing files. */
 export const JOURNAL_NAME = 'vbd-shadow.journal';
@@ -15,16 +18,32 @@ export const ASIDE_DIR = 'vbd-shadow-aside';
 const OWN_ENTRIES = new Set([MANIFEST_NAME, JOURNAL_NAME, ASIDE_DIR]);
 const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
 
-export interface Owner {
+export type { Owner } from './owner.js';
+
+/** What a volume is, whatever its path: root keys runtime state, logs and leftovers by it. */
+export interface VolumeIdentity {
   uid: number;
-  gid: number;
+  dev: bigint;
+  ino: bigint;
+  /** Birth time of the directory (ns): a new directory that reuses the inode is another volume. */
+  bornNs: bigint;
+}
+
+/** `UID/DEV.INO`: the identity as a relative path (no user-chosen text in it). */
+export function identityKey(id: VolumeIdentity): string {
+  return `${id.uid}/${id.dev}.${id.ino}`;
+}
+
+export function sameIdentity(a: VolumeIdentity, b: VolumeIdentity): boolean {
+  return a.uid === b.uid && a.dev === b.dev && a.ino === b.ino && a.bornNs === b.bornNs;
 }
 
 export interface Volume {
-  /** Absolute path of the volume directory, as given (for messages). */
+  /** Absolute path of the volume directory, as given (for messages only: never re-resolved). */
   dir: string;
   manifest: Manifest;
   owner: Owner;
+  identity: VolumeIdentity;
   /** An fd of the directory itself; everything inside is reached through it. */
   dirFd: number;
   /** One fd per backing file, in manifest order. */
@@ -76,22 +95,33 @@ export interface LoadOptions {
   writable?: boolean;
 }
 
-/** Opens and checks a volume. The caller must `closeVolume` it. */
-export function loadVolume(dir: string, options: LoadOptions = {}): Volume {
-  const absolute = resolve(dir);
-  let dirFd: number;
+/** Opens a directory path with no symlink anywhere on it (one clear line if there is one). */
+export function openDirectoryNoSymlinks(path: string, what: string): number {
   try {
-    dirFd = openSync(absolute, fsc.O_RDONLY | fsc.O_DIRECTORY | fsc.O_NOFOLLOW);
+    return openNoSymlinks(path, fsc.O_RDONLY | fsc.O_DIRECTORY, what);
   } catch (err) {
-    throw failure(`cannot open volume directory ${absolute}`, err);
+    if ((err as { code?: string }).code === 'ELOOP') throw new VbdError(`${what}: a component of the path is a symbolic link (refused: give the real path)`);
+    throw failure(what, err);
   }
+}
+
+/** The identity of an open volume directory. */
+export function identityOf(dirFd: number): VolumeIdentity {
+  const st = fstatSync(dirFd, { bigint: true });
+  return { uid: Number(st.uid), dev: st.dev, ino: st.ino, bornNs: st.birthtimeNs };
+}
+
+/** Opens and checks a volume. The caller must `closeVolume` it. */
+export function openVolume(dir: string, options: LoadOptions = {}): Volume {
+  const absolute = resolve(dir);
+  const dirFd = openDirectoryNoSymlinks(absolute, `cannot open volume directory ${absolute}`);
   const fds: number[] = [];
   try {
     const dirStat = fstatSync(dirFd);
-    if ((dirStat.mode & 0o002) !== 0) {
-      throw new VbdError(`volume directory ${absolute} is writable by others (mode ${(dirStat.mode & 0o777).toString(8)}); chmod o-w it`);
+    if ((dirStat.mode & 0o022) !== 0) {
+      throw new VbdError(`volume directory ${absolute} is writable by ${(dirStat.mode & 0o002) !== 0 ? 'others' : 'its group'} (mode ${(dirStat.mode & 0o777).toString(8)}); chmod go-w it`);
     }
-    const owner = { uid: dirStat.uid, gid: dirStat.gid };
+    const owner = ownerOf(dirStat.uid);
     const manifest = readManifest(dirFd, owner);
     const extra = unexpectedEntries(`/proc/self/fd/${dirFd}`, manifest);
     if (extra.length > 0) {
@@ -105,7 +135,7 @@ export function loadVolume(dir: string, options: LoadOptions = {}): Volume {
       checkOwnedRegular(st, file.path, owner, 'backing file');
       if (st.size !== file.size) throw new VbdError(`backing file '${file.path}' is ${st.size} bytes, the manifest says ${file.size}`);
     }
-    return { dir: absolute, manifest, owner, dirFd, fds, writable: options.writable === true };
+    return { dir: absolute, manifest, owner, identity: identityOf(dirFd), dirFd, fds, writable: options.writable === true };
   } catch (err) {
     for (const fd of fds) closeSync(fd);
     closeSync(dirFd);

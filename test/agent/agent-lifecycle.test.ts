@@ -6,11 +6,10 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { isMounted } from '../../src/device/mount.js';
 import { startAgent } from '../helpers/agent.js';
 import { startDaemon, stopDaemon, waitLive, waitState } from '../helpers/daemon.js';
 import { ownedScratch } from '../helpers/owner.js';
-import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, leftovers, runAs } from '../helpers/system.js';
+import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, leftovers, runAs, runtimeDirOf, isMounted } from '../helpers/system.js';
 
 /** The ISO time at the start of the daemon's log line containing `text`. */
 function loggedAt(output: string, text: string): number {
@@ -48,7 +47,7 @@ describe.skipIf(!IS_ROOT)(`agent lifecycle (${IS_ROOT ? 'as root, agent as a rea
     const noticed = loggedAt(daemon.output(), 'tearing down: the agent is gone');
     expect(noticed - killedAt).toBeLessThan(1000);
     expect(isMounted(mnt)).toBe(false);
-    expect(existsSync(`/run/vbd-shadow/${name}/shadow/image`)).toBe(false);
+    expect(existsSync(`${runtimeDirOf(name)}/shadow/image`)).toBe(false);
     expect(leftovers()).toEqual([]);
     expect(fileInVolume(user, dir, home, '/one.txt')).toBe('first session\n');
 

@@ -8,7 +8,7 @@ import { readStatus } from '../../src/daemon/runtime.js';
 import { startAgent } from '../helpers/agent.js';
 import { startDaemon, waitLive, waitState } from '../helpers/daemon.js';
 import { ownedScratch } from '../helpers/owner.js';
-import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, OTHER_USER, cliAs, ensureUser, runAs } from '../helpers/system.js';
+import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, OTHER_USER, cliAs, ensureUser, runAs, runtimeDirOf } from '../helpers/system.js';
 
 describe.skipIf(!IS_ROOT)(`agent pipe security (${IS_ROOT ? 'as root, two real users' : ROOT_SKIP_REASON})`, () => {
   it('another user cannot connect, garbage is ignored, the owner can flush and stop', async () => {
@@ -19,23 +19,24 @@ describe.skipIf(!IS_ROOT)(`agent pipe security (${IS_ROOT ? 'as root, two real u
     expect(cliAs(user, ['init', dir, '--size', '8M', '--files', '4', '--name', name]).status).toBe(0);
     const daemon = startDaemon(name, [dir, '--canary', 'wait']);
     await waitState(daemon, 'waiting');
-    const pipe = `/run/vbd-shadow/${name}/agent.fifo`;
+    const pipe = `${runtimeDirOf(name)}/agent.fifo`;
 
     // Another user: the pipes are the owner's (0600).
     const opened = runAs(other, process.execPath, ['-e', `require('fs').openSync(${JSON.stringify(pipe)}, 'w')`]);
     expect(opened.status).not.toBe(0);
     expect(opened.stderr).toMatch(/EACCES/);
+    // By name she does not even see it: names are looked up among her own volumes only.
     const intruder = cliAs(other, ['agent', name]);
     expect(intruder.status).toBe(1);
-    expect(intruder.stderr).toMatch(/^vbd-shadow: cannot open the daemon's pipe .* \(only the volume owner may\): permission denied/);
+    expect(intruder.stderr).toBe(`vbd-shadow: no volume named '${name}' has been started here by you\n`);
     expect(readStatus(name)?.state).toBe('waiting');
 
     // The owner's agent; then garbage from root on both pipes, a half-open message included.
     const agent = startAgent(user, [dir]);
     await waitLive(daemon);
-    expect(cliAs(other, ['flush', name]).stderr).toMatch(/^vbd-shadow: cannot reach the daemon of 'vbdt-pipes' through .*control.fifo: permission denied/);
-    expect(cliAs(other, ['stop', name]).stderr).toMatch(/permission denied/);
-    for (const path of [pipe, `/run/vbd-shadow/${name}/control.fifo`]) {
+    expect(cliAs(other, ['flush', name]).status).toBe(1);
+    expect(cliAs(other, ['stop', name]).status).toBe(1);
+    for (const path of [pipe, `${runtimeDirOf(name)}/control.fifo`]) {
       const fd = openSync(path, fsc.O_WRONLY | fsc.O_NONBLOCK);
       writeSync(fd, 'this is not json\n{"kind":"launch-missiles"}\n[1,2]\n{"kind":"hello","version":9}\n{"kind":"flu');
       closeSync(fd);

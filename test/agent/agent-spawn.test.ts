@@ -2,13 +2,13 @@
 // (dropping to the owner), and Ctrl-C — SIGINT to the terminal's process group — ends both
 // cleanly, with everything written back.
 
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readStatus } from '../../src/daemon/runtime.js';
 import { BIN } from '../helpers/cli.js';
 import { ownedScratch } from '../helpers/owner.js';
-import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, leftovers, runAs, sweep } from '../helpers/system.js';
+import { IS_ROOT, OTHER_USER, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, ensureUser, leftovers, runAs, sweep } from '../helpers/system.js';
 import { Stage, eachTestCleanup } from '../helpers/cleanup.js';
 
 describe.skipIf(!IS_ROOT)(`start --canary spawn (${IS_ROOT ? 'as root' : ROOT_SKIP_REASON})`, () => {
@@ -19,7 +19,8 @@ describe.skipIf(!IS_ROOT)(`start --canary spawn (${IS_ROOT ? 'as root' : ROOT_SK
     const name = `${TEST_PREFIX}spawn`;
     expect(cliAs(user, ['init', dir, '--size', '16M', '--files', '4', '--name', name]).status).toBe(0);
     // Its own process group, as a terminal's foreground job.
-    const daemon = spawn(process.execPath, [BIN, 'start', dir, '--canary', 'spawn', '--mkfs', 'ext4', '--mount', mnt], { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+    // As `sudo` run by the owner (SUDO_UID is hers): the terminal is hers.
+    const daemon = spawn(process.execPath, [BIN, 'start', dir, '--canary', 'spawn', '--mkfs', 'ext4', '--mount', mnt], { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, SUDO_UID: String(user.uid) } });
     let out = '';
     daemon.stdout?.on('data', (d: Buffer) => (out += d.toString()));
     daemon.stderr?.on('data', (d: Buffer) => (out += d.toString()));
@@ -40,6 +41,21 @@ describe.skipIf(!IS_ROOT)(`start --canary spawn (${IS_ROOT ? 'as root' : ROOT_SK
     process.kill(-(daemon.pid ?? 0), 'SIGINT');
     expect(await exited).toBe(0);
     expect(out).toMatch(/stopped: everything written back/);
+    expect(leftovers()).toEqual([]);
+  });
+
+  it('refuses --canary spawn when someone else is at the terminal, and names --canary wait', () => {
+    const { user, home } = ownedScratch();
+    const dir = join(home, 'vol');
+    const name = `${TEST_PREFIX}spawn-other`;
+    expect(cliAs(user, ['init', dir, '--size', '8M', '--files', '4', '--name', name]).status).toBe(0);
+    const other = ensureUser(OTHER_USER);
+    for (const env of [{ SUDO_UID: String(other.uid) }, {}]) {
+      const r = spawnSync(process.execPath, [BIN, 'start', dir, '--canary', 'spawn'], { encoding: 'utf8', env: { ...process.env, SUDO_UID: undefined, ...env } });
+      expect(r.status).toBe(1);
+      expect(r.stderr).toMatch(/^vbd-shadow: --canary spawn .* only the owner .* use --canary wait/);
+    }
+    expect(readStatus(name)).toBeUndefined();
     expect(leftovers()).toEqual([]);
   });
 });

@@ -27,7 +27,7 @@ describe.skipIf(!IS_ROOT)(`start: device equals export (${IS_ROOT ? 'as root' : 
 
       const daemon = startDaemon(name, [dir, ...keyArgs]);
       const status = await waitLive(daemon);
-      expect(status.link).toBe(`/dev/vbd-shadow/${name}`);
+      expect(status.link).toBe(`/dev/vbd-shadow/root/${name}`);
       expect(realpathSync(status.link ?? '')).toBe(status.device);
       expect(sha256(readFileSync(status.link ?? ''))).toBe(sha256(readFileSync(join(scratch, 'exported.img'))));
       const pid = daemon.child.pid ?? 0;

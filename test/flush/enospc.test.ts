@@ -30,8 +30,10 @@ describe.skipIf(!IS_ROOT)(`ENOSPC (${IS_ROOT ? 'as root, on a real 48 MiB ext4' 
     expect(cli(['status', name]).stdout).toMatch(/flush +FAILED/);
 
     rmSync(filler);
-    expect(cliOk(['flush', name]).stdout).toMatch(/flushed: \d+ chunks/);
+    // The back-off retry may have written it already; either way a flush now ends with all in the files.
+    expect(cliOk(['flush', name]).status).toBe(0);
     expect(readStatus(name)?.lastFlush?.ok).toBe(true);
+    expect(readStatus(name)?.lastFlush?.chunksChanged).toBeGreaterThan(0);
     expect(await stopDaemon(daemon)).toBe(0);
     const exported = join(tempDir(), 'out.img');
     cliOk(['export', dir, exported]);

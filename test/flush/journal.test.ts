@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { settleJournal } from '../../src/flush/apply.js';
 import { openJournal, readJournal, writeBatch, type Batch } from '../../src/flush/journal.js';
-import { closeVolume, loadVolume } from '../../src/volume/volume.js';
+import { closeVolume, openVolume } from '../../src/volume/volume.js';
 import { sha256 } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { makeVolume } from '../helpers/volumes.js';
@@ -26,7 +26,7 @@ async function volumeWithBatch(): Promise<{ dir: string; batch: Batch; size: num
       { file: 3, offset: 5 * CHUNK, data: randomBytes(CHUNK) },
     ],
   };
-  const volume = loadVolume(dir, { writable: true });
+  const volume = openVolume(dir, { writable: true });
   const fd = openJournal(volume);
   const size = writeBatch(fd, batch);
   closeSync(fd);
@@ -37,7 +37,7 @@ async function volumeWithBatch(): Promise<{ dir: string; batch: Batch; size: num
 describe('journal', () => {
   it('a synced batch is committed, applied by settle, then retired', async () => {
     const { dir, batch } = await volumeWithBatch();
-    const volume = loadVolume(dir, { writable: true });
+    const volume = openVolume(dir, { writable: true });
     const fd = openJournal(volume);
     const state = readJournal(fd, volume);
     expect(state.kind).toBe('committed');
@@ -53,7 +53,7 @@ describe('journal', () => {
 
   it('a batch torn at any length, or with a flipped byte, is discarded and the files untouched', async () => {
     const { dir, size } = await volumeWithBatch();
-    const volume = loadVolume(dir, { writable: true });
+    const volume = openVolume(dir, { writable: true });
     const fd = openJournal(volume);
     const whole = Buffer.alloc(size);
     const { readSync } = await import('node:fs');

@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { cliOk, sha256 } from '../helpers/cli.js';
 import { stopDaemon } from '../helpers/daemon.js';
 import { liveVolumeOnFullFs } from '../helpers/full-fs.js';
-import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers } from '../helpers/system.js';
+import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers, runtimeDirOf } from '../helpers/system.js';
 import { tempDir } from '../helpers/tmp.js';
 
 describe.skipIf(!IS_ROOT)(`teardown with a failing final flush (${IS_ROOT ? 'as root, real ENOSPC' : ROOT_SKIP_REASON})`, () => {
@@ -19,13 +19,13 @@ describe.skipIf(!IS_ROOT)(`teardown with a failing final flush (${IS_ROOT ? 'as 
 
     const code = await stopDaemon(daemon);
     expect(code, daemon.output()).toBe(1);
-    const image = `/run/vbd-shadow/${name}/shadow/image`;
+    const image = `${runtimeDirOf(name)}/shadow/image`;
     expect(existsSync(image)).toBe(true);
     expect(statSync(image).size).toBe(16 * 2 ** 20);
-    expect(statSync(`/run/vbd-shadow/${name}/shadow`).mode & 0o077).toBe(0);
+    expect(statSync(`${runtimeDirOf(name)}/shadow`).mode & 0o077).toBe(0);
     expect(daemon.output()).toMatch(/final flush failed \(attempt 3 of 3\): .*no space left on device/);
     expect(daemon.output()).toMatch(new RegExp(`the RAM image is KEPT at .*image \\(root-only\\) so nothing is lost; fix the cause, then run 'vbd-shadow recover ${dir}'`));
-    expect(leftovers()).toEqual([`mount /run/vbd-shadow/${name}/shadow`]);
+    expect(leftovers()).toEqual([`mount ${runtimeDirOf(name)}/shadow`]);
 
     rmSync(filler);
     expect(cliOk(['recover', dir]).stdout).toMatch(new RegExp(`volume '${name}' recovered into the files`));

@@ -2,7 +2,7 @@
 // that removes every loop device, mount and tmpfs image a test volume may have left behind.
 
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { readFileSync, readdirSync, rmSync } from 'node:fs';
 import { BIN } from './cli.js';
 
 export const IS_ROOT = process.getuid?.() === 0;
@@ -47,11 +47,50 @@ function mountsUnder(predicate: (source: string, target: string) => boolean): st
     .map((f) => f[1] ?? '');
 }
 
+function list(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
+
+/** Runtime directories (/run/vbd-shadow/UID/DEV.INO) of test volumes: those named TEST_PREFIX…. */
+export function testRuntimeDirs(): string[] {
+  const dirs: string[] = [];
+  for (const uid of list('/run/vbd-shadow')) {
+    for (const key of list(`/run/vbd-shadow/${uid}`)) {
+      const dir = `/run/vbd-shadow/${uid}/${key}`;
+      try {
+        if ((JSON.parse(readFileSync(`${dir}/status.json`, 'utf8')) as { name: string }).name.startsWith(TEST_PREFIX)) dirs.push(dir);
+      } catch {
+        /* not a volume's directory, or no status yet */
+      }
+    }
+  }
+  return dirs;
+}
+
+/** The runtime directory of the test volume called `name`. */
+export function runtimeDirOf(name: string): string {
+  const dir = testRuntimeDirs().find((d) => (JSON.parse(readFileSync(`${d}/status.json`, 'utf8')) as { name: string }).name === name);
+  if (dir === undefined) throw new Error(`no runtime directory for ${name}`);
+  return dir;
+}
+
 /** Every loop device whose image is a test volume's, as [device, backing file]. */
 export function testLoops(): [string, string][] {
+  const dirs = testRuntimeDirs();
   const out = spawnSync('losetup', ['--list', '--noheadings', '--output', 'NAME,BACK-FILE'], { encoding: 'utf8' }).stdout;
   return out.split('\n').map((l) => l.trim().split(/\s+/) as [string, string])
-    .filter(([, back]) => back?.startsWith(`/run/vbd-shadow/${TEST_PREFIX}`) === true);
+    .filter(([, back]) => back !== undefined && dirs.some((d) => back.startsWith(`${d}/`)));
+}
+
+/** Loop devices beyond the machine's own eight that nothing holds any more (per-session ones). */
+function removeSpareLoops(): void {
+  for (const entry of list('/sys/block').filter((n) => /^loop\d+$/.test(n) && Number(n.slice(4)) >= 8)) {
+    if (list(`/sys/block/${entry}/loop`).length === 0) spawnSync('python3', ['-c', `import fcntl,os;fd=os.open('/dev/loop-control',os.O_RDWR)\ntry: fcntl.ioctl(fd,0x4C81,${entry.slice(4)})\nexcept OSError: pass`]);
+  }
 }
 
 /** Removes whatever test volumes left in the kernel: mounts, loop devices, tmpfs, names. */
@@ -64,26 +103,31 @@ export function sweep(): void {
     }
     spawnSync('losetup', ['--detach', device]);
   }
-  for (const target of mountsUnder((_s, t) => t.startsWith(`/run/vbd-shadow/${TEST_PREFIX}`))) spawnSync('umount', ['-l', target]);
-  if (existsSync('/run/vbd-shadow')) {
-    for (const name of readdirSync('/run/vbd-shadow').filter((n) => n.startsWith(TEST_PREFIX))) {
-      rmSync(`/run/vbd-shadow/${name}`, { recursive: true, force: true });
-    }
+  for (const dir of testRuntimeDirs()) {
+    for (const target of mountsUnder((_s, t) => t.startsWith(`${dir}/`))) spawnSync('umount', ['-l', target]);
+    rmSync(dir, { recursive: true, force: true });
   }
-  if (existsSync('/dev/vbd-shadow')) {
-    for (const name of readdirSync('/dev/vbd-shadow').filter((n) => n.startsWith(TEST_PREFIX))) rmSync(`/dev/vbd-shadow/${name}`, { force: true });
+  for (const owner of list('/dev/vbd-shadow')) {
+    for (const name of list(`/dev/vbd-shadow/${owner}`).filter((n) => n.startsWith(TEST_PREFIX))) rmSync(`/dev/vbd-shadow/${owner}/${name}`, { force: true });
   }
+  removeSpareLoops();
 }
 
 /** What the kernel holds for test volumes right now (empty when all is clean). */
 export function leftovers(): string[] {
+  const dirs = testRuntimeDirs();
   return [
     ...testLoops().map(([d, b]) => `loop ${d} -> ${b}`),
-    ...mountsUnder((_s, t) => t.startsWith(`/run/vbd-shadow/${TEST_PREFIX}`)).map((t) => `mount ${t}`),
+    ...mountsUnder((_s, t) => dirs.some((d) => t.startsWith(`${d}/`))).map((t) => `mount ${t}`),
   ];
 }
 
 export function procStatus(pid: number, field: string): number {
   const match = new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return match === null ? 0 : Number(match[1]) * 1024;
+}
+
+/** Whether something is mounted at `path` (from /proc/self/mounts). */
+export function isMounted(path: string): boolean {
+  return mountsUnder((_s, t) => t === path).length > 0;
 }

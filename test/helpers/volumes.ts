@@ -7,14 +7,14 @@ import { exportImage, importImage } from '../../src/image/offline.js';
 import { resolvePlacement } from '../../src/layouts/index.js';
 import type { PlacementTable } from '../../src/layouts/layout.js';
 import { initVolume, type LayoutChoice } from '../../src/volume/init.js';
-import { closeVolume, loadVolume } from '../../src/volume/volume.js';
+import { closeVolume, openVolume } from '../../src/volume/volume.js';
 
 export async function makeVolume(dir: string, deviceSize: number, fileCount: number, chunkSize: number, layout: LayoutChoice): Promise<void> {
   await initVolume({ dir, deviceSize, fileCount, chunkSize, layout: layout.kind === 'keyed' ? { kind: 'keyed', secret: Buffer.from(layout.secret) } : layout });
 }
 
 export async function placement(dir: string, secret?: Buffer): Promise<PlacementTable> {
-  const volume = loadVolume(dir);
+  const volume = openVolume(dir);
   try {
     return await resolvePlacement(volume.manifest, { secret });
   } finally {
@@ -27,13 +27,13 @@ export async function importThenExport(dir: string, image: Buffer, scratch: stri
   const inPath = join(scratch, 'in.img');
   const outPath = join(scratch, 'out.img');
   writeFileSync(inPath, image);
-  const writable = loadVolume(dir, { writable: true });
+  const writable = openVolume(dir, { writable: true });
   try {
     importImage(writable, await resolvePlacement(writable.manifest, { secret }), inPath);
   } finally {
     closeVolume(writable);
   }
-  const readable = loadVolume(dir);
+  const readable = openVolume(dir);
   try {
     exportImage(readable, await resolvePlacement(readable.manifest, { secret }), outPath);
   } finally {
