@@ -11,9 +11,8 @@ import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { agentPipePath } from '../daemon/daemon.js';
 import { readStatus, runtimePaths, type DaemonStatus } from '../daemon/runtime.js';
 import { promptSecret, readKeyFile } from '../layouts/secret.js';
-import { closePipe, openPipeForWriting } from './pipe.js';
-import { encodeMessage, type PipeMessage } from './protocol.js';
-import { writeSync } from 'node:fs';
+import { closePipe, openPipeForWriting, writeMessage } from './pipe.js';
+import type { PipeMessage } from './protocol.js';
 
 export interface AgentOptions {
   name: string;
@@ -59,9 +58,8 @@ export async function runAgent(o: AgentOptions): Promise<number> {
   const pipe = agentPipePath(paths);
   const secret = o.keyed ? await agentSecret(o) : undefined;
   const fd = await connect(pipe, o.say);
-  const send = (m: PipeMessage): void => {
-    writeSync(fd, encodeMessage(m));
-  };
+  // Whole messages only: the pipe is non-blocking and a key message is larger than its buffer.
+  const send = (m: PipeMessage): void => writeMessage(fd, m);
   const connectedAt = new Date().toISOString();
   send({ kind: 'hello', version: 1, pid: process.pid });
   if (secret !== undefined) {

@@ -35,11 +35,11 @@ export class WindowBudget {
     return true;
   }
 
-  /** Uses `amount` units whether they fit or not (input already read); true while within the limit. */
+  /** Uses `amount` units whether they fit or not (input already read); true while some are left. */
   spend(now: number, amount: number): boolean {
     this.roll(now);
     this.used += amount;
-    return this.used <= this.limit;
+    return this.used < this.limit;
   }
 
   /** Units refused so far in the current window. */
