@@ -47,7 +47,8 @@ class PipeGuard {
   /** Reports a problem, or counts it if this window's reports are used up. */
   problem(what: string): void {
     const now = Date.now();
-    this.summarize(this.reports.roll(now));
+    const refused = this.reports.roll(now);
+    if (refused > 0) this.endWindow(refused);
     if (this.reports.take(now)) this.report(what);
     else this.summaryTimer ??= setTimeout(() => this.flushSummary(), this.reports.msLeft(now)).unref();
   }
@@ -58,12 +59,15 @@ class PipeGuard {
     return this.input.spend(now, bytes) ? 0 : Math.max(1, this.input.msLeft(now));
   }
 
-  /** Reports what the window counted but did not report, now. */
+  /** Ends the report window now: what it counted but did not report is said in one line. */
   flushSummary(): void {
+    this.endWindow(this.reports.restart(Date.now()));
+  }
+
+  private endWindow(refused: number): void {
     if (this.summaryTimer !== undefined) clearTimeout(this.summaryTimer);
     this.summaryTimer = undefined;
-    this.summarize(this.reports.refusedNow);
-    this.reports.roll(Number.POSITIVE_INFINITY);
+    this.summarize(refused);
   }
 
   private summarize(count: number): void {

@@ -24,6 +24,12 @@ export class WindowBudget {
     return refused;
   }
 
+  /** Ends the current window now (whether it is over or not) and starts the next; returns what it refused. */
+  restart(now: number): number {
+    this.start = Number.NEGATIVE_INFINITY;
+    return this.roll(now);
+  }
+
   /** Uses `amount` units if they fit in the current window; else counts them as refused. */
   take(now: number, amount = 1): boolean {
     this.roll(now);

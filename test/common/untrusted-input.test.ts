@@ -78,6 +78,10 @@ describe('WindowBudget / TokenBucket', () => {
     expect(w.roll(1000)).toBe(2);
     expect(w.take(1001)).toBe(true);
     expect(w.spend(1002, 10)).toBe(false);
+    w.take(1003);
+    expect(w.restart(1004)).toBe(1);
+    expect(w.msLeft(1004)).toBe(1000);
+    expect(w.take(1005, 3)).toBe(true);
   });
 
   it('a token bucket allows a burst, then its rate', () => {
