@@ -98,7 +98,10 @@ export function createFifo(path: string, owner: Owner): void {
  */
 export function readPipe(path: string, events: PipeEvents, limits: PipeLimits = AGENT_PIPE): () => void {
   const guard = new PipeGuard(limits, events.garbage);
-  const stop = readGuarded(path, guard, events.message, events.closed);
+  const stop = readGuarded(path, guard, events.message, () => {
+    guard.flushSummary(); // said before the session's end, not after it
+    events.closed();
+  });
   return () => {
     stop();
     guard.flushSummary();
