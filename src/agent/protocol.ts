@@ -15,8 +15,6 @@ export type Handlers = { [K in MessageKind]: (message: Extract<PipeMessage, { ki
 
 /** How much a pipe accepts from the owner (root reads what the owner writes). */
 export interface PipeLimits {
-  /** Named in log lines ("the control pipe"). */
-  label: string;
   /** The longest line accepted, in bytes without the newline; longer ones are skipped unread. */
   maxLine: number;
   /** Input read per second; beyond it reading pauses until the next second (the writer waits). */
@@ -30,12 +28,12 @@ export interface PipeLimits {
 
 /** The agent pipe: hello, a key (base64 of a secret of up to 64 KiB), flush and teardown. */
 export const AGENT_PIPE: PipeLimits = {
-  label: 'the agent pipe', maxLine: 96 * 1024, bytesPerSecond: 256 * 1024, reportsPerWindow: 6, reportWindowMs: 10_000, showContent: false,
+  maxLine: 96 * 1024, bytesPerSecond: 256 * 1024, reportsPerWindow: 6, reportWindowMs: 10_000, showContent: false,
 };
 
 /** The control pipe: flush and stop, a few bytes each. */
 export const CONTROL_PIPE: PipeLimits = {
-  label: 'the control pipe', maxLine: 256, bytesPerSecond: 64 * 1024, reportsPerWindow: 6, reportWindowMs: 10_000, showContent: true,
+  maxLine: 256, bytesPerSecond: 64 * 1024, reportsPerWindow: 6, reportWindowMs: 10_000, showContent: true,
 };
 
 /** What is wrong with a line: `problem` never holds input; `detail` is input (shown only escaped, where allowed). */
