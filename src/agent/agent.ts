@@ -4,15 +4,15 @@
 // the pipe closes and the daemon tears down all the same: that is the point of a canary.
 
 
-import { fstatSync, lstatSync, writeSync } from 'node:fs';
+import { fstatSync, lstatSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { sleep } from '../common/fd.js';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { checkRootOwnedPath, readStatusAt, type DaemonStatus, type RuntimePaths } from '../daemon/runtime.js';
 import { promptSecret, readKeyFile } from '../layouts/secret.js';
-import { closePipe, openPipeForWriting } from './pipe.js';
-import { encodeMessage, type PipeMessage } from './protocol.js';
+import { closePipe, openPipeForWriting, writeMessage } from './pipe.js';
+import type { PipeMessage } from './protocol.js';
 
 export interface AgentOptions {
   name: string;
@@ -83,9 +83,8 @@ export async function runAgent(o: AgentOptions): Promise<number> {
   const pipe = paths.agentFifo;
   const secret = o.keyed ? await agentSecret(o) : undefined;
   const fd = await connect(pipe, o.say);
-  const send = (m: PipeMessage): void => {
-    writeSync(fd, encodeMessage(m));
-  };
+  // Whole messages only: the pipe is non-blocking and a key message is larger than its buffer.
+  const send = (m: PipeMessage): void => writeMessage(fd, m);
   const connectedAt = new Date().toISOString();
   send({ kind: 'hello', version: 1, pid: process.pid });
   if (secret !== undefined) {

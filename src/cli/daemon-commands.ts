@@ -4,10 +4,10 @@
 // and the volume's identity, never by the name.
 
 import { spawn } from 'node:child_process';
-import { closeSync, lstatSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { runAgent } from '../agent/agent.js';
-import { closePipe, openPipeForWriting } from '../agent/pipe.js';
-import { encodeMessage, type PipeMessage } from '../agent/protocol.js';
+import { closePipe, openPipeForWriting, writeMessage } from '../agent/pipe.js';
+import type { PipeMessage } from '../agent/protocol.js';
 import { settleJournal } from '../flush/apply.js';
 import { openJournal } from '../flush/journal.js';
 import { isTmpfsMounted } from '../shadow/image.js';
@@ -198,7 +198,7 @@ function sendControl(name: string, paths: RuntimePaths, message: PipeMessage): v
     throw failure(`cannot reach the daemon of '${name}' through ${path}`, err);
   }
   try {
-    writeSync(fd, encodeMessage(message));
+    writeMessage(fd, message, 10_000);
   } finally {
     closePipe(fd);
   }
