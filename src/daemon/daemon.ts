@@ -72,7 +72,7 @@ function checkMountpoint(mountpoint: string): void {
 }
 
 function placementFor(volume: Volume, secret: Buffer | undefined): Promise<PlacementTable> {
-  return resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
+  return resolvePlacement(volume.manifest, { owner: volume.owner, secret });
 }
 
 /** The uid running `pid`, from /proc (to name who connected). */

@@ -8,17 +8,15 @@ import { resolve } from 'node:path';
 import { VbdError, failure } from '../common/errors.js';
 import { readFully } from '../common/fd.js';
 import { MANIFEST_NAME, parseManifest, type Manifest } from './manifest.js';
+import { ownerOfUid, type Owner } from './owner.js';
+
+export type { Owner } from './owner.js';
 
 /** Entries the tool itself keeps in a volume directory besides the backing files. */
 export const JOURNAL_NAME = 'vbd-shadow.journal';
 export const ASIDE_DIR = 'vbd-shadow-aside';
 const OWN_ENTRIES = new Set([MANIFEST_NAME, JOURNAL_NAME, ASIDE_DIR]);
 const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
-
-export interface Owner {
-  uid: number;
-  gid: number;
-}
 
 export interface Volume {
   /** Absolute path of the volume directory, as given (for messages). */
@@ -88,10 +86,11 @@ export function loadVolume(dir: string, options: LoadOptions = {}): Volume {
   const fds: number[] = [];
   try {
     const dirStat = fstatSync(dirFd);
-    if ((dirStat.mode & 0o002) !== 0) {
-      throw new VbdError(`volume directory ${absolute} is writable by others (mode ${(dirStat.mode & 0o777).toString(8)}); chmod o-w it`);
+    if ((dirStat.mode & 0o022) !== 0) {
+      throw new VbdError(`volume directory ${absolute} is writable by group or others (mode ${(dirStat.mode & 0o777).toString(8)}); chmod go-w it`);
     }
-    const owner = { uid: dirStat.uid, gid: dirStat.gid };
+    // The owner is whoever owns the directory; gid, name and home come from /etc/passwd.
+    const owner = ownerOfUid(dirStat.uid, `volume directory ${absolute} is owned by uid ${dirStat.uid}, which`);
     const manifest = readManifest(dirFd, owner);
     const extra = unexpectedEntries(`/proc/self/fd/${dirFd}`, manifest);
     if (extra.length > 0) {
