@@ -84,7 +84,16 @@ function openDir(dir: string, missingOk: boolean): number | undefined {
     return openSync(dir, fsc.O_RDONLY | fsc.O_DIRECTORY | fsc.O_NOFOLLOW);
   } catch (err) {
     if (missingOk && errnoCode(err) === 'ENOENT') return undefined;
-    if (errnoCode(err) === 'ENOTDIR') throw new VbdError(`${dir} exists and is not a directory`);
+    if (errnoCode(err) === 'ENOTDIR') {
+      // O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR too: name which one it is.
+      let link = false;
+      try {
+        link = lstatSync(dir).isSymbolicLink();
+      } catch {
+        /* gone meanwhile: still not a directory we opened */
+      }
+      throw new VbdError(link ? `cannot use ${dir}: is a symbolic link (refused)` : `${dir} exists and is not a directory`);
+    }
     throw failure(`cannot use ${dir}`, err);
   }
 }
