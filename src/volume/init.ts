@@ -65,6 +65,7 @@ function layoutSpec(choice: LayoutChoice): LayoutSpec {
       return { kind: 'keyed', salt, kdf: DEFAULT_KDF, keyCheck };
     }
     case 'module':
+      if (/[\0-\x1f\x7f]/.test(choice.path)) throw new VbdError(`--layout module:PATH: the path must not hold control characters, got ${JSON.stringify(choice.path)}`);
       // The fingerprint is filled in once the module's table has been computed.
       return { kind: 'module', path: resolve(choice.path), params: choice.params, fingerprint: '0'.repeat(64) };
   }

@@ -133,7 +133,7 @@ function parseLayout(value: unknown): LayoutSpec {
     }
     case 'module': {
       onlyKeys(obj, ['kind', 'path', 'params', 'fingerprint'], 'layout');
-      const path = string(obj, 'path', 'layout', /^\/[^\0]*$/, 'must be an absolute path to a JS module');
+      const path = string(obj, 'path', 'layout', /^\/[^\0-\x1f\x7f]{0,4095}$/, 'must be an absolute path to a JS module (no control characters)');
       return {
         kind,
         path,
