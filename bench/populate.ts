@@ -17,7 +17,7 @@ const KEY = Buffer.from('benchmark key');
 async function populateMs(dir: string, mountpoint: string): Promise<number> {
   const volume = openVolume(dir);
   try {
-    const t = await resolvePlacement(volume.manifest, { secret: KEY });
+    const t = await resolvePlacement(volume.manifest, { owner: volume.owner, secret: KEY });
     const image = await createImage(mountpoint, volume.manifest.deviceSize, volume.identity);
     try {
       return await timeMs(() => populateImage(image, t, volume));

@@ -310,7 +310,7 @@ export function registerDaemonCommands(program: Command): void {
           }
           requireRoot('vbd-shadow recover (of a leftover RAM image)');
           secret = await secretFor(volume.manifest, o.keyFile);
-          const table = await resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
+          const table = await resolvePlacement(volume.manifest, { owner: volume.owner, secret });
           const lock = acquireLock(paths, name);
           try {
             await recoverLeftover(paths, volume, table, journalFd, say);

@@ -50,7 +50,7 @@ async function withVolume(dir: string, keyFile: string | undefined, writable: bo
     }
     if (journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
-    const table = await resolvePlacement(volume.manifest, { secret });
+    const table = await resolvePlacement(volume.manifest, { owner: volume.owner, secret });
     secret?.fill(0);
     work(volume, table);
   } finally {

@@ -61,7 +61,7 @@ function stopRequests(log: Log): { stopped: Promise<string>; stop: (reason: stri
 }
 
 function placementFor(volume: Volume, secret: Buffer | undefined): Promise<PlacementTable> {
-  return resolvePlacement(volume.manifest, { secret, runAs: volume.owner.uid !== 0 ? volume.owner : undefined });
+  return resolvePlacement(volume.manifest, { owner: volume.owner, secret });
 }
 
 /** The uid running `pid`, from /proc (to name who connected). */

@@ -2,20 +2,25 @@
 
 import { createHash } from 'node:crypto';
 import { VbdError } from '../common/errors.js';
-import type { LayoutSpec, Manifest } from '../volume/manifest.js';
+import { chunkCountProblem, type LayoutSpec, type Manifest } from '../volume/manifest.js';
+import type { Owner } from '../volume/owner.js';
+import { checkPlacementMemory } from './budget.js';
 import { createKeyedLayout } from './keyed.js';
-import { placementTable, type Geometry, type Layout, type PlacementTable } from './layout.js';
+import { chunkSlots, placementTable, type Geometry, type Layout, type PlacementTable } from './layout.js';
 import { createLinearLayout } from './linear.js';
 import { unlockLayoutKey } from './secret.js';
 import { createStripedLayout } from './striped.js';
-import { userModuleTable, userModuleTableAs, type RunAs } from './user-module.js';
+import { userModuleTable } from './user-module.js';
 import { validateTable } from './validate.js';
 
 export interface LayoutContext {
+  /**
+   * Whom the volume belongs to. A module layout always runs in a confined child process: as
+   * this owner when we are root, as ourselves otherwise — never in this process.
+   */
+  owner: Owner;
   /** The user's secret, for a keyed layout. The caller owns (and wipes) it. */
   secret?: Buffer | undefined;
-  /** When set, a user's module runs in a child process with these ids (never as root). */
-  runAs?: RunAs | undefined;
 }
 
 export function geometryOf(manifest: Manifest): Geometry {
@@ -55,9 +60,12 @@ function keyedLayout(manifest: Manifest, spec: Extract<LayoutSpec, { kind: 'keye
 }
 
 /** Computes the placement of every chunk and checks it is a bijection onto the files. */
-export async function computePlacement(manifest: Manifest, ctx: LayoutContext = {}): Promise<PlacementTable> {
+export async function computePlacement(manifest: Manifest, ctx: LayoutContext): Promise<PlacementTable> {
   const geometry = geometryOf(manifest);
   const spec = manifest.layout;
+  const tooMany = chunkCountProblem(geometry.chunkCount) ?? chunkCountProblem(chunkSlots(geometry).total);
+  if (tooMany !== undefined) throw new VbdError(`volume '${manifest.name}' has ${tooMany}; use larger chunks`);
+  checkPlacementMemory(manifest.name, spec.kind, geometry.chunkCount, chunkSlots(geometry).total);
   let table: PlacementTable;
   switch (spec.kind) {
     case 'linear':
@@ -73,9 +81,7 @@ export async function computePlacement(manifest: Manifest, ctx: LayoutContext = 
       table = placementTable(keyedLayout(manifest, spec, geometry, ctx), geometry);
       break;
     case 'module':
-      table = ctx.runAs !== undefined
-        ? await userModuleTableAs(ctx.runAs, spec.path, geometry, spec.params)
-        : await userModuleTable(spec.path, geometry, spec.params);
+      table = await userModuleTable(ctx.owner, spec.path, geometry, spec.params);
       break;
   }
   validateTable(table, geometry, manifest.files.map((f) => f.path));
@@ -83,7 +89,7 @@ export async function computePlacement(manifest: Manifest, ctx: LayoutContext = 
 }
 
 /** computePlacement, plus: a module layout must still place chunks as it did at `init`. */
-export async function resolvePlacement(manifest: Manifest, ctx: LayoutContext = {}): Promise<PlacementTable> {
+export async function resolvePlacement(manifest: Manifest, ctx: LayoutContext): Promise<PlacementTable> {
   const table = await computePlacement(manifest, ctx);
   const spec = manifest.layout;
   if (spec.kind === 'module' && spec.fingerprint !== tableFingerprint(table)) {

@@ -6,7 +6,7 @@ import { createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypt
 import { closeSync, fstatSync, openSync, constants as fsc } from 'node:fs';
 import { VbdError, failure } from '../common/errors.js';
 import { readFully } from '../common/fd.js';
-import type { ScryptParams } from '../volume/manifest.js';
+import { scryptCostProblem, type ScryptParams } from '../volume/manifest.js';
 
 export const DEFAULT_KDF: ScryptParams = { N: 2 ** 15, r: 8, p: 1 };
 const CHECK_LABEL = 'vbd-shadow key-check v1';
@@ -23,6 +23,8 @@ export function newSalt(): string {
 
 /** scrypt(secret, salt) → 32 bytes for the permutation, 32 bytes for the check value. */
 export function deriveKeys(secret: Buffer, salt: string, kdf: ScryptParams): DerivedKeys {
+  const costly = scryptCostProblem(kdf);
+  if (costly !== undefined) throw new VbdError(`scrypt parameters refused: ${costly}`);
   const derived = scryptSync(secret, Buffer.from(salt, 'hex'), 64, {
     N: kdf.N,
     r: kdf.r,

@@ -1,78 +1,109 @@
 // `module:PATH`: the user's own layout, a JS module exporting
 //   createLayout(geometry, params) → { place(chunk) → { file, offset } }
-// It is user code: when we are root it runs in a child process as the volume owner
-// (module-runner.ts), and whatever it returns is validated like any other layout.
+// It is user code, so it never runs in this process: it always runs in the child runner
+// (module-runner.ts), confined by src/sys/run-as.ts — as the volume owner when we are root,
+// as ourselves otherwise — and whatever it returns is validated like any other layout.
+// Before that, the module file and every directory above it must be changeable only by the
+// owner or root: nobody else may put code there that would run as the owner.
 
-import { spawn } from 'node:child_process';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { closeSync, fstatSync, lstatSync, openSync, realpathSync, constants as fsc, type Stats } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { VbdError, failure } from '../common/errors.js';
-import { newTable, placementTable, type Geometry, type Layout, type PlacementTable } from './layout.js';
-
-export interface RunAs {
-  uid: number;
-  gid: number;
-}
-
-function isLayout(value: unknown): value is Layout {
-  return typeof value === 'object' && value !== null && typeof (value as Layout).place === 'function';
-}
-
-/** Imports the module in this process and computes its table, checking every value's type. */
-export async function userModuleTable(path: string, geometry: Geometry, params: Record<string, unknown>): Promise<PlacementTable> {
-  let mod: { createLayout?: unknown; default?: { createLayout?: unknown } };
-  try {
-    mod = (await import(pathToFileURL(path).href)) as typeof mod;
-  } catch (err) {
-    throw failure(`cannot load layout module ${path}`, err);
-  }
-  const create = mod.createLayout ?? mod.default?.createLayout;
-  if (typeof create !== 'function') throw new VbdError(`layout module ${path} does not export createLayout(geometry, params)`);
-  const layout: unknown = create(Object.freeze({ ...geometry, fileSizes: Object.freeze([...geometry.fileSizes]) }), params);
-  if (!isLayout(layout)) throw new VbdError(`layout module ${path}: createLayout() must return an object with place(chunk)`);
-  const checked: Layout = {
-    place(chunk) {
-      const p: unknown = layout.place(chunk);
-      const { file, offset } = (p ?? {}) as { file?: unknown; offset?: unknown };
-      if (typeof file !== 'number' || !Number.isSafeInteger(file) || file < 0 || typeof offset !== 'number' || !Number.isSafeInteger(offset)) {
-        throw new VbdError(`layout module ${path}: place(${chunk}) must return { file, offset } as non-negative integers, got ${JSON.stringify(p)}`);
-      }
-      return { file, offset };
-    },
-  };
-  return placementTable(checked, geometry);
-}
+import { lastLine, runConfined } from '../sys/run-as.js';
+import { currentUser, type Owner } from '../volume/owner.js';
+import type { Geometry, PlacementTable } from './layout.js';
 
 const RUNNER = fileURLToPath(new URL('./module-runner.js', import.meta.url));
+/** open(2) O_PATH: a handle to stat, never to read or write (Node does not export the flag). */
+const O_PATH = 0o10000000;
+/** Bytes the runner writes per chunk: an f64 offset and a u32 file index. */
+export const RUNNER_BYTES_PER_CHUNK = 12;
 
-/** Runs the module in a child process as `runAs` and reads back its table (binary, on stdout). */
-export function userModuleTableAs(runAs: RunAs, path: string, geometry: Geometry, params: Record<string, unknown>): Promise<PlacementTable> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [RUNNER], {
-      uid: runAs.uid,
-      gid: runAs.gid,
-      cwd: '/',
-      env: { PATH: '/usr/bin:/bin' },
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
-    const out: Buffer[] = [];
-    let err = '';
-    child.stdout.on('data', (d: Buffer) => out.push(d));
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    child.on('error', (e) => reject(failure(`cannot run layout module ${path} as uid ${runAs.uid}`, e)));
-    child.on('close', (code) => {
-      if (code !== 0) {
-        const line = err.trim().split('\n').pop() ?? '';
-        return reject(new VbdError(line.startsWith('layout') ? line : `layout module ${path} failed (exit ${code}): ${line}`));
-      }
-      const data = Buffer.concat(out);
-      const n = geometry.chunkCount;
-      if (data.length !== n * 12) return reject(new VbdError(`layout module ${path}: runner returned ${data.length} bytes, expected ${n * 12}`));
-      const table = newTable(n);
-      const aligned = Buffer.from(data); // fresh buffer: offset 0, aligned for typed views
-      table.offset.set(new Float64Array(aligned.buffer, aligned.byteOffset, n));
-      table.file.set(new Uint32Array(aligned.buffer, aligned.byteOffset + n * 8, n));
-      resolve(table);
-    });
-    child.stdin.end(JSON.stringify({ path, geometry, params }));
+/** Wall-clock limit for a module: 10 s to start, plus 4 µs per chunk (a 2^24-chunk volume gets ~77 s). */
+export function moduleTimeoutMs(chunkCount: number): number {
+  return 10_000 + Math.ceil((chunkCount * 4) / 1000);
+}
+
+const mode = (st: Stats): string => (st.mode & 0o7777).toString(8);
+
+function checkChangeableOnlyBy(st: Stats, owner: Owner, what: string): void {
+  if (st.uid !== owner.uid && st.uid !== 0) {
+    throw new VbdError(`${what} is owned by uid ${st.uid}, neither the volume owner (uid ${owner.uid}) nor root`);
+  }
+}
+
+/**
+ * Checks the module file (regular, not a symlink, owned by the owner or root, not writable by
+ * group or others) and each directory above it (owned by the owner or root, not writable by
+ * group or others unless sticky). Returns the path with its directories' symlinks resolved:
+ * the one the runner imports.
+ */
+export function checkModuleFile(path: string, owner: Owner): string {
+  let realDir: string;
+  try {
+    realDir = realpathSync(dirname(path));
+  } catch (err) {
+    throw failure(`layout module ${path}: cannot resolve its directory`, err);
+  }
+  const real = join(realDir, basename(path));
+  for (let dir = realDir; ; dir = dirname(dir)) {
+    const st = lstatSync(dir);
+    const what = `layout module ${path}: directory ${dir}`;
+    checkChangeableOnlyBy(st, owner, what);
+    if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
+      throw new VbdError(`${what} is writable by group or others (mode ${mode(st)}); chmod go-w it or move the module`);
+    }
+    if (dir === '/') break;
+  }
+  let fd: number;
+  try {
+    fd = openSync(real, O_PATH | fsc.O_NOFOLLOW);
+  } catch (err) {
+    throw failure(`cannot open layout module ${path}`, err);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (st.isSymbolicLink()) throw new VbdError(`layout module ${path} is a symbolic link (refused)`);
+    if (!st.isFile()) throw new VbdError(`layout module ${path} is not a regular file`);
+    checkChangeableOnlyBy(st, owner, `layout module ${path}`);
+    if ((st.mode & 0o022) !== 0) throw new VbdError(`layout module ${path} is writable by group or others (mode ${mode(st)}); chmod go-w it`);
+  } finally {
+    closeSync(fd);
+  }
+  return real;
+}
+
+/**
+ * Computes a module layout's table in the confined child runner and reads it back. The caller
+ * has checked that 12 bytes per chunk fit in memory: that buffer becomes the table itself.
+ */
+export async function userModuleTable(owner: Owner, path: string, geometry: Geometry, params: Record<string, unknown>): Promise<PlacementTable> {
+  const real = checkModuleFile(path, owner);
+  const account = process.geteuid?.() === 0 ? owner : currentUser();
+  const n = geometry.chunkCount;
+  const what = `layout module ${path}`;
+  const r = await runConfined({
+    account,
+    command: process.execPath,
+    args: [RUNNER],
+    input: JSON.stringify({ path: real, geometry, params }),
+    timeoutMs: moduleTimeoutMs(n),
+    stdoutBytes: n * RUNNER_BYTES_PER_CHUNK,
+    what,
   });
+  if (r.code !== 0) {
+    const line = lastLine(r.stderrTail);
+    const how = r.signal !== null ? `killed by ${r.signal}` : `exit ${r.code}`;
+    throw new VbdError(line.startsWith(`layout module ${real}`) || line.startsWith(`cannot load layout module ${real}`)
+      ? line
+      : `${what} failed as uid ${account.uid} (${how})${line === '' ? '' : `: ${line}`}`);
+  }
+  if (r.stdoutLength !== n * RUNNER_BYTES_PER_CHUNK) {
+    throw new VbdError(`${what}: the runner wrote ${r.stdoutLength} bytes, expected ${n * RUNNER_BYTES_PER_CHUNK} (${n} chunks)`);
+  }
+  return {
+    offset: new Float64Array(r.stdout.buffer, r.stdout.byteOffset, n),
+    file: new Uint32Array(r.stdout.buffer, r.stdout.byteOffset + n * 8, n),
+  };
 }

@@ -1,16 +1,23 @@
 // `init`: a new volume — backing files (sparse, mode 0600) and the manifest, written last and
 // atomically, so a failed init never leaves something that looks like a volume.
+// The directory is opened once (no symlink followed) and must belong to whoever runs init;
+// everything inside is reached through that fd, never by path: a planted symlink is refused
+// or replaced, never written through, and an old backing file is checked before it is cut.
 
-import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, renameSync, statSync, writeFileSync, constants as fsc, type Stats } from 'node:fs';
-import { basename, join, resolve } from 'node:path';
+import {
+  closeSync, fstatSync, fsyncSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, renameSync, unlinkSync, writeSync,
+  constants as fsc, type Stats,
+} from 'node:fs';
+import { basename, resolve } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { formatSize, isPowerOfTwo } from '../common/size.js';
 import { computePlacement, tableFingerprint } from '../layouts/index.js';
 import { DEFAULT_KDF, deriveKeys, newSalt } from '../layouts/secret.js';
 import {
   MANIFEST_NAME, MAX_CHUNK_SIZE, MAX_DEVICE_SIZE, MAX_FILES, MIN_CHUNK_SIZE,
-  isValidName, serializeManifest, type LayoutSpec, type Manifest,
+  chunkCountProblem, isValidName, serializeManifest, type LayoutSpec, type Manifest,
 } from './manifest.js';
+import { currentUser, type Owner } from './owner.js';
 import { unexpectedEntries } from './volume.js';
 
 export type LayoutChoice = { kind: 'linear' } | { kind: 'striped' } | { kind: 'keyed'; secret: Buffer } | { kind: 'module'; path: string; params: Record<string, unknown> };
@@ -41,6 +48,8 @@ function checkGeometry(o: InitOptions): void {
   if (o.deviceSize % o.chunkSize !== 0) throw new VbdError(`--size ${formatSize(o.deviceSize)} is not a whole number of ${formatSize(o.chunkSize)} chunks`);
   if (!Number.isSafeInteger(o.fileCount) || o.fileCount < 1 || o.fileCount > MAX_FILES) throw new VbdError(`--files must be from 1 to ${MAX_FILES}, got ${o.fileCount}`);
   const chunks = o.deviceSize / o.chunkSize;
+  const tooMany = chunkCountProblem(chunks);
+  if (tooMany !== undefined) throw new VbdError(`--size ${formatSize(o.deviceSize)} in ${formatSize(o.chunkSize)} chunks makes ${tooMany}; use a larger --chunk`);
   if (chunks < o.fileCount) throw new VbdError(`${o.fileCount} files need at least ${o.fileCount} chunks; the device has ${chunks}`);
 }
 
@@ -56,8 +65,110 @@ function layoutSpec(choice: LayoutChoice): LayoutSpec {
       return { kind: 'keyed', salt, kdf: DEFAULT_KDF, keyCheck };
     }
     case 'module':
+      if (/[\0-\x1f\x7f]/.test(choice.path)) throw new VbdError(`--layout module:PATH: the path must not hold control characters, got ${JSON.stringify(choice.path)}`);
       // The fingerprint is filled in once the module's table has been computed.
       return { kind: 'module', path: resolve(choice.path), params: choice.params, fingerprint: '0'.repeat(64) };
+  }
+}
+
+const O_NONBLOCK = fsc.O_NONBLOCK;
+const TEMP_MANIFEST = `.${MANIFEST_NAME}.tmp`;
+
+/** Path of `name` in the directory held open as `dirFd` (a single component: never re-resolves the directory). */
+function at(dirFd: number, name: string): string {
+  return `/proc/self/fd/${dirFd}/${name}`;
+}
+
+/** Opens the volume directory without following a symlink; undefined if it does not exist. */
+function openDir(dir: string, missingOk: boolean): number | undefined {
+  try {
+    return openSync(dir, fsc.O_RDONLY | fsc.O_DIRECTORY | fsc.O_NOFOLLOW);
+  } catch (err) {
+    if (missingOk && errnoCode(err) === 'ENOENT') return undefined;
+    if (errnoCode(err) === 'ENOTDIR') {
+      // O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR too: name which one it is.
+      let link = false;
+      try {
+        link = lstatSync(dir).isSymbolicLink();
+      } catch {
+        /* gone meanwhile: still not a directory we opened */
+      }
+      throw new VbdError(link ? `cannot use ${dir}: is a symbolic link (refused)` : `${dir} exists and is not a directory`);
+    }
+    throw failure(`cannot use ${dir}`, err);
+  }
+}
+
+/** The directory must be ours, not writable by group or others, and hold nothing foreign. */
+function checkDir(dirFd: number, dir: string, me: Owner, manifest: Manifest, force: boolean): void {
+  const st = fstatSync(dirFd);
+  if (st.uid !== me.uid) {
+    throw new VbdError(`${dir} is owned by uid ${st.uid}, not by uid ${me.uid} (${me.name}) who runs init; run init as the directory's owner`);
+  }
+  if ((st.mode & 0o022) !== 0) {
+    throw new VbdError(`${dir} is writable by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod go-w it`);
+  }
+  const entries = readdirSync(at(dirFd, ''));
+  if (entries.length > 0 && !force) throw new VbdError(`${dir} is not empty (use --force to reuse a directory that holds an old volume)`);
+  const foreign = unexpectedEntries(at(dirFd, ''), manifest);
+  if (foreign.length > 0) throw new VbdError(`${dir} holds '${foreign[0]}', which is not part of the new volume; refusing to mix`);
+  let old: Stats | undefined;
+  try {
+    old = lstatSync(at(dirFd, MANIFEST_NAME));
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT') throw failure(`cannot check ${dir}/${MANIFEST_NAME}`, err);
+  }
+  if (old?.isDirectory() === true) throw new VbdError(`${dir}/${MANIFEST_NAME} is a directory; refusing to replace it`);
+}
+
+/** An existing backing file, opened for writing without following a symlink and checked; undefined if absent. */
+function openOldBackingFile(dirFd: number, dir: string, name: string, me: Owner): number | undefined {
+  let fd: number;
+  try {
+    fd = openSync(at(dirFd, name), fsc.O_WRONLY | fsc.O_NOFOLLOW | O_NONBLOCK);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return undefined;
+    throw failure(`cannot reuse backing file ${dir}/${name}`, err);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new VbdError(`cannot reuse backing file ${dir}/${name}: not a regular file`);
+    if (st.nlink !== 1) throw new VbdError(`cannot reuse backing file ${dir}/${name}: it has ${st.nlink} hard links; backing files must have exactly one`);
+    if (st.uid !== me.uid) throw new VbdError(`cannot reuse backing file ${dir}/${name}: owned by uid ${st.uid}, not uid ${me.uid}`);
+    return fd;
+  } catch (err) {
+    closeSync(fd);
+    throw err;
+  }
+}
+
+function writeManifest(dirFd: number, dir: string, manifest: Manifest): void {
+  try {
+    unlinkSync(at(dirFd, TEMP_MANIFEST)); // a stale one, or whatever was planted there (unlink never follows)
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT') throw failure(`cannot remove stale ${dir}/${TEMP_MANIFEST}`, err);
+  }
+  let fd: number;
+  try {
+    fd = openSync(at(dirFd, TEMP_MANIFEST), fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o644);
+  } catch (err) {
+    throw failure(`cannot create ${dir}/${TEMP_MANIFEST}`, err);
+  }
+  try {
+    const text = Buffer.from(serializeManifest(manifest));
+    let done = 0;
+    while (done < text.length) done += writeSync(fd, text, done, text.length - done);
+    fsyncSync(fd);
+  } catch (err) {
+    throw failure(`cannot write ${dir}/${TEMP_MANIFEST}`, err);
+  } finally {
+    closeSync(fd);
+  }
+  try {
+    renameSync(at(dirFd, TEMP_MANIFEST), at(dirFd, MANIFEST_NAME));
+    fsyncSync(dirFd);
+  } catch (err) {
+    throw failure(`cannot put the manifest in place in ${dir}`, err);
   }
 }
 
@@ -67,58 +178,58 @@ export async function initVolume(o: InitOptions): Promise<Manifest> {
   const dir = resolve(o.dir);
   const name = o.name ?? basename(dir).replace(/[^A-Za-z0-9_.-]/g, '_').replace(/^[.-]+/, '');
   if (!isValidName(name)) throw new VbdError(`volume name '${name}' must be 1-64 characters of A-Z a-z 0-9 _ . - not starting with . or - (use --name)`);
+  const me = currentUser();
+  const force = o.force === true;
 
   const chunks = o.deviceSize / o.chunkSize;
   const base = Math.floor(chunks / o.fileCount);
   const extra = chunks % o.fileCount; // the first `extra` files hold one chunk more (so striping fits)
   const files = backingFileNames(o.fileCount).map((path, i) => ({ path, size: (base + (i < extra ? 1 : 0)) * o.chunkSize }));
-  const manifest: Manifest = { format: 1, name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout: layoutSpec(o.layout) };
 
-  if (manifest.layout.kind === 'keyed' && o.layout.kind === 'keyed') {
-    await computePlacement(manifest, { secret: o.layout.secret });
-  } else {
-    const table = await computePlacement(manifest);
-    if (manifest.layout.kind === 'module') manifest.layout.fingerprint = tableFingerprint(table);
-  }
-
-  let existing: Stats | undefined;
+  // An existing directory is checked before any layout code runs.
+  let dirFd = openDir(dir, true);
+  const fds: (number | undefined)[] = [];
   try {
-    existing = statSync(dir);
-  } catch (err) {
-    if (errnoCode(err) !== 'ENOENT') throw failure(`cannot use ${dir}`, err);
-  }
-  if (existing !== undefined && !existing.isDirectory()) throw new VbdError(`${dir} exists and is not a directory`);
-  if (existing !== undefined) {
-    const entries = readdirSync(dir);
-    if (entries.length > 0 && o.force !== true) throw new VbdError(`${dir} is not empty (use --force to reuse a directory that holds an old volume)`);
-    const foreign = unexpectedEntries(dir, manifest);
-    if (foreign.length > 0) throw new VbdError(`${dir} holds '${foreign[0]}', which is not part of the new volume; refusing to mix`);
-  } else {
-    try {
-      mkdirSync(dir, { mode: 0o700, recursive: true });
-    } catch (err) {
-      throw failure(`cannot create ${dir}`, err);
-    }
-  }
+    const manifest: Manifest = { format: 1, name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout: layoutSpec(o.layout) };
+    if (dirFd !== undefined) checkDir(dirFd, dir, me, manifest, force);
 
-  for (const file of files) {
-    const path = join(dir, file.path);
-    let fd: number;
-    try {
-      fd = openSync(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_TRUNC | fsc.O_NOFOLLOW, 0o600);
-    } catch (err) {
-      throw failure(`cannot create backing file ${path}`, err);
+    // The placement: a module layout runs confined, as whoever runs init.
+    const table = await computePlacement(manifest, { owner: me, secret: o.layout.kind === 'keyed' ? o.layout.secret : undefined });
+    if (manifest.layout.kind === 'module') manifest.layout.fingerprint = tableFingerprint(table);
+
+    if (dirFd === undefined) {
+      try {
+        mkdirSync(dir, { mode: 0o700, recursive: true });
+      } catch (err) {
+        throw failure(`cannot create ${dir}`, err);
+      }
+      dirFd = openDir(dir, false) ?? -1;
+      checkDir(dirFd, dir, me, manifest, force);
     }
-    try {
-      ftruncateSync(fd, file.size);
-    } catch (err) {
-      throw failure(`cannot size backing file ${path} to ${file.size} bytes`, err);
-    } finally {
-      closeSync(fd);
-    }
+    const held = dirFd;
+
+    // Every old backing file is checked before any is cut or any new one is made.
+    for (const file of files) fds.push(openOldBackingFile(held, dir, file.path, me));
+    files.forEach((file, i) => {
+      if (fds[i] !== undefined) return;
+      try {
+        fds[i] = openSync(at(held, file.path), fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW | O_NONBLOCK, 0o600);
+      } catch (err) {
+        throw failure(`cannot create backing file ${dir}/${file.path}`, err);
+      }
+    });
+    files.forEach((file, i) => {
+      try {
+        ftruncateSync(fds[i] ?? -1, 0);
+        ftruncateSync(fds[i] ?? -1, file.size);
+      } catch (err) {
+        throw failure(`cannot size backing file ${dir}/${file.path} to ${file.size} bytes`, err);
+      }
+    });
+    writeManifest(held, dir, manifest);
+    return manifest;
+  } finally {
+    for (const fd of fds) if (fd !== undefined) closeSync(fd);
+    if (dirFd !== undefined && dirFd >= 0) closeSync(dirFd);
   }
-  const temp = join(dir, `.${MANIFEST_NAME}.tmp`);
-  writeFileSync(temp, serializeManifest(manifest), { mode: 0o644 });
-  renameSync(temp, join(dir, MANIFEST_NAME));
-  return manifest;
 }

@@ -13,6 +13,16 @@ export const MAX_DEVICE_SIZE = 2 ** 40;
 export const MIN_CHUNK_SIZE = 512;
 export const MAX_CHUNK_SIZE = 64 * 2 ** 20;
 export const MAX_FILES = 10_000;
+/**
+ * Most chunks (and chunk slots in the files) a volume may have: every placement costs ~12 bytes
+ * per chunk and 4 per slot in RAM, and root computes it; 2^24 chunks is 8 GiB of 512 B chunks.
+ */
+export const MAX_CHUNKS = 2 ** 24;
+/** scrypt as root: at most 256 MiB (128·N·r) and p ≤ 4 — a few seconds at worst. */
+export const MAX_SCRYPT_MEMORY = 256 * 2 ** 20;
+export const MAX_SCRYPT_P = 4;
+/** Names starting with this belong to the tool (manifest, journal, aside directory, …). */
+export const RESERVED_PREFIX = 'vbd-shadow';
 
 /** Volume and backing-file names: no slash, no leading dot, so never `..` nor a path. */
 const NAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/;
@@ -49,6 +59,19 @@ export interface Manifest {
 
 export function isValidName(name: string): boolean {
   return NAME_RE.test(name);
+}
+
+/** Why these scrypt parameters are refused (too costly for root), or undefined if they are fine. */
+export function scryptCostProblem(kdf: ScryptParams): string | undefined {
+  const memory = 128 * kdf.N * kdf.r;
+  if (memory > MAX_SCRYPT_MEMORY) return `needs ${memory / 2 ** 20} MiB (128·N·r with N=${kdf.N}, r=${kdf.r}), more than the ${MAX_SCRYPT_MEMORY / 2 ** 20} MiB allowed`;
+  if (kdf.p > MAX_SCRYPT_P) return `p=${kdf.p} is more than the ${MAX_SCRYPT_P} allowed`;
+  return undefined;
+}
+
+/** Why a volume of this many chunks is refused, or undefined. */
+export function chunkCountProblem(chunks: number): string | undefined {
+  return chunks > MAX_CHUNKS ? `${chunks} chunks, more than the ${MAX_CHUNKS} allowed` : undefined;
 }
 
 type Json = Record<string, unknown>;
@@ -98,16 +121,19 @@ function parseLayout(value: unknown): LayoutSpec {
       onlyKeys(kdf, ['N', 'r', 'p'], 'layout.kdf');
       const N = integer(kdf, 'N', 'layout.kdf', 1024, 2 ** 20);
       if (!isPowerOfTwo(N)) bad(`layout.kdf.N must be a power of two, got ${N}`);
+      const params = { N, r: integer(kdf, 'r', 'layout.kdf', 1, 32), p: integer(kdf, 'p', 'layout.kdf', 1, 16) };
+      const costly = scryptCostProblem(params);
+      if (costly !== undefined) bad(`layout.kdf ${costly}`);
       return {
         kind,
         salt: string(obj, 'salt', 'layout', HEX(16), 'must be 32 hex digits'),
-        kdf: { N, r: integer(kdf, 'r', 'layout.kdf', 1, 32), p: integer(kdf, 'p', 'layout.kdf', 1, 16) },
+        kdf: params,
         keyCheck: string(obj, 'keyCheck', 'layout', HEX(32), 'must be 64 hex digits'),
       };
     }
     case 'module': {
       onlyKeys(obj, ['kind', 'path', 'params', 'fingerprint'], 'layout');
-      const path = string(obj, 'path', 'layout', /^\/[^\0]*$/, 'must be an absolute path to a JS module');
+      const path = string(obj, 'path', 'layout', /^\/[^\0-\x1f\x7f]{0,4095}$/, 'must be an absolute path to a JS module (no control characters)');
       return {
         kind,
         path,
@@ -136,6 +162,8 @@ export function parseManifest(text: string): Manifest {
   if (!isPowerOfTwo(chunkSize)) bad(`chunkSize must be a power of two, got ${chunkSize}`);
   const deviceSize = integer(obj, 'deviceSize', 'manifest', chunkSize, MAX_DEVICE_SIZE);
   if (deviceSize % chunkSize !== 0) bad(`deviceSize ${deviceSize} is not a multiple of chunkSize ${chunkSize}`);
+  const tooMany = chunkCountProblem(deviceSize / chunkSize);
+  if (tooMany !== undefined) bad(`deviceSize ${deviceSize} in chunks of ${chunkSize} makes ${tooMany}`);
 
   const filesRaw = obj['files'];
   if (!Array.isArray(filesRaw) || filesRaw.length === 0) bad('files must be a non-empty array');
@@ -147,12 +175,16 @@ export function parseManifest(text: string): Manifest {
     onlyKeys(file, ['path', 'size'], where);
     const path = string(file, 'path', where, NAME_RE, 'must be a plain file name in the volume directory (no "/", no "..", no leading ".")');
     if (path === MANIFEST_NAME) bad(`${where}.path must not be the manifest itself`);
+    if (path.startsWith(RESERVED_PREFIX)) bad(`${where}.path '${path}' is reserved: names starting with '${RESERVED_PREFIX}' belong to the tool`);
     if (seen.has(path)) bad(`${where}.path '${path}' is listed twice`);
     seen.add(path);
     return { path, size: integer(file, 'size', where, 0, MAX_DEVICE_SIZE) };
   });
   const total = files.reduce((sum, f) => sum + f.size, 0);
   if (total < deviceSize) bad(`the files hold ${total} bytes in all, less than deviceSize ${deviceSize}`);
+  const slots = files.reduce((sum, f) => sum + Math.floor(f.size / chunkSize), 0);
+  const tooManySlots = chunkCountProblem(slots);
+  if (tooManySlots !== undefined) bad(`the files hold ${slots} chunk slots of ${chunkSize} bytes, more than the ${MAX_CHUNKS} allowed`);
 
   return { format: MANIFEST_FORMAT, name, deviceSize, chunkSize, files, layout: parseLayout(obj['layout']) };
 }

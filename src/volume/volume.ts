@@ -10,7 +10,9 @@ import { VbdError, failure } from '../common/errors.js';
 import { readFully } from '../common/fd.js';
 import { openNoSymlinks } from '../sys/open.js';
 import { MANIFEST_NAME, parseManifest, type Manifest } from './manifest.js';
-import { ownerOf, type Owner } from './owner.js';
+import { ownerOfUid, type Owner } from './owner.js';
+
+export type { Owner } from './owner.js';
 
 /** Entries the tool itself keeps in a volume directory besides the backing files. */
 export const JOURNAL_NAME = 'vbd-shadow.journal';
@@ -18,7 +20,6 @@ export const ASIDE_DIR = 'vbd-shadow-aside';
 const OWN_ENTRIES = new Set([MANIFEST_NAME, JOURNAL_NAME, ASIDE_DIR]);
 const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
 
-export type { Owner } from './owner.js';
 
 /** What a volume is, whatever its path: root keys runtime state, logs and leftovers by it. */
 export interface VolumeIdentity {
@@ -119,9 +120,10 @@ export function openVolume(dir: string, options: LoadOptions = {}): Volume {
   try {
     const dirStat = fstatSync(dirFd);
     if ((dirStat.mode & 0o022) !== 0) {
-      throw new VbdError(`volume directory ${absolute} is writable by ${(dirStat.mode & 0o002) !== 0 ? 'others' : 'its group'} (mode ${(dirStat.mode & 0o777).toString(8)}); chmod go-w it`);
+      throw new VbdError(`volume directory ${absolute} is writable by group or others (mode ${(dirStat.mode & 0o777).toString(8)}); chmod go-w it`);
     }
-    const owner = ownerOf(dirStat.uid);
+    // The owner is whoever owns the directory; gid, name and home come from /etc/passwd.
+    const owner = ownerOfUid(dirStat.uid, `volume directory ${absolute} is owned by uid ${dirStat.uid}, which`);
     const manifest = readManifest(dirFd, owner);
     const extra = unexpectedEntries(`/proc/self/fd/${dirFd}`, manifest);
     if (extra.length > 0) {

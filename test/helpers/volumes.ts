@@ -16,7 +16,7 @@ export async function makeVolume(dir: string, deviceSize: number, fileCount: num
 export async function placement(dir: string, secret?: Buffer): Promise<PlacementTable> {
   const volume = openVolume(dir);
   try {
-    return await resolvePlacement(volume.manifest, { secret });
+    return await resolvePlacement(volume.manifest, { owner: volume.owner, secret });
   } finally {
     closeVolume(volume);
   }
@@ -29,13 +29,13 @@ export async function importThenExport(dir: string, image: Buffer, scratch: stri
   writeFileSync(inPath, image);
   const writable = openVolume(dir, { writable: true });
   try {
-    importImage(writable, await resolvePlacement(writable.manifest, { secret }), inPath);
+    importImage(writable, await resolvePlacement(writable.manifest, { owner: writable.owner, secret }), inPath);
   } finally {
     closeVolume(writable);
   }
   const readable = openVolume(dir);
   try {
-    exportImage(readable, await resolvePlacement(readable.manifest, { secret }), outPath);
+    exportImage(readable, await resolvePlacement(readable.manifest, { owner: readable.owner, secret }), outPath);
   } finally {
     closeVolume(readable);
   }
