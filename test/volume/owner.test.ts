@@ -4,7 +4,7 @@
 import { chownSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { closeVolume, loadVolume } from '../../src/volume/volume.js';
+import { closeVolume, openVolume } from '../../src/volume/volume.js';
 import { cli, cliOk, treeHash } from '../helpers/cli.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, cliAs } from '../helpers/system.js';
@@ -19,7 +19,7 @@ describe.skipIf(!IS_ROOT)(`volume owner (${IS_ROOT ? 'as root' : ROOT_SKIP_REASO
     expect(made.status, made.stderr).toBe(0);
     chownSync(dir, user.uid, 0);
     const passwd = execFileSync('getent', ['passwd', user.name], { encoding: 'utf8' }).trim().split(':');
-    const volume = loadVolume(dir);
+    const volume = openVolume(dir);
     try {
       expect(volume.owner).toEqual({ uid: user.uid, gid: user.gid, name: user.name, home: passwd[5] });
     } finally {
