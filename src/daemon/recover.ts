@@ -12,7 +12,7 @@ import { runOk } from '../common/exec.js';
 import { formatSize } from '../common/size.js';
 import { detachLoop, loopsBoundTo, quarantine, unpublishName } from '../device/loop.js';
 import { thawIfFrozen } from '../device/freeze.js';
-import { closeMountPoint, holdersOf, mountsOfLoop, openFoundMount, unmountDevice } from '../device/mount.js';
+import { holdersOf, mountsOfLoop, unmountDevice } from '../device/mount.js';
 import { FlushEngine } from '../flush/engine.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image.js';
@@ -35,21 +35,16 @@ export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table
   const image = openLeftoverImage(paths.shadow, volume.identity);
   try {
     for (const loop of await loopsBoundTo(image.backing)) {
-      for (const found of mountsOfLoop(loop.index)) {
-        const mounted = openFoundMount(found);
-        try {
-          if (thawIfFrozen(mounted)) log(`recovery: thawed ${found.point}, left frozen by the daemon that died mid-flush`);
-          // Processes of the crashed session may still be exiting: retry for a while.
-          for (let attempt = 1; !unmountDevice(mounted, log); attempt++) {
-            if (attempt === UNMOUNT_ATTEMPTS) {
-              throw new VbdError(`the earlier daemon's filesystem at ${found.point} is busy (held by ${holdersOf(found.point).join(', ') || 'an unknown user'}); close it and start again`);
-            }
-            await sleep(500);
+      for (const mounted of mountsOfLoop(loop.index)) {
+        if (thawIfFrozen(mounted)) log(`recovery: thawed ${mounted.path}, left frozen by the daemon that died mid-flush`);
+        // Processes of the crashed session may still be exiting: retry for a while.
+        for (let attempt = 1; !unmountDevice(mounted, log); attempt++) {
+          if (attempt === UNMOUNT_ATTEMPTS) {
+            throw new VbdError(`the earlier daemon's filesystem at ${mounted.path} is busy (held by ${holdersOf(mounted.path).join(', ') || 'an unknown user'}); close it and start again`);
           }
-          log(`recovery: unmounted ${found.point}`);
-        } finally {
-          closeMountPoint(mounted.point);
+          await sleep(500);
         }
+        log(`recovery: unmounted ${mounted.path}`);
       }
       if ((await detachLoop(loop, image.backing, log)) === 'quarantined') quarantine(volume.owner.uid, loop.index);
       unpublishName(volume.owner, volume.manifest.name, loop);

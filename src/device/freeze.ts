@@ -11,12 +11,12 @@ export async function whileFrozen<T>(m: Mounted, capture: () => T): Promise<{ re
   // Dirty data is written out before (the caller synced) while writers still run: FIFREEZE
   // blocks them first and then syncs, so whatever is still dirty lengthens their stall.
   const t0 = performance.now();
-  await ioctlAsync(fd, ioctls.FIFREEZE, 0, `FIFREEZE of ${m.point.path}`);
+  await ioctlAsync(fd, ioctls.FIFREEZE, 0, `FIFREEZE of ${m.path}`);
   const t1 = performance.now();
   try {
     return { result: capture(), freezeMs: t1 - t0, frozenMs: performance.now() - t0 };
   } finally {
-    ioctl(fd, ioctls.FITHAW, 0, `FITHAW of ${m.point.path}`);
+    ioctl(fd, ioctls.FITHAW, 0, `FITHAW of ${m.path}`);
   }
 }
 
@@ -26,7 +26,7 @@ export async function whileFrozen<T>(m: Mounted, capture: () => T): Promise<{ re
  */
 export function thawIfFrozen(m: Mounted): boolean {
   try {
-    ioctl(mountRoot(m), ioctls.FITHAW, 0, `FITHAW of ${m.point.path}`);
+    ioctl(mountRoot(m), ioctls.FITHAW, 0, `FITHAW of ${m.path}`);
     return true;
   } catch (err) {
     if ((err as { code?: string }).code === 'EINVAL') return false; // was not frozen
@@ -36,5 +36,5 @@ export function thawIfFrozen(m: Mounted): boolean {
 
 /** syncfs of the mounted filesystem: its dirty pages reach the device (and so the RAM image). */
 export async function syncMounted(m: Mounted): Promise<void> {
-  await syncFilesystem(mountRoot(m), `the filesystem on ${m.point.path}`);
+  await syncFilesystem(mountRoot(m), `the filesystem on ${m.path}`);
 }

@@ -1,18 +1,16 @@
-// The owner's filesystem on the device, handled through file descriptors only. The mount point
-// (and its parent) are opened once with no symlink anywhere on the path and checked with
-// fstat; the mount lands on the held directory; freeze, thaw and syncfs go through a held fd of
-// the mount's root; unmount names the mount point through the held parent (a mount point cannot
-// be renamed or removed while mounted) and only after checking it is still our mount.
+// The owner's filesystem on the device, handled through file descriptors only. The mount point's
+// parent is opened once with no symlink anywhere on the path, the mount point below it and
+// checked with fstat; the mount lands on that directory fd; freeze, thaw and syncfs go through
+// a held fd of the mount's root; unmount finds the mount by its id and verifies it before
+// unmounting (a mount point cannot be renamed while mounted, but its parents can).
 
-import { closeSync, fchownSync, fstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, constants as fsc } from 'node:fs';
+import { closeSync, fchownSync, fstatSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, constants as fsc } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
-import { MS_NODEV, MS_NOSUID, mountIdOf, mountOnFd, unmountEntry } from '../sys/mount.js';
+import { MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, fdPath, mountIdOf, mountOnFd, unmountEntry } from '../sys/mount.js';
 import { O_PATH, openNoSymlinks } from '../sys/open.js';
 import type { Owner } from '../volume/volume.js';
 import type { LoopDevice } from './loop.js';
-
-const MS_SILENT = 0x8000;
 
 /** A directory the owner asked us to mount on, reached through its held parent. */
 export interface MountPoint {
@@ -24,7 +22,8 @@ export interface MountPoint {
 
 /** Our mount: its id, and an fd of its root for freeze/thaw/syncfs (closed to unmount). */
 export interface Mounted {
-  point: MountPoint;
+  /** Where it was mounted (messages; the owner may have renamed things since). */
+  path: string;
   mountId: number;
   rootFd: number | undefined;
 }
@@ -51,8 +50,10 @@ export function openMountPoint(path: string, owner: Owner): MountPoint {
   try {
     parentFd = openNoSymlinks(dirname(absolute), O_PATH | fsc.O_DIRECTORY, `--mount ${absolute}`);
   } catch (err) {
-    if ((err as { code?: string }).code === 'ELOOP') throw new VbdError(`--mount ${absolute}: a component of the path is a symbolic link (refused: give the real path)`);
-    throw failure(`--mount ${absolute}: cannot open its parent directory`, err);
+    const code = (err as { code?: string }).code;
+    if (code === 'ELOOP') throw new VbdError(`--mount ${absolute}: a component of the path is a symbolic link (refused: give the real path)`);
+    if (code === 'ENOENT' || code === 'ENOTDIR') throw new VbdError(`--mount ${absolute}: its parent directory does not exist`);
+    throw failure(`--mount ${absolute}: cannot open its parent directory`, (err as { cause?: unknown }).cause ?? err);
   }
   const point: MountPoint = { path: absolute, parentFd, name };
   try {
@@ -110,69 +111,97 @@ function blockFilesystems(): string[] {
 }
 
 /**
- * Mounts the device on the held directory (nosuid,nodev: the contents are the owner's), trying
- * `type` or else each block filesystem the kernel knows, then opens the mount's root and
- * checks that it is the device's filesystem.
+ * Mounts the device on the owner's directory (nosuid,nodev: the contents are hers), trying
+ * `type` or else each block filesystem the kernel knows. The mount is made detached and moved
+ * onto the directory fd, so we hold its root from the start: whatever the owner renames
+ * meanwhile, the mount is on the directory we checked and its root is ours.
  */
 export function mountDevice(loop: LoopDevice, point: MountPoint, owner: Owner, type: string | undefined): Mounted {
   const target = openMountTarget(point, owner);
+  const tried: string[] = [];
+  let mntFd: number | undefined;
   try {
-    return mountOn(loop, point, target, type);
+    for (const fsType of type !== undefined ? [type] : blockFilesystems()) {
+      try {
+        mntFd = mountOnFd(loop.path, fsType, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, target, `of ${loop.path} on ${point.path}`);
+        break;
+      } catch (err) {
+        if (type !== undefined || (err as { code?: string }).code !== 'EINVAL') throw err;
+        tried.push(fsType);
+      }
+    }
   } finally {
     closeSync(target);
   }
-}
-
-function mountOn(loop: LoopDevice, point: MountPoint, target: number, type: string | undefined): Mounted {
-  const tried: string[] = [];
-  let mounted = false;
-  for (const fsType of type !== undefined ? [type] : blockFilesystems()) {
-    try {
-      mountOnFd(loop.path, target, fsType, MS_NOSUID | MS_NODEV | MS_SILENT, null, `of ${loop.path} on ${point.path} as ${fsType}`);
-      mounted = true;
-      break;
-    } catch (err) {
-      const code = (err as { code?: string }).code;
-      if (type !== undefined || (code !== 'EINVAL' && code !== 'ENODEV' && code !== 'ENOTBLK')) throw err;
-      tried.push(fsType);
+  if (mntFd === undefined) throw new VbdError(`--mount ${point.path}: ${loop.path} holds no filesystem the kernel can mount (tried ${tried.join(', ')}); use --mkfs on a new volume`);
+  try {
+    const mountId = mountIdOf(mntFd);
+    const rootFd = openSync(fdPath(mntFd), fsc.O_RDONLY | fsc.O_DIRECTORY);
+    if (fstatSync(rootFd).dev !== fstatSync(loop.fd).rdev) {
+      closeSync(rootFd);
+      throw new VbdError(`internal: the mount on ${point.path} is not ${loop.path}'s filesystem`);
     }
+    return { path: point.path, mountId, rootFd };
+  } finally {
+    closeSync(mntFd);
   }
-  if (!mounted) throw new VbdError(`--mount ${point.path}: ${loop.path} holds no filesystem the kernel can mount (tried ${tried.join(', ')}); use --mkfs on a new volume`);
-  const rootFd = openBeneath(point.parentFd, point.name, fsc.O_RDONLY | fsc.O_DIRECTORY, `the new mount on ${point.path}`);
-  const mountId = mountIdOf(rootFd);
-  const deviceRdev = fstatSync(loop.fd).rdev;
-  if (mountId === mountIdOf(target) || fstatSync(rootFd).dev !== deviceRdev) {
-    closeSync(rootFd);
-    throw new VbdError(`internal: the mount on ${point.path} is not ${loop.path}'s filesystem`);
-  }
-  return { point, mountId, rootFd };
-}
-
-/** The mount's root fd, reopened if it was closed for an unmount attempt (and still ours). */
-export function mountRoot(m: Mounted): number {
-  if (m.rootFd !== undefined) return m.rootFd;
-  const fd = openBeneath(m.point.parentFd, m.point.name, fsc.O_RDONLY | fsc.O_DIRECTORY, `the mount on ${m.point.path}`);
-  if (mountIdOf(fd) !== m.mountId) {
-    closeSync(fd);
-    throw new VbdError(`the mount on ${m.point.path} is no longer ours`);
-  }
-  m.rootFd = fd;
-  return fd;
-}
-
-/** Gives a new filesystem's root to the owner (ext* does it in mkfs; others need this). */
-export function chownMountRoot(m: Mounted, owner: Owner): void {
-  fchownSync(mountRoot(m), owner.uid, owner.gid);
 }
 
 /** Mount ids in this namespace with their mount points (from /proc/self/mountinfo). */
 function mountTable(): Map<number, { point: string; majorMinor: string }> {
   const table = new Map<number, { point: string; majorMinor: string }>();
+  const unescape = (p: string): string => p.replace(/\\([0-7]{3})/g, (_m, oct: string) => String.fromCharCode(parseInt(oct, 8)));
   for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
     const f = line.split(' ');
-    if (f.length > 4) table.set(Number(f[0]), { majorMinor: f[2] ?? '', point: (f[4] ?? '').replace(/\\040/g, ' ') });
+    if (f.length > 4) table.set(Number(f[0]), { majorMinor: f[2] ?? '', point: unescape(f[4] ?? '') });
   }
   return table;
+}
+
+/**
+ * Where our mount is now, as a held parent fd and a name, verified: the path the kernel reports
+ * is walked without symlinks and the entry found must be the root of mount `mountId` (the owner
+ * may rename its parents at any time; then this fails and the caller retries later).
+ * Undefined if the mount is gone.
+ */
+function locateMount(m: Mounted): { parentFd: number; name: string; point: string } | undefined {
+  const found = mountTable().get(m.mountId);
+  if (found === undefined) return undefined;
+  const name = basename(found.point);
+  const parentFd = openNoSymlinks(dirname(found.point), O_PATH | fsc.O_DIRECTORY, `the parent of ${found.point}`);
+  try {
+    const check = openBeneath(parentFd, name, O_PATH | fsc.O_DIRECTORY, `mount point ${found.point}`);
+    const ours = mountIdOf(check) === m.mountId && mountIdOf(parentFd) !== m.mountId;
+    closeSync(check);
+    if (!ours) throw new VbdError(`${found.point} is not the root of our mount (moved meanwhile, or something is mounted over it)`);
+    return { parentFd, name, point: found.point };
+  } catch (err) {
+    closeSync(parentFd);
+    throw err;
+  }
+}
+
+/** The mount's root fd, reopened (and verified) if it was closed for an unmount attempt. */
+export function mountRoot(m: Mounted): number {
+  if (m.rootFd !== undefined) return m.rootFd;
+  const where = locateMount(m);
+  if (where === undefined) throw new VbdError(`our mount of ${m.path} is gone`);
+  try {
+    const fd = openBeneath(where.parentFd, where.name, fsc.O_RDONLY | fsc.O_DIRECTORY, `the mount on ${where.point}`);
+    if (mountIdOf(fd) !== m.mountId) {
+      closeSync(fd);
+      throw new VbdError(`the mount on ${where.point} is no longer ours`);
+    }
+    m.rootFd = fd;
+    return fd;
+  } finally {
+    closeSync(where.parentFd);
+  }
+}
+
+/** Gives a new filesystem's root to the owner (ext* does it in mkfs; others need this). */
+export function chownMountRoot(m: Mounted, owner: Owner): void {
+  fchownSync(mountRoot(m), owner.uid, owner.gid);
 }
 
 /** "pid 123 (bash)" for every process whose cwd, root or open files are under `mountpoint`. */
@@ -194,49 +223,33 @@ export function holdersOf(mountpoint: string): string[] {
 }
 
 /**
- * A real (never lazy) unmount of our mount. Resolves false if busy, after logging who holds it.
- * The entry is unmounted only while it is still our mount (checked by mount id).
+ * A real (never lazy) unmount of our mount, found by its id. Resolves false if it cannot be
+ * done now — busy (who holds it is logged), or its path is being moved around — to be retried.
  */
 export function unmountDevice(m: Mounted, log: (line: string) => void): boolean {
   if (m.rootFd !== undefined) {
     closeSync(m.rootFd);
     m.rootFd = undefined;
   }
-  const table = mountTable();
-  if (!table.has(m.mountId)) return true; // someone (root) unmounted it already
-  const check = openBeneath(m.point.parentFd, m.point.name, O_PATH | fsc.O_DIRECTORY, `the mount on ${m.point.path}`);
-  const topId = mountIdOf(check);
-  closeSync(check);
-  if (topId !== m.mountId) throw new VbdError(`something else is mounted over our mount on ${m.point.path}; not unmounting it`);
-  if (unmountEntry(m.point.parentFd, m.point.name, `of ${m.point.path}`) === 'unmounted') return true;
-  const where = table.get(m.mountId)?.point ?? m.point.path;
-  const holders = holdersOf(where);
-  log(`unmount of ${where} failed: busy; held by ${holders.length > 0 ? holders.join(', ') : 'an unknown user'}; retrying`);
+  let where: ReturnType<typeof locateMount>;
+  try {
+    where = locateMount(m);
+  } catch (err) {
+    log(`unmount of ${m.path}: ${err instanceof Error ? err.message : String(err)}; retrying`);
+    return false;
+  }
+  if (where === undefined) return true; // someone (root) unmounted it already
+  try {
+    if (unmountEntry(where.parentFd, where.name, `of ${where.point}`) === 'unmounted') return true;
+  } finally {
+    closeSync(where.parentFd);
+  }
+  const holders = holdersOf(where.point);
+  log(`unmount of ${where.point} failed: busy; held by ${holders.length > 0 ? holders.join(', ') : 'an unknown user'}; retrying`);
   return false;
 }
 
-/** Mount ids of the filesystems mounted from loop device `index` (a killed daemon's, at recovery). */
-export function mountsOfLoop(index: number): { mountId: number; point: string }[] {
-  return [...mountTable()].filter(([, m]) => m.majorMinor === `7:${index}`).map(([mountId, m]) => ({ mountId, point: m.point }));
-}
-
-/**
- * Opens a mount found in mountinfo (at recovery) safely: the path is walked without symlinks and
- * the directory found must be the root of that very mount, else it is refused.
- */
-export function openFoundMount(found: { mountId: number; point: string }): Mounted {
-  const parentFd = openNoSymlinks(dirname(found.point), O_PATH | fsc.O_DIRECTORY, `mount point ${found.point}`);
-  const name = basename(found.point);
-  try {
-    // (An fd inside the mount would keep it busy: checked, then closed.)
-    const check = openBeneath(parentFd, name, O_PATH | fsc.O_DIRECTORY, `mount point ${found.point}`);
-    const ours = mountIdOf(check) === found.mountId && mountIdOf(parentFd) !== found.mountId;
-    closeSync(check);
-    if (!ours) throw new VbdError(`${found.point} is no longer the mount point of mount ${found.mountId}; refusing to touch it`);
-    const point = { path: found.point, parentFd, name };
-    return { point, mountId: found.mountId, rootFd: undefined };
-  } catch (err) {
-    closeSync(parentFd);
-    throw err;
-  }
+/** The filesystems mounted from loop device `index` (a killed daemon's, at recovery). */
+export function mountsOfLoop(index: number): Mounted[] {
+  return [...mountTable()].filter(([, m]) => m.majorMinor === `7:${index}`).map(([mountId, m]) => ({ path: m.point, mountId, rootFd: undefined }));
 }

@@ -1,18 +1,30 @@
-// mount and umount through file descriptors. A mount lands on the directory an O_PATH fd holds
-// (its /proc/self/fd/N magic link names that exact dentry, whatever its path is now), and an
-// unmount names the mount point through a held fd of its parent, without following symlinks.
+// Mounting through file descriptors (the new mount API): the filesystem is created and mounted
+// detached (fsopen/fsconfig/fsmount), which gives an fd of the new mount's root, then moved
+// onto the directory an O_PATH fd holds (move_mount, both paths empty). Nothing is looked up by
+// name. Unmount takes a path: callers build it from a held parent fd and verify the mount id.
 
 import { readFileSync } from 'node:fs';
 import { libc, syscallError, type SyscallError } from './ffi.js';
 
-export const MS_NOSUID = 0x2;
-export const MS_NODEV = 0x4;
-export const MS_NOEXEC = 0x8;
+const SYS_move_mount = 429;
+const SYS_fsopen = 430;
+const SYS_fsconfig = 431;
+const SYS_fsmount = 432;
+const FSOPEN_CLOEXEC = 0x1;
+const FSCONFIG_SET_STRING = 1;
+const FSCONFIG_CMD_CREATE = 6;
+const FSMOUNT_CLOEXEC = 0x1;
+const MOVE_MOUNT_F_EMPTY_PATH = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH = 0x40;
 const UMOUNT_NOFOLLOW = 0x8;
 
+export const MOUNT_ATTR_NOSUID = 0x2;
+export const MOUNT_ATTR_NODEV = 0x4;
+
+const syscall = libc.func('long syscall(long number, ...)');
 const c = {
-  mount: libc.func('int mount(const char *source, const char *target, const char *type, unsigned long flags, const char *data)'),
   umount2: libc.func('int umount2(const char *target, int flags)'),
+  close: libc.func('int close(int fd)'),
 };
 
 /** The /proc path naming what `fd` holds (for calls that take a path, never a user's path). */
@@ -20,9 +32,32 @@ export function fdPath(fd: number, name?: string): string {
   return name === undefined ? `/proc/self/fd/${fd}` : `/proc/self/fd/${fd}/${name}`;
 }
 
-/** mount(2) of `source` onto the directory held by `targetFd`. */
-export function mountOnFd(source: string, targetFd: number, type: string, flags: number, data: string | null, what: string): void {
-  if (c.mount(source, fdPath(targetFd), type, flags, data) !== 0) throw syscallError('mount', what);
+/**
+ * Mounts `source` (a block device path root controls) as `type` onto the directory held by
+ * `targetFd`, with `attrs` (MOUNT_ATTR_*). Returns an fd of the new mount's root (O_PATH-like).
+ * A wrong filesystem type fails with EINVAL at creation, before anything is attached.
+ */
+export function mountOnFd(source: string, type: string, attrs: number, targetFd: number, what: string): number {
+  const fsFd = Number(syscall(SYS_fsopen, 'const char *', type, 'unsigned int', FSOPEN_CLOEXEC));
+  if (fsFd < 0) throw syscallError('fsopen', `${type} ${what}`);
+  try {
+    if (Number(syscall(SYS_fsconfig, 'int', fsFd, 'unsigned int', FSCONFIG_SET_STRING, 'const char *', 'source', 'const char *', source, 'int', 0)) < 0) {
+      throw syscallError('fsconfig source', what);
+    }
+    if (Number(syscall(SYS_fsconfig, 'int', fsFd, 'unsigned int', FSCONFIG_CMD_CREATE, 'void *', null, 'void *', null, 'int', 0)) < 0) {
+      throw syscallError(`fsconfig create (${type})`, what);
+    }
+    const mntFd = Number(syscall(SYS_fsmount, 'int', fsFd, 'unsigned int', FSMOUNT_CLOEXEC, 'unsigned int', attrs));
+    if (mntFd < 0) throw syscallError('fsmount', what);
+    if (Number(syscall(SYS_move_mount, 'int', mntFd, 'const char *', '', 'int', targetFd, 'const char *', '', 'unsigned int', MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)) < 0) {
+      const err = syscallError('move_mount', what);
+      c.close(mntFd); // a detached mount goes away with its last fd
+      throw err;
+    }
+    return mntFd;
+  } finally {
+    c.close(fsFd);
+  }
 }
 
 /** umount2(UMOUNT_NOFOLLOW) of entry `name` of the directory `parentFd`: 'busy' if in use. */
