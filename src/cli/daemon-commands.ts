@@ -216,6 +216,7 @@ function printStatus(s: DaemonStatus): void {
     console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms${f.error !== undefined ? `: ${f.error}` : ''}`);
   }
   if (s.flushFailures > 0) console.log(`  failures ${s.flushFailures} flushes failed since start`);
+  if ((s.quarantinedLoops ?? []).length > 0) console.log(`  held     loop devices of earlier sessions still open: ${(s.quarantinedLoops ?? []).map((n) => `/dev/loop${n}`).join(', ')}`);
   if (s.error !== undefined) console.log(`  error    ${s.error}`);
 }
 

@@ -125,6 +125,8 @@ export interface DaemonStatus {
   /** The latest agent session refused (e.g. a wrong key), for the agent to report. */
   refused?: { at: string; reason: string };
   lastExternalChange?: { at: string; name: string; what: string; keptAs: string | undefined };
+  /** The owner's loop devices of earlier sessions still held open (never reused; removed later). */
+  quarantinedLoops?: number[];
   error?: string;
 }
 

@@ -56,6 +56,7 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
     setStatus({ state: 'recovering' });
     await recoverLeftover(paths, volume, table, journalFd, log);
     const held = retryQuarantine(owner.uid);
+    setStatus({ quarantinedLoops: held });
     if (held.length >= MAX_QUARANTINED) {
       throw new VbdError(`${held.length} loop devices of earlier sessions are still held open (${held.map((n) => `/dev/loop${n}`).join(', ')}); close them first`);
     }
@@ -89,7 +90,7 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
     const loop = await attachLoop(image.fd, image.path, image.backing);
     const device = loop.path;
     cleanup.push(`detach ${device}`, async () => {
-      if ((await detachLoop(loop, image.backing, log)) === 'quarantined') quarantine(owner.uid, loop.index);
+      if ((await detachLoop(loop, image.backing, log)) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
       engine.device = undefined;
     });
     disableDiscard(loop);

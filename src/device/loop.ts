@@ -216,14 +216,18 @@ function writeQuarantine(uid: number, list: number[]): void {
   renameSync(`${file}.new`, file);
 }
 
-export function quarantine(uid: number, index: number): void {
-  writeQuarantine(uid, [...new Set([...readQuarantine(uid), index])]);
+/** Records a loop number that is still held open; returns the owner's whole list. */
+export function quarantine(uid: number, index: number): number[] {
+  const list = [...new Set([...readQuarantine(uid), index])];
+  writeQuarantine(uid, list);
+  return list;
 }
 
 /** Retries removing the owner's quarantined devices; returns those still held. */
 export function retryQuarantine(uid: number): number[] {
-  const left = readQuarantine(uid).filter((index) => removeLoopDevice(index) === 'busy');
-  writeQuarantine(uid, left);
+  const before = readQuarantine(uid);
+  const left = before.filter((index) => removeLoopDevice(index) === 'busy');
+  if (left.length !== before.length) writeQuarantine(uid, left);
   return left;
 }
 

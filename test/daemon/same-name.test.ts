@@ -3,7 +3,7 @@
 // user's killed daemon while hers starts. Nothing of one may reach the other: not the key, not
 // the image, not the device name, not the lock.
 
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
+import { chownSync, existsSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
@@ -11,9 +11,8 @@ import { knownVolumes } from '../../src/daemon/runtime.js';
 import { cliOk, sha256 } from '../helpers/cli.js';
 import { startAgent } from '../helpers/agent.js';
 import { startDaemon, stopDaemon, waitState } from '../helpers/daemon.js';
-import { ownedScratch } from '../helpers/owner.js';
-import { IS_ROOT, OTHER_USER, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, ensureUser, leftovers } from '../helpers/system.js';
-import { tempDir } from '../helpers/tmp.js';
+import { otherHome, ownedScratch } from '../helpers/owner.js';
+import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, leftovers } from '../helpers/system.js';
 
 const NAME = `${TEST_PREFIX}same`;
 
@@ -28,12 +27,8 @@ async function until(ok: () => boolean, what: string): Promise<void> {
 
 describe.skipIf(!IS_ROOT)(`two users, one volume name (${IS_ROOT ? 'as root, two real users' : ROOT_SKIP_REASON})`, () => {
   it('both are served at once; each agent reaches only its own daemon; the device names are per owner', async () => {
-    const { user: alice, home } = ownedScratch();
-    const bob = ensureUser(OTHER_USER);
-    const bobHome = join(home, '..', 'bob');
-    mkdirSync(bobHome);
-    chownSync(bobHome, bob.uid, bob.gid);
-    chmodSync(bobHome, 0o755);
+    const { user: alice, scratch, home } = ownedScratch();
+    const { user: bob, home: bobHome } = otherHome(scratch);
     const aliceDir = join(home, 'vol');
     const bobDir = join(bobHome, 'vol');
     // Alice's volume is keyed: her key must reach her daemon only.
@@ -73,17 +68,12 @@ describe.skipIf(!IS_ROOT)(`two users, one volume name (${IS_ROOT ? 'as root, two
   });
 
   it('a leftover RAM image of one is never recovered into the other', async () => {
-    const { user: alice, home } = ownedScratch();
-    const bob = ensureUser(OTHER_USER);
-    const bobHome = join(home, '..', 'bob');
-    mkdirSync(bobHome);
-    chownSync(bobHome, bob.uid, bob.gid);
-    chmodSync(bobHome, 0o755);
+    const { user: alice, scratch, home } = ownedScratch();
+    const { user: bob, home: bobHome } = otherHome(scratch);
     const aliceDir = join(home, 'vol');
     const bobDir = join(bobHome, 'vol');
     expect(cliAs(alice, ['init', aliceDir, '--size', '8M', '--files', '4', '--name', NAME]).status).toBe(0);
     expect(cliAs(bob, ['init', bobDir, '--size', '8M', '--files', '4', '--name', NAME]).status).toBe(0);
-    const scratch = tempDir();
     const bobBefore = join(scratch, 'bob-before.img');
     cliOk(['export', bobDir, bobBefore]);
 

@@ -70,7 +70,8 @@ describe.skipIf(!IS_ROOT)(`mount point attacks (${IS_ROOT ? 'as root, owner is a
         outcomes.push('live');
         const s = readStatus(name);
         expect(s?.state).toBe('live');
-        expect(cli(['stop', name]).status).toBe(0);
+        const stopped = cli(['stop', name]);
+        expect(stopped.status, stopped.stderr).toBe(0);
       } else {
         outcomes.push(/symbolic link|no such file|already exists/.test(r.stderr) ? 'refused' : `other: ${r.stderr}`);
       }

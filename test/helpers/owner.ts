@@ -3,7 +3,7 @@
 import { chmodSync, chownSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from './tmp.js';
-import { ensureUser, TEST_USER, type User } from './system.js';
+import { ensureUser, OTHER_USER, TEST_USER, type User } from './system.js';
 
 export interface OwnedScratch {
   user: User;
@@ -19,4 +19,13 @@ export function ownedScratch(): OwnedScratch {
   mkdirSync(home, { mode: 0o755 });
   chownSync(home, user.uid, user.gid);
   return { user, scratch, home };
+}
+
+/** A second real user with a home of her own beside the first one's (`beside`: its scratch). */
+export function otherHome(beside: string): { user: User; home: string } {
+  const user = ensureUser(OTHER_USER);
+  const home = join(beside, 'other-home');
+  mkdirSync(home, { mode: 0o755 });
+  chownSync(home, user.uid, user.gid);
+  return { user, home };
 }
