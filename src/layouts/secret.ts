@@ -21,16 +21,24 @@ export function newSalt(): string {
   return randomBytes(16).toString('hex');
 }
 
-/** scrypt(secret, salt) → 32 bytes for the permutation, 32 bytes for the check value. */
-export function deriveKeys(secret: Buffer, salt: string, kdf: ScryptParams): DerivedKeys {
+/**
+ * scrypt(secret, salt) → `length` bytes, under the capped parameters every volume uses
+ * (128·N·r ≤ 256 MiB, p ≤ 4): refused before any work when the parameters exceed the caps.
+ */
+export function scryptDerive(secret: Buffer, salt: Buffer, kdf: ScryptParams, length: number): Buffer {
   const costly = scryptCostProblem(kdf);
   if (costly !== undefined) throw new VbdError(`scrypt parameters refused: ${costly}`);
-  const derived = scryptSync(secret, Buffer.from(salt, 'hex'), 64, {
+  return scryptSync(secret, salt, length, {
     N: kdf.N,
     r: kdf.r,
     p: kdf.p,
     maxmem: 256 * kdf.N * kdf.r + 16 * 2 ** 20,
   });
+}
+
+/** scrypt(secret, salt) → 32 bytes for the permutation, 32 bytes for the check value. */
+export function deriveKeys(secret: Buffer, salt: string, kdf: ScryptParams): DerivedKeys {
+  const derived = scryptDerive(secret, Buffer.from(salt, 'hex'), kdf, 64);
   const layoutKey = Buffer.from(derived.subarray(0, 32));
   const keyCheck = createHmac('sha256', derived.subarray(32)).update(CHECK_LABEL).digest('hex');
   derived.fill(0);
