@@ -55,6 +55,8 @@ export interface SealedGeometry {
   format: number;
   /** Whether the volume is sealed (always true for a manifest that has a wrap; bound all the same). */
   sealed: boolean;
+  /** The volume's name (bound too, so that nothing of the manifest but the wrap itself can change). */
+  name: string;
   deviceSize: number;
   chunkSize: number;
   /** The backing files in manifest order. */
@@ -129,7 +131,7 @@ class Writer {
 
 /**
  * The wrap's authenticated data, byte for byte as docs/FORMAT.md gives it:
- * label ‖ 0x00 ‖ uuid(16) ‖ format u32 ‖ sealed u8 ‖ deviceSize u64 ‖ chunkSize u32 ‖
+ * label ‖ 0x00 ‖ uuid(16) ‖ format u32 ‖ sealed u8 ‖ name text ‖ deviceSize u64 ‖ chunkSize u32 ‖
  * spareSlots u32 ‖ keyGeneration u32 ‖ fileCount u32 ‖ (path text ‖ size u64)* ‖ layout text,
  * where text = u32 length ‖ UTF-8 bytes. Every field has a fixed size or a length prefix, so two
  * different geometries never encode to the same bytes.
@@ -141,6 +143,7 @@ export function encodeGeometryAD(g: SealedGeometry): Buffer {
     .bytes(g.uuid)
     .u32(g.format, 'format')
     .u8(g.sealed ? 1 : 0)
+    .text(g.name, 'name')
     .u64(g.deviceSize, 'deviceSize')
     .u32(g.chunkSize, 'chunkSize')
     .u32(g.spareSlots, 'spareSlots')

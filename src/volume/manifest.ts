@@ -2,11 +2,16 @@
 // because the root daemon reads it from a directory the user controls: every field is
 // checked for type and range, unknown fields are refused, names come from a safe set.
 
+import { canonicalJson } from '../common/canonical-json.js';
 import { VbdError } from '../common/errors.js';
 import { isPowerOfTwo } from '../common/size.js';
+import { slotSize } from '../store/slot.js';
 
 export const MANIFEST_NAME = 'vbd-shadow.json';
+/** A plain volume: chunks stored as they are. */
 export const MANIFEST_FORMAT = 1;
+/** A sealed volume (docs/FORMAT.md): every chunk in an authenticated, encrypted slot. */
+export const SEALED_MANIFEST_FORMAT = 2;
 
 /** Largest device we accept: far above this machine's RAM, far below 2^53. */
 export const MAX_DEVICE_SIZE = 2 ** 40;
@@ -56,6 +61,42 @@ export interface Manifest {
   files: BackingFile[];
   layout: LayoutSpec;
 }
+
+/**
+ * A sealed volume's layout places slots, not chunks. Its `keyed` placement takes its key from
+ * the volume key (HKDF), so it has no salt or key-check value of its own.
+ */
+export type SealedLayoutSpec =
+  | { kind: 'linear' }
+  | { kind: 'striped' }
+  | { kind: 'keyed' }
+  | { kind: 'module'; path: string; params: Record<string, unknown>; fingerprint: string };
+
+/** The `sealed` object of a format-2 manifest (docs/FORMAT.md). */
+export interface SealedSpec {
+  /** Volume UUID: 32 hex digits (16 random bytes). */
+  uuid: string;
+  /** scrypt parameters and salt of the key wrap. */
+  kdf: ScryptParams & { salt: string };
+  /** nonce ‖ tag ‖ ciphertext of the volume key, 120 hex digits. */
+  wrappedKey: string;
+  /** Slots beyond one per chunk, free for copy-on-write commits. */
+  spareSlots: number;
+  /** The slot key generation new slots are sealed under. */
+  keyGeneration: number;
+}
+
+export interface SealedManifest {
+  format: typeof SEALED_MANIFEST_FORMAT;
+  name: string;
+  deviceSize: number;
+  chunkSize: number;
+  files: BackingFile[];
+  layout: SealedLayoutSpec;
+  sealed: SealedSpec;
+}
+
+export type AnyManifest = Manifest | SealedManifest;
 
 export function isValidName(name: string): boolean {
   return NAME_RE.test(name);
@@ -107,6 +148,27 @@ function string(obj: Json, key: string, where: string, re: RegExp, rule: string)
 
 const HEX = (bytes: number): RegExp => new RegExp(`^[0-9a-f]{${bytes * 2}}$`);
 
+/** N, r and p of an scrypt object whose keys the caller has checked; capped for root. */
+function scryptFields(kdf: Json, where: string): ScryptParams {
+  const N = integer(kdf, 'N', where, 1024, 2 ** 20);
+  if (!isPowerOfTwo(N)) bad(`${where}.N must be a power of two, got ${N}`);
+  const params = { N, r: integer(kdf, 'r', where, 1, 32), p: integer(kdf, 'p', where, 1, 16) };
+  const costly = scryptCostProblem(params);
+  if (costly !== undefined) bad(`${where} ${costly}`);
+  return params;
+}
+
+function moduleLayout(obj: Json): { kind: 'module'; path: string; params: Record<string, unknown>; fingerprint: string } {
+  onlyKeys(obj, ['kind', 'path', 'params', 'fingerprint'], 'layout');
+  const path = string(obj, 'path', 'layout', /^\/[^\0-\x1f\x7f]{0,4095}$/, 'must be an absolute path to a JS module (no control characters)');
+  return {
+    kind: 'module',
+    path,
+    params: object(obj['params'] ?? {}, 'layout.params'),
+    fingerprint: string(obj, 'fingerprint', 'layout', HEX(32), 'must be 64 hex digits'),
+  };
+}
+
 function parseLayout(value: unknown): LayoutSpec {
   const obj = object(value, 'layout');
   const kind = obj['kind'];
@@ -119,11 +181,7 @@ function parseLayout(value: unknown): LayoutSpec {
       onlyKeys(obj, ['kind', 'salt', 'kdf', 'keyCheck'], 'layout');
       const kdf = object(obj['kdf'], 'layout.kdf');
       onlyKeys(kdf, ['N', 'r', 'p'], 'layout.kdf');
-      const N = integer(kdf, 'N', 'layout.kdf', 1024, 2 ** 20);
-      if (!isPowerOfTwo(N)) bad(`layout.kdf.N must be a power of two, got ${N}`);
-      const params = { N, r: integer(kdf, 'r', 'layout.kdf', 1, 32), p: integer(kdf, 'p', 'layout.kdf', 1, 16) };
-      const costly = scryptCostProblem(params);
-      if (costly !== undefined) bad(`layout.kdf ${costly}`);
+      const params = scryptFields(kdf, 'layout.kdf');
       return {
         kind,
         salt: string(obj, 'salt', 'layout', HEX(16), 'must be 32 hex digits'),
@@ -131,32 +189,60 @@ function parseLayout(value: unknown): LayoutSpec {
         keyCheck: string(obj, 'keyCheck', 'layout', HEX(32), 'must be 64 hex digits'),
       };
     }
+    case 'module':
+      return moduleLayout(obj);
+    default:
+      return bad(`layout.kind must be one of ${LAYOUT_KINDS.join(', ')}, got ${JSON.stringify(kind)}`);
+  }
+}
+
+function parseSealedLayout(value: unknown): SealedLayoutSpec {
+  const obj = object(value, 'layout');
+  const kind = obj['kind'];
+  switch (kind) {
+    case 'keyed':
+      for (const key of ['salt', 'kdf', 'keyCheck']) {
+        if (key in obj) bad(`layout.${key} does not belong to a sealed volume: its keyed placement takes its key from the volume key`);
+      }
+      onlyKeys(obj, ['kind'], 'layout');
+      return { kind };
+    case 'linear':
+    case 'striped':
+      onlyKeys(obj, ['kind'], 'layout');
+      return { kind };
     case 'module': {
-      onlyKeys(obj, ['kind', 'path', 'params', 'fingerprint'], 'layout');
-      const path = string(obj, 'path', 'layout', /^\/[^\0-\x1f\x7f]{0,4095}$/, 'must be an absolute path to a JS module (no control characters)');
-      return {
-        kind,
-        path,
-        params: object(obj['params'] ?? {}, 'layout.params'),
-        fingerprint: string(obj, 'fingerprint', 'layout', HEX(32), 'must be 64 hex digits'),
-      };
+      const spec = moduleLayout(obj);
+      try {
+        canonicalJson(spec.params, 'layout.params'); // the wrap binds it: it must have one canonical text
+      } catch (err) {
+        bad((err as Error).message);
+      }
+      return spec;
     }
     default:
       return bad(`layout.kind must be one of ${LAYOUT_KINDS.join(', ')}, got ${JSON.stringify(kind)}`);
   }
 }
 
-/** Parses and checks manifest text. Every rule broken is reported with the value that broke it. */
-export function parseManifest(text: string): Manifest {
+function parseJsonObject(text: string): Json {
   let raw: unknown;
   try {
     raw = JSON.parse(text);
   } catch (err) {
     bad(`not valid JSON (${(err as Error).message})`);
   }
-  const obj = object(raw, 'manifest');
-  onlyKeys(obj, ['format', 'name', 'deviceSize', 'chunkSize', 'files', 'layout'], 'manifest');
-  if (obj['format'] !== MANIFEST_FORMAT) bad(`format must be ${MANIFEST_FORMAT}, got ${JSON.stringify(obj['format'])}`);
+  return object(raw, 'manifest');
+}
+
+interface CommonFields {
+  name: string;
+  deviceSize: number;
+  chunkSize: number;
+  files: BackingFile[];
+}
+
+/** Name, sizes and files: the same rules for every format. */
+function commonFields(obj: Json): CommonFields {
   const name = string(obj, 'name', 'manifest', NAME_RE, 'must be 1-64 characters of A-Z a-z 0-9 _ . - not starting with . or -');
   const chunkSize = integer(obj, 'chunkSize', 'manifest', MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
   if (!isPowerOfTwo(chunkSize)) bad(`chunkSize must be a power of two, got ${chunkSize}`);
@@ -180,15 +266,84 @@ export function parseManifest(text: string): Manifest {
     seen.add(path);
     return { path, size: integer(file, 'size', where, 0, MAX_DEVICE_SIZE) };
   });
+  return { name, deviceSize, chunkSize, files };
+}
+
+const PLAIN_KEYS = ['format', 'name', 'deviceSize', 'chunkSize', 'files', 'layout'] as const;
+
+function plainManifest(obj: Json): Manifest {
+  onlyKeys(obj, PLAIN_KEYS, 'manifest');
+  const { name, deviceSize, chunkSize, files } = commonFields(obj);
   const total = files.reduce((sum, f) => sum + f.size, 0);
   if (total < deviceSize) bad(`the files hold ${total} bytes in all, less than deviceSize ${deviceSize}`);
   const slots = files.reduce((sum, f) => sum + Math.floor(f.size / chunkSize), 0);
   const tooManySlots = chunkCountProblem(slots);
   if (tooManySlots !== undefined) bad(`the files hold ${slots} chunk slots of ${chunkSize} bytes, more than the ${MAX_CHUNKS} allowed`);
-
   return { format: MANIFEST_FORMAT, name, deviceSize, chunkSize, files, layout: parseLayout(obj['layout']) };
 }
 
-export function serializeManifest(manifest: Manifest): string {
+function sealedSpec(value: unknown): SealedSpec {
+  const sealed = object(value, 'sealed');
+  onlyKeys(sealed, ['uuid', 'kdf', 'wrappedKey', 'spareSlots', 'keyGeneration'], 'sealed');
+  const uuid = string(sealed, 'uuid', 'sealed', HEX(16), 'must be 32 lowercase hex digits');
+  const kdfObj = object(sealed['kdf'], 'sealed.kdf');
+  onlyKeys(kdfObj, ['N', 'r', 'p', 'salt'], 'sealed.kdf');
+  const kdf = { ...scryptFields(kdfObj, 'sealed.kdf'), salt: string(kdfObj, 'salt', 'sealed.kdf', HEX(16), 'must be 32 lowercase hex digits') };
+  return {
+    uuid,
+    kdf,
+    wrappedKey: string(sealed, 'wrappedKey', 'sealed', HEX(60), 'must be 120 lowercase hex digits (nonce, tag, wrapped key)'),
+    spareSlots: integer(sealed, 'spareSlots', 'sealed', 1, MAX_CHUNKS),
+    keyGeneration: integer(sealed, 'keyGeneration', 'sealed', 0, 2 ** 32 - 1),
+  };
+}
+
+/** Slots of a sealed volume's chunk size (chunk + nonce + tag) that its files hold. */
+export function sealedSlotCount(chunkSize: number, files: readonly BackingFile[]): number {
+  const size = slotSize(chunkSize);
+  return files.reduce((sum, f) => sum + Math.floor(f.size / size), 0);
+}
+
+function sealedManifest(obj: Json): SealedManifest {
+  onlyKeys(obj, [...PLAIN_KEYS, 'sealed'], 'manifest');
+  const { name, deviceSize, chunkSize, files } = commonFields(obj);
+  if (!('sealed' in obj)) bad('a format 2 manifest needs its sealed object (a sealed volume without its wrapped key cannot be opened)');
+  const sealed = sealedSpec(obj['sealed']);
+  const slots = sealedSlotCount(chunkSize, files);
+  const tooManySlots = chunkCountProblem(slots);
+  if (tooManySlots !== undefined) bad(`the files hold ${slots} slots of ${slotSize(chunkSize)} bytes, more than the ${MAX_CHUNKS} allowed`);
+  const chunks = deviceSize / chunkSize;
+  if (slots < chunks + sealed.spareSlots) {
+    bad(`the files hold ${slots} slots of ${slotSize(chunkSize)} bytes (chunk and 28 bytes of nonce and tag), fewer than the ${chunks} chunks plus ${sealed.spareSlots} spare slots`);
+  }
+  return { format: SEALED_MANIFEST_FORMAT, name, deviceSize, chunkSize, files, layout: parseSealedLayout(obj['layout']), sealed };
+}
+
+/**
+ * Parses and checks a plain (format 1) manifest: what init, start, flush, export and import handle
+ * today. A sealed (format 2) manifest is refused, so no plain code path ever writes plaintext into
+ * a sealed volume's files. Every rule broken is reported with the value that broke it.
+ */
+export function parseManifest(text: string): Manifest {
+  const obj = parseJsonObject(text);
+  if (obj['format'] === SEALED_MANIFEST_FORMAT) bad(`format must be ${MANIFEST_FORMAT}, got ${SEALED_MANIFEST_FORMAT} (format ${SEALED_MANIFEST_FORMAT} is a sealed volume, which this command does not open yet)`);
+  if (obj['format'] !== MANIFEST_FORMAT) bad(`format must be ${MANIFEST_FORMAT}, got ${JSON.stringify(obj['format'])}`);
+  return plainManifest(obj);
+}
+
+/** Parses either format strictly: a plain manifest (1) or a sealed one (2). */
+export function parseAnyManifest(text: string): AnyManifest {
+  const obj = parseJsonObject(text);
+  switch (obj['format']) {
+    case MANIFEST_FORMAT:
+      return plainManifest(obj);
+    case SEALED_MANIFEST_FORMAT:
+      return sealedManifest(obj);
+    default:
+      return bad(`format must be ${MANIFEST_FORMAT} (plain) or ${SEALED_MANIFEST_FORMAT} (sealed), got ${JSON.stringify(obj['format'])}`);
+  }
+}
+
+export function serializeManifest(manifest: AnyManifest): string {
   return `${JSON.stringify(manifest, null, 2)}\n`;
 }

@@ -19,6 +19,7 @@ function geometry(over: Partial<SealedGeometry> = {}): SealedGeometry {
     uuid: Buffer.alloc(16, 0x11),
     format: 2,
     sealed: true,
+    name: 'vol',
     deviceSize: 1 << 20,
     chunkSize: 65536,
     files: [{ path: 'file001', size: 600_000 }, { path: 'file002', size: 600_000 }],
@@ -69,6 +70,7 @@ describe('volume keys: wrap and unwrap', () => {
   const edits: [string, Partial<SealedGeometry>][] = [
     ['sealed flag cleared', { sealed: false }],
     ['format version', { format: 1 }],
+    ['volume name', { name: 'vol2' }],
     ['device size', { deviceSize: 2 << 20 }],
     ['chunk size', { chunkSize: 32768 }],
     ['a file size', { files: [{ path: 'file001', size: 600_000 }, { path: 'file002', size: 700_000 }] }],
@@ -162,6 +164,7 @@ describe('subkeys', () => {
       Buffer.alloc(16, 0x11),
       Buffer.from([0, 0, 0, 2]),              // format
       Buffer.from([1]),                       // sealed
+      Buffer.from([0, 0, 0, 3]), Buffer.from('vol'), // name
       Buffer.from([0, 0, 0, 0, 0, 0x10, 0, 0]), // deviceSize 1 MiB (u64)
       Buffer.from([0, 1, 0, 0]),              // chunkSize 65536
       Buffer.from([0, 0, 0, 2]),              // spareSlots
