@@ -9,7 +9,7 @@ import {
   type BackingFile, type ScryptParams, type SealedLayoutSpec, type SealedManifest,
 } from '../volume/manifest.js';
 import {
-  createVolumeKeys, newVolumeUuid, rewrapVolumeKey, unwrapVolumeKeys,
+  MAX_KEY_GENERATION, createVolumeKeys, newVolumeUuid, rewrapVolumeKey, unwrapVolumeKeys,
   type SealedGeometry, type VolumeKeys, type WrappedVolumeKey,
 } from './keys.js';
 
@@ -105,7 +105,7 @@ export function changePassphrase(oldPassphrase: Buffer, newPassphrase: Buffer, m
  * the generation. Slots of older generations stay readable with their own slot keys.
  */
 export function nextKeyGeneration(passphrase: Buffer, manifest: SealedManifest): SealedManifest {
-  if (manifest.sealed.keyGeneration >= 2 ** 32 - 1) throw new VbdError('no key generation left after 2^32-1');
+  if (manifest.sealed.keyGeneration >= MAX_KEY_GENERATION) throw new VbdError('no key generation left after 2^32-1');
   const next: SealedManifest = { ...manifest, sealed: { ...manifest.sealed, keyGeneration: manifest.sealed.keyGeneration + 1 } };
   const wrapped = rewrapVolumeKey(passphrase, passphrase, wrappedKeyOf(manifest), sealedGeometry(manifest), { newGeometry: sealedGeometry(next) });
   return checked(withWrap(next, wrapped));
