@@ -4,7 +4,7 @@
 // reads the status and opens her FIFOs there); it holds the root-only tmpfs `shadow/`, the
 // lock, status.json and the owner-only FIFOs.
 
-import { closeSync, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, writeSync, ftruncateSync, constants as fsc } from 'node:fs';
+import { chmodSync, closeSync, fchmodSync, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, writeSync, ftruncateSync, constants as fsc } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { isValidName } from '../volume/manifest.js';
@@ -61,6 +61,7 @@ export function makeRuntimeDir(paths: RuntimePaths): void {
     path = part === '' ? path : join(path, part);
     try {
       mkdirSync(path, { mode: 0o755 });
+      chmodSync(path, 0o755); // whatever the umask (the unit's is 0077): the owner must reach her FIFOs
     } catch (err) {
       if (errnoCode(err) !== 'EEXIST') throw failure(`cannot create ${path}`, err);
     }
@@ -134,6 +135,7 @@ export function writeStatus(paths: RuntimePaths, status: DaemonStatus): void {
   const temp = `${paths.statusFile}.new`;
   const fd = openSync(temp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_TRUNC | fsc.O_NOFOLLOW, 0o644);
   try {
+    fchmodSync(fd, 0o644); // readable by the owner whatever the umask
     writeSync(fd, `${JSON.stringify(status, null, 2)}\n`);
   } finally {
     closeSync(fd);

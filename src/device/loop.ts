@@ -5,7 +5,7 @@
 // whatever is bound to that number later. A number the kernel will not remove (still open) is
 // quarantined: recorded per owner, retried at the next start, and bounded.
 
-import { closeSync, fchmodSync, fchownSync, fstatSync, fsyncSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync, constants as fsc } from 'node:fs';
+import { chmodSync, closeSync, fchmodSync, fchownSync, fstatSync, fsyncSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync, constants as fsc } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { sleep } from '../common/fd.js';
@@ -120,8 +120,8 @@ export function boundTo(loop: LoopDevice, backing: Backing): boolean {
 
 /** Hands the node to the owner (0600), through our fd. */
 export function giveDevice(loop: LoopDevice, owner: Owner): void {
+  fchmodSync(loop.fd, 0o600); // while still root's: no CAP_FOWNER needed
   fchownSync(loop.fd, owner.uid, owner.gid);
-  fchmodSync(loop.fd, 0o600);
 }
 
 /** Takes the node back (root 0600): nobody else can open it any more. */
@@ -241,6 +241,7 @@ function ownerNameDir(owner: Owner): string {
 function makeRootDir(path: string): void {
   try {
     mkdirSync(path, { mode: 0o755 });
+    chmodSync(path, 0o755); // whatever the umask: owners resolve their names through it
   } catch (err) {
     if (errnoCode(err) !== 'EEXIST') throw failure(`cannot create ${path}`, err);
   }

@@ -4,7 +4,7 @@
 // a held fd of the mount's root; unmount finds the mount by its id and verifies it before
 // unmounting (a mount point cannot be renamed while mounted, but its parents can).
 
-import { closeSync, fchownSync, fstatSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, constants as fsc } from 'node:fs';
+import { closeSync, fchmodSync, fchownSync, fstatSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, constants as fsc } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, fdPath, mountIdOf, mountOnFd, unmountEntry } from '../sys/mount.js';
@@ -87,6 +87,7 @@ export function openMountTarget(point: MountPoint, owner: Owner): number {
       throw failure(`--mount ${path}: cannot create it`, err2);
     }
     const created = openBeneath(parentFd, name, fsc.O_RDONLY | fsc.O_DIRECTORY, `--mount ${path}`);
+    fchmodSync(created, 0o755);
     fchownSync(created, owner.uid, owner.gid);
     closeSync(created);
     dirFd = openBeneath(parentFd, name, O_PATH | fsc.O_DIRECTORY, `--mount ${path}`);

@@ -48,7 +48,7 @@ describe.skipIf(!IS_ROOT)(`start refusals (${IS_ROOT ? 'as root' : ROOT_SKIP_REA
       what: 'a memlock limit below the image without CAP_IPC_LOCK',
       setup: () => undefined,
       run: (dir) => {
-        const r = spawnSync('prlimit', ['--memlock=1048576', 'setpriv', '--inh-caps=-ipc_lock', '--bounding-set=-ipc_lock', process.execPath, BIN, 'start', dir, '--foreground'], { encoding: 'utf8' });
+        const r = spawnSync('prlimit', ['--memlock=1048576', 'setpriv', '--inh-caps=-ipc_lock', '--bounding-set=-ipc_lock', process.execPath, BIN, 'start', dir, '--foreground'], { encoding: 'utf8', timeout: 30_000 });
         return { status: r.status, stderr: r.stderr };
       },
       error: /the memlock limit is 1M and CAP_IPC_LOCK is missing/,
