@@ -2,6 +2,7 @@
 
 import { Command, CommanderError } from 'commander';
 import { VbdError } from '../common/errors.js';
+import { escapeText } from '../common/escape.js';
 import { registerDaemonCommands } from './daemon-commands.js';
 import { registerOfflineCommands } from './offline-commands.js';
 
@@ -34,7 +35,8 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
     const message = err instanceof VbdError ? err.message : err instanceof Error ? `internal error: ${err.message}` : String(err);
-    process.stderr.write(`vbd-shadow: ${message.replace(/\s*\n\s*/g, ' ')}\n`);
+    // One line, and nothing a user typed or a file held can drive the terminal.
+    process.stderr.write(`vbd-shadow: ${escapeText(message.replace(/\s*\n\s*/g, ' '))}\n`);
     if (process.env['VBD_SHADOW_DEBUG'] === '1' && err instanceof Error) process.stderr.write(`${err.stack}\n`);
     return 1;
   }

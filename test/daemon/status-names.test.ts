@@ -27,6 +27,8 @@ function expectRefused(r: { status: number | null; stdout: string; stderr: strin
   expect(r.stdout, shown).toBe('');
   expect(r.stderr, shown).toMatch(/^vbd-shadow: [^\n]+\n$/);
   expect(r.stderr, shown).not.toContain(victim);
+  // What she typed comes back escaped: no control character reaches the terminal.
+  expect(r.stderr.slice(0, -1), shown).not.toMatch(/[\x00-\x1f\x7f]/);
 }
 
 describe.skipIf(!IS_ROOT)(`status, flush and stop by name (${IS_ROOT ? 'as root, two real users' : ROOT_SKIP_REASON})`, () => {
