@@ -29,7 +29,8 @@ function measured(status: number | null, stderr: string, ms: number): Measured {
 /** `vbd-shadow ARGS` in a shell with `ulimit -v KIB`, under GNU time, as `user` (or root). */
 function cliUnderUlimit(kib: number, args: string[], user?: Parameters<typeof runAs>[0]): Measured {
   const script = `ulimit -v ${kib} && exec /usr/bin/time -f maxrss=%M "$@"`;
-  const argv = ['bash', '-c', script, 'bash', process.execPath, BIN, ...args];
+  // sh, not bash: a BASH_ENV in the environment would be read (and fail) as the user.
+  const argv = ['/bin/sh', '-c', script, 'sh', process.execPath, BIN, ...args];
   const t = Date.now();
   if (user !== undefined) {
     const r = runAs(user, argv[0] ?? '', argv.slice(1));
