@@ -269,7 +269,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     stopControl?.();
     if (journalFd !== undefined) closeSync(journalFd);
     if (mountPoint !== undefined) closeMountPoint(mountPoint);
-    if (lock !== undefined) releaseLock(lock);
+    if (lock !== undefined) releaseLock(lock, status === undefined);
     closeVolume(volume);
   }
 }
