@@ -18,7 +18,7 @@ if [ ! -f "$demo/volume/vbd-shadow.json" ]; then
   echo "== init: 64M volume, 16 files, 4K chunks, keyed layout"
   vbd init "$demo/volume" --size 64M --files 16 --chunk 4K --layout keyed --name demo --key-file "$key"
 fi
-echo "== start: RAM image, /dev/vbd-shadow/demo, ext4 on first use, mounted on $demo/mnt"
+echo "== start: RAM image, /dev/vbd-shadow/$(id -un)/demo, ext4 on first use, mounted on $demo/mnt"
 vbd start "$demo/volume" --key-file "$key" --mkfs ext4 --mount "$demo/mnt" --canary none
 trap 'vbd stop demo >/dev/null 2>&1 || true' EXIT
 date > "$demo/mnt/hello.txt"

@@ -4,7 +4,8 @@
 // and the volume's identity, never by the name.
 
 import { spawn } from 'node:child_process';
-import { closeSync, lstatSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { runAgent } from '../agent/agent.js';
 import { closePipe, openPipeForWriting, writeMessage } from '../agent/pipe.js';
 import type { PipeMessage } from '../agent/protocol.js';
@@ -25,6 +26,7 @@ import {
   type DaemonStatus, type RuntimePaths,
 } from '../daemon/runtime.js';
 import { resolvePlacement } from '../layouts/index.js';
+import { MANIFEST_NAME } from '../volume/manifest.js';
 import { closeVolume, identityKey, openVolume, type Volume } from '../volume/volume.js';
 import { secretFor } from './key-input.js';
 
@@ -52,14 +54,13 @@ interface Target {
   layout: string | undefined;
 }
 
-/** A directory (anything with a slash, or an existing directory) — else a volume name. */
+/**
+ * A directory if it says so (a slash, `.`, `..`) or holds a manifest; else a volume name (a
+ * directory called like the volume, e.g. its parent, must not shadow the name).
+ */
 function isDirectoryTarget(target: string): boolean {
   if (target.includes('/') || target === '.' || target === '..') return true;
-  try {
-    return lstatSync(target).isDirectory();
-  } catch {
-    return false;
-  }
+  return existsSync(join(target, MANIFEST_NAME));
 }
 
 function resolveTarget(target: string): Target {
