@@ -69,6 +69,9 @@ mask=$(directive UMask)
 # The inheritable set first: it can only be raised while the bounding set still has the cap.
 confine=(setpriv "--inh-caps=$inheritable" -- setpriv "--bounding-set=$bounding" "${nnp[@]}" --)
 [ "${#limits[@]}" -eq 0 ] || confine=(prlimit "${limits[@]}" -- "${confine[@]}")
-echo "scripts/test.sh: as root, under the unit's limits: ${confine[*]} (umask $mask) vitest run $*" >&2
+echo "scripts/test.sh: as root, under the unit's limits: ${confine[*]} vitest run $* (daemon and CLI under umask $mask)" >&2
 export VBD_TEST_CONFINED=1
-exec "${confine[@]}" bash -c 'umask "$1"; shift; exec "$@"' umask "$mask" node_modules/.bin/vitest run "$@"
+# The unit's umask is the daemon's: the test helpers run the CLI and every daemon under it
+# (test/helpers/cli.ts), while the harness itself keeps the usual one for its fixtures.
+export VBD_TEST_DAEMON_UMASK=$mask
+exec "${confine[@]}" node_modules/.bin/vitest run "$@"

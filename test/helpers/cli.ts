@@ -8,6 +8,14 @@ import { fileURLToPath } from 'node:url';
 
 export const BIN = fileURLToPath(new URL('../../bin/vbd-shadow', import.meta.url));
 
+/** The unit's umask when run by scripts/test.sh (the daemon's); 0022 otherwise. */
+export const DAEMON_UMASK = process.env['VBD_TEST_DAEMON_UMASK'] ?? '0022';
+
+/** argv for running the CLI as root under the daemon's umask. */
+export function cliArgv(args: readonly string[]): [string, string[]] {
+  return ['sh', ['-c', `umask ${DAEMON_UMASK} && exec "$0" "$@"`, process.execPath, BIN, ...args]];
+}
+
 export interface CliResult {
   status: number | null;
   stdout: string;
@@ -15,7 +23,8 @@ export interface CliResult {
 }
 
 export function cli(args: string[], options: SpawnSyncOptions = {}): CliResult {
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 120_000, ...options });
+  const [cmd, argv] = cliArgv(args);
+  const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: 120_000, ...options });
   return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
 }
 

@@ -3,7 +3,7 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
-import { BIN } from './cli.js';
+import { cliArgv } from './cli.js';
 import { Stage, eachTestCleanup } from './cleanup.js';
 import { sweep } from './system.js';
 
@@ -30,7 +30,8 @@ eachTestCleanup(Stage.Processes, async () => {
 eachTestCleanup(Stage.Kernel, sweep);
 
 export function startDaemon(name: string, args: string[], input?: string): TestDaemon {
-  const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const [cmd, argv] = cliArgv(['start', ...args, '--foreground']);
+  const child = spawn(cmd, argv, { stdio: ['pipe', 'pipe', 'pipe'] });
   let text = '';
   child.stdout?.on('data', (d: Buffer) => (text += d.toString()));
   child.stderr?.on('data', (d: Buffer) => (text += d.toString()));
