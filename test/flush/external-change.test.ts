@@ -35,7 +35,8 @@ describe.skipIf(!IS_ROOT)(`external changes (${IS_ROOT ? 'as root' : ROOT_SKIP_R
     const fd = openSync(join(dir, 'file002'), 'r+');
     writeSync(fd, Buffer.from('SOMEONE ELSE WROTE THIS'), 0, 23, 5000);
     closeSync(fd);
-    await until('the external write to be reported and repaired', () => (readStatus(name)?.externalChanges ?? 0) >= 1 && readFileSync(join(dir, 'file002')).equals(file2));
+    // Repaired in the file, and that flush's report in the status (written just after it).
+    await until('the external write to be reported and repaired', () => (readStatus(name)?.externalChanges ?? 0) >= 1 && readFileSync(join(dir, 'file002')).equals(file2) && readStatus(name)?.lastFlush !== undefined);
     expect(daemon.output()).toMatch(/EXTERNAL CHANGE: backing file 'file002' was modified/);
     const aside = readdirSync(join(dir, 'vbd-shadow-aside'));
     expect(aside).toHaveLength(1);
