@@ -8,7 +8,7 @@ import { journalPending } from '../flush/journal.js';
 import { exportImage, importImage } from '../image/offline.js';
 import { resolvePlacement } from '../layouts/index.js';
 import { initVolume, type LayoutChoice } from '../volume/init.js';
-import { closeVolume, openVolume } from '../volume/volume.js';
+import { closeVolume, openVolume, requirePlainVolume, type Volume } from '../volume/volume.js';
 import { newSecret, secretFor } from './key-input.js';
 
 function parseCount(text: string): number {
@@ -37,10 +37,11 @@ async function layoutChoice(kind: string, keyFile: string | undefined, params: s
 }
 
 /** Loads a volume and its validated placement, runs `work`, and always closes and wipes. */
-async function withVolume(dir: string, keyFile: string | undefined, writable: boolean, work: (v: ReturnType<typeof openVolume>, t: Awaited<ReturnType<typeof resolvePlacement>>) => void): Promise<void> {
-  const volume = openVolume(dir, { writable });
+async function withVolume(dir: string, keyFile: string | undefined, writable: boolean, work: (v: Volume, t: Awaited<ReturnType<typeof resolvePlacement>>) => void): Promise<void> {
+  const opened = openVolume(dir, { writable });
   let secret: Buffer | undefined;
   try {
+    const volume = requirePlainVolume(opened, (name) => `volume '${name}' is sealed: this command does not open sealed volumes yet`);
     const { name } = volume.manifest;
     // Between sessions (waiting for its agent) a daemon holds no RAM image: the files are the
     // truth and may be read; writing them behind its back is still refused.
@@ -55,7 +56,7 @@ async function withVolume(dir: string, keyFile: string | undefined, writable: bo
     work(volume, table);
   } finally {
     secret?.fill(0);
-    closeVolume(volume);
+    closeVolume(opened);
   }
 }
 
