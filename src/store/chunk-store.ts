@@ -59,6 +59,8 @@ export type CommitReport =
 
 /** One write: stage chunks with `write`, then `commit` (or `abort`). */
 export interface StoreWrite {
+  /** Sealed: the epoch this write seals its slots in (reserved: never used again, committed or not). Plain: undefined. */
+  readonly epoch: number | undefined;
   /** Chunks [first, end) from `from` (from[0] = first byte of chunk `first`). */
   write(first: number, end: number, from: Buffer): void;
   /** Makes the written chunks durable and, for a sealed volume, the new epoch the volume's state. */
@@ -130,6 +132,7 @@ class PlainStore implements ChunkStore {
     const touched = new Set<number>();
     let chunks = 0;
     return {
+      epoch: undefined,
       write: (first, end, from) => {
         checkRange(first, end, this.chunkCount);
         checkBuffer(from, (end - first) * this.chunkSize);

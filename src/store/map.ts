@@ -139,13 +139,16 @@ function mapAD(key: MapKey, headerStart: Buffer): Buffer {
   return Buffer.concat([label(MAP_AD_LABEL), key.uuid, headerStart]);
 }
 
+/** A map copy that cannot be used, and why. */
+export class MapCopyError extends VbdError {}
+
 function u64(buf: Buffer, at: number, value: number): void {
   buf.writeBigUInt64BE(BigInt(value), at);
 }
 
 function readU64(buf: Buffer, at: number, what: string): number {
   const v = buf.readBigUInt64BE(at);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new VbdError(`${what} ${v} is out of range`);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new MapCopyError(`${what} ${v} is out of range`);
   return Number(v);
 }
 
@@ -184,9 +187,6 @@ export function sealPositionMap(m: PositionMap, key: MapKey): Buffer {
     wipe(payload);
   }
 }
-
-/** A map copy that cannot be used, and why. */
-export class MapCopyError extends VbdError {}
 
 /**
  * Opens a sealed copy (as read from its region) for a volume of `chunkCount` chunks and

@@ -539,6 +539,10 @@ class SealedWrite implements StoreWrite {
     this.#buf = Buffer.alloc(Math.max(1, Math.floor(RUN_BYTES / S)) * S);
   }
 
+  get epoch(): number {
+    return this.plan.epoch;
+  }
+
   write(first: number, end: number, from: Buffer): void {
     if (this.#done) throw new VbdError('internal: a write after commit or abort');
     checkChunks(first, end, this.store.chunkCount);
