@@ -15,10 +15,11 @@
 // previous epoch (map not yet written) or the new one (pending chunks read from the journal until
 // the next writable open completes it), never a mix.
 
-import { randomFillSync } from 'node:crypto';
+import { randomBytes, randomFillSync } from 'node:crypto';
 import { closeSync, fchownSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, unlinkSync, constants as fsc } from 'node:fs';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
+import { keyedPermutation } from '../layouts/keyed.js';
 import { chunkSlots, placeSlot, type Slots } from '../layouts/layout.js';
 import { availableMemory } from '../sys/memory.js';
 import type { SealedManifest } from '../volume/manifest.js';
@@ -35,6 +36,8 @@ import { NonceBudget, SlotAuthError, SlotSealer, openChunk, slotSize, type Nonce
 /** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
 const RUN_BYTES = 8 * 2 ** 20;
 const NONE = 0xffffffff;
+/** A chunk planned through the journal, before its rank is known. */
+const OVERFLOW = -2;
 /** The epoch of the slots and map written by init. */
 export const INIT_EPOCH = 1;
 
@@ -50,7 +53,7 @@ export function slotsOf(manifest: Pick<SealedManifest, 'chunkSize' | 'files'>): 
 
 /** Bytes a sealed volume of this shape needs in memory to be opened and written (maps, plans, buffers). */
 export function sealedStoreBytes(chunks: number, slots: number): number {
-  return chunks * (2 * 16 + 2 * 17 + 9) + slots + 4 * RUN_BYTES;
+  return chunks * (2 * 16 + 2 * 17 + 9 + 8) + slots + 4 * RUN_BYTES;
 }
 
 function checkMemory(name: string, chunks: number, slots: number): void {
@@ -400,14 +403,20 @@ class SealedStore implements ChunkStore {
     const overflow = k - inFree;
     const dest = new Uint32Array(n).fill(NONE);
     const viaJournal = overflow > 0 ? new Int32Array(n).fill(-1) : undefined;
+    // Which chunk gets which free slot, and which chunks overflow, is drawn at random: the files
+    // show which slots a commit wrote, never which chunk went where (nor which ones stayed put).
+    const draw = keyedPermutation(randomBytes(32), k, k);
     for (let i = 0; i < k; i++) {
-      const c = chunks === 'all' ? i : chunks[i] ?? 0;
-      if (i < inFree) {
-        dest[c] = free[i] ?? 0;
-      } else {
-        dest[c] = this.#committed.slot[c] ?? 0; // its own slot: free once the map commits, written after
-        if (viaJournal !== undefined) viaJournal[c] = i - inFree;
-      }
+      const at = draw[i] ?? 0;
+      const c = chunks === 'all' ? at : chunks[at] ?? 0;
+      // A chunk that finds no free slot goes back into its own: free once the map commits, written after.
+      dest[c] = i < inFree ? free[i] ?? 0 : this.#committed.slot[c] ?? 0;
+      if (i >= inFree && viaJournal !== undefined) viaJournal[c] = OVERFLOW;
+    }
+    if (viaJournal !== undefined) {
+      // The journal holds the pending chunks in ascending order: a chunk's rank is its place in it.
+      let rank = 0;
+      for (let c = 0; c < n; c++) if (viaJournal[c] === OVERFLOW) viaJournal[c] = rank++;
     }
     const epoch = this.#reserve(overflow > 0 ? 2 : 1, k);
     let journalFd: number | undefined;

@@ -152,6 +152,25 @@ describe('sealed chunk store: commits', () => {
     expect(sha256(await exportBuf(dir))).toBe(sha256(image));
   });
 
+  it('which chunk goes to which free slot, and which chunks stay in place, is random: the files show which slots a commit wrote, not where a chunk went', async () => {
+    const dir = join(tempDir(), 'vol');
+    await sealedVolume(dir, 128 * 4096, 2, 4096, { kind: 'linear' }, { count: 64 });
+    const slotsNow = (): Promise<number[]> => withStore(dir, PASS, false, (store) => Array.from({ length: store.chunkCount }, (_, c) => sealed(store).entry(c).slot));
+    const before = await slotsNow();
+    expect(before).toEqual(Array.from({ length: 128 }, (_, c) => c)); // linear: chunk c in slot c
+    await importBuf(dir, randomBytes(128 * 4096));
+    const after = await slotsNow();
+    const moved = after.map((s, c) => (s !== before[c] ? c : -1)).filter((c) => c >= 0);
+    const stayed = after.map((s, c) => (s === before[c] ? c : -1)).filter((c) => c >= 0);
+    expect(moved.length).toBe(64);
+    expect(stayed.length).toBe(64);
+    // Not the first 64 chunks into the 64 spare slots in order, nor the last 64 kept in place.
+    expect(moved).not.toEqual(Array.from({ length: 64 }, (_, i) => i));
+    const targets = moved.map((c) => after[c] ?? 0);
+    expect(targets).not.toEqual([...targets].sort((a, b) => a - b));
+    expect(new Set(targets)).toEqual(new Set(Array.from({ length: 64 }, (_, i) => 128 + i)));
+  });
+
   it('says where each chunk lives, and a damaged slot is named with file, offset and chunk', async () => {
     const dir = join(tempDir(), 'vol');
     await sealedVolume(dir, 64 * 1024, 3, 4096, { kind: 'keyed' });
