@@ -94,6 +94,12 @@ export interface OpenStoreOptions {
   writable: boolean;
   /** A keyed plain volume's secret, or a sealed volume's passphrase. The caller owns and wipes it. */
   secret?: Buffer | undefined;
+  /**
+   * Sealed: an epoch known to have been used already (root's record of the highest epoch a
+   * commit of this volume reserved): the next commit takes a later one even if the files'
+   * reservation records were rolled back.
+   */
+  epochFloor?: number | undefined;
 }
 
 class PlainStore implements ChunkStore {
@@ -173,7 +179,7 @@ export async function openChunkStore(volume: AnyVolume, options: OpenStoreOption
   if (options.writable && !volume.writable) throw new VbdError('internal: a writable store over a volume opened read-only');
   if (isSealedVolume(volume)) {
     if (options.secret === undefined) throw new VbdError(`volume '${volume.manifest.name}' is sealed: its passphrase is needed (--key-file FILE or a terminal prompt)`);
-    return openSealedStore(volume, options.secret, options.writable);
+    return openSealedStore(volume, options.secret, options.writable, options.epochFloor);
   }
   if (!isPlainVolume(volume)) throw new VbdError(`internal: volume '${volume.manifest.name}' is neither plain nor sealed`);
   const plain = volume;

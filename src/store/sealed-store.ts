@@ -130,7 +130,7 @@ class SealedStore implements ChunkStore {
   #active = false;
   #scratch: Buffer | undefined;
 
-  constructor(volume: SealedVolume, keys: VolumeKeys, mapFd: number, writable: boolean) {
+  constructor(volume: SealedVolume, keys: VolumeKeys, mapFd: number, writable: boolean, epochFloor = 0) {
     const m = volume.manifest;
     this.#volume = volume;
     this.#keys = keys;
@@ -158,7 +158,7 @@ class SealedStore implements ChunkStore {
       this.#writeBlocked = `no valid epoch reservation in ${MAP_NAME}: a write could reuse an epoch, so writing is refused (export still works)`;
     }
     const reserved = res.newest?.reservation;
-    this.#nextEpoch = Math.max(this.#committed.epoch, reserved?.epochHigh ?? 0) + 1;
+    this.#nextEpoch = Math.max(this.#committed.epoch, reserved?.epochHigh ?? 0, epochFloor) + 1;
 
     const mapBudget = this.#committed.budget;
     if (mapBudget.generation > this.#generation) {
@@ -172,6 +172,16 @@ class SealedStore implements ChunkStore {
 
   get epoch(): number {
     return this.#committed.epoch;
+  }
+
+  /** The highest epoch reserved so far (durably): what root records after each commit, as the next open's epochFloor. */
+  get reservedEpoch(): number {
+    return this.#nextEpoch - 1;
+  }
+
+  /** Seals made under the current key generation (the nonce budget; for status). */
+  get budget(): NonceBudgetState {
+    return this.#budget.state;
   }
 
   /** The pending commit's journal, stale journals, and (writable) completing an interrupted commit. */
@@ -606,7 +616,7 @@ function checkChunks(first: number, end: number, chunkCount: number): void {
 }
 
 /** Unlocks a sealed volume and opens its store (see the top of this file). The caller wipes `passphrase`. */
-export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean): SealedStore {
+export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, epochFloor?: number): SealedStore {
   const m = volume.manifest;
   const chunks = m.deviceSize / m.chunkSize;
   checkMemory(m.name, chunks, slotsOf(m).total);
@@ -615,7 +625,7 @@ export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writab
   try {
     mapFd = openVolumeEntry(volume, MAP_NAME, writable ? 'write' : 'read');
     if (mapFd === undefined) throw new VbdError(`volume '${m.name}': its position map ${MAP_NAME} is missing, so no slot can be found (nothing was read or written)`);
-    const store = new SealedStore(volume, keys, mapFd, writable);
+    const store = new SealedStore(volume, keys, mapFd, writable, epochFloor);
     try {
       store.settle();
     } catch (err) {

@@ -9,8 +9,8 @@ import { describe, expect, it } from 'vitest';
 import { exportImage, importImage } from '../../src/image/offline.js';
 import { SlotAuthError, slotSize } from '../../src/store/slot.js';
 import { initSealedVolume, type SealedLayoutChoice, type SpareChoice } from '../../src/volume/init.js';
-import { SEALED_JOURNAL_NAME } from '../../src/volume/volume.js';
-import type { ChunkStore } from '../../src/store/chunk-store.js';
+import { SEALED_JOURNAL_NAME, closeVolume, openVolume } from '../../src/volume/volume.js';
+import { openChunkStore, type ChunkStore } from '../../src/store/chunk-store.js';
 import type { SealedStore } from '../../src/store/sealed-store.js';
 import { sha256 } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -169,6 +169,29 @@ describe('sealed chunk store: commits', () => {
     const targets = moved.map((c) => after[c] ?? 0);
     expect(targets).not.toEqual([...targets].sort((a, b) => a - b));
     expect(new Set(targets)).toEqual(new Set(Array.from({ length: 64 }, (_, i) => 128 + i)));
+  });
+
+  it('an epoch floor (root\'s record) is honoured: the next commit takes a later epoch even if the reservations were rolled back', async () => {
+    const dir = join(tempDir(), 'vol');
+    await sealedVolume(dir, 16 * 4096, 1, 4096, { kind: 'linear' }, { percent: 100 });
+    const volume = openVolume(dir, { writable: true });
+    try {
+      const store = sealed(await openChunkStore(volume, { writable: true, secret: Buffer.from(PASS), epochFloor: 40 }));
+      try {
+        expect(store.epoch).toBe(2);
+        expect(store.reservedEpoch).toBe(40);
+        const w = store.begin(Uint32Array.of(3));
+        expect(w.epoch).toBe(41);
+        w.write(3, 4, Buffer.alloc(4096, 1));
+        expect(w.commit()).toEqual({ kind: 'sealed', epoch: 41, chunks: 1, inFreeSlots: 1, throughJournal: 0 });
+        expect(store.reservedEpoch).toBe(41);
+        expect(store.budget).toEqual({ generation: 0, used: 17 });
+      } finally {
+        store.close();
+      }
+    } finally {
+      closeVolume(volume);
+    }
   });
 
   it('says where each chunk lives, and a damaged slot is named with file, offset and chunk', async () => {
