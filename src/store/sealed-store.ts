@@ -82,7 +82,8 @@ function readInto(fd: number, buf: Buffer, length: number, position: number, nam
   }
 }
 
-function journalHeader(uuid: Buffer, epoch: number, count: number, slotBytes: number): Buffer {
+/** The journal's header: magic ‖ version u32 ‖ epoch u64 ‖ count u32 ‖ slot size u32 ‖ UUID, zero-padded to 64. */
+export function journalHeader(uuid: Buffer, epoch: number, count: number, slotBytes: number): Buffer {
   const h = Buffer.alloc(JOURNAL_HEADER_BYTES);
   JOURNAL_MAGIC.copy(h, 0);
   h.writeUInt32BE(JOURNAL_VERSION, 8);
@@ -215,6 +216,10 @@ class SealedStore implements ChunkStore {
       return;
     }
     if (this.#writeBlocked !== undefined) throw new VbdError(`the commit of epoch ${m.epoch} waits to be completed, but ${this.#writeBlocked}`);
+    // A journal that is there but does not match is not ours to drop: refuse to write (reads go on).
+    if (problem !== undefined && fd !== undefined) {
+      throw new VbdError(`the commit of epoch ${m.epoch} waits to be completed from ${SEALED_JOURNAL_NAME}, which ${problem}: refusing to write (export still reads the volume)`);
+    }
     const clearEpoch = this.#reserve(1, 0);
     this.#completeJournal(clearEpoch);
     this.notices.push(`completed the interrupted commit of epoch ${m.epoch}: ${m.pendingCount} chunks copied from ${SEALED_JOURNAL_NAME} into place (epoch ${clearEpoch})`);

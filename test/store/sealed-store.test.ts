@@ -3,13 +3,17 @@
 // the overflow journal, an interrupted write, and where chunks are said to live.
 
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { exportImage, importImage } from '../../src/image/offline.js';
-import { SlotAuthError, slotSize } from '../../src/store/slot.js';
+import { SlotAuthError, sealChunk, slotSize } from '../../src/store/slot.js';
 import { initSealedVolume, type SealedLayoutChoice, type SpareChoice } from '../../src/volume/init.js';
-import { SEALED_JOURNAL_NAME, closeVolume, openVolume } from '../../src/volume/volume.js';
+import { MAP_NAME, SEALED_JOURNAL_NAME, closeVolume, openVolume } from '../../src/volume/volume.js';
+import { MANIFEST_NAME, type SealedManifest } from '../../src/volume/manifest.js';
+import { clonePositionMap, loadPositionMap, setPending, writePositionMap } from '../../src/store/map.js';
+import { journalHeader } from '../../src/store/sealed-store.js';
+import { unlockSealedManifest } from '../../src/store/sealed-manifest.js';
 import { openChunkStore, type ChunkStore } from '../../src/store/chunk-store.js';
 import type { SealedStore } from '../../src/store/sealed-store.js';
 import { sha256 } from '../helpers/cli.js';
@@ -192,6 +196,68 @@ describe('sealed chunk store: commits', () => {
     } finally {
       closeVolume(volume);
     }
+  });
+
+  it('a commit interrupted after its map (chunks pending in the journal): export reads them from the journal, the next writable open completes it; a journal that does not match is refused for writing', async () => {
+    const scratch = tempDir();
+    const dir = join(scratch, 'vol');
+    const size = 16 * 4096;
+    await sealedVolume(dir, size, 2, 4096, { kind: 'keyed' }, { percent: 100 });
+    const image = randomBytes(size);
+    await importBuf(dir, image);
+    // Build, with the real keys and formats, what a kill -9 between steps 3 and 4 leaves.
+    const manifest = JSON.parse(readFileSync(join(dir, MANIFEST_NAME), 'utf8')) as SealedManifest;
+    const keys = unlockSealedManifest(PASS, manifest);
+    const mapKey = { key: keys.mapKey, uuid: keys.uuid };
+    const mapPath = join(dir, MAP_NAME);
+    const fd = openSync(mapPath, 'r+');
+    const want = Buffer.from(image);
+    try {
+      const loaded = loadPositionMap(fd, MAP_NAME, mapKey, 16, 32);
+      const pending = clonePositionMap(loaded.map);
+      pending.epoch = loaded.map.epoch + 5;
+      const journal: Buffer[] = [journalHeader(keys.uuid, pending.epoch, 2, slotSize(4096))];
+      for (const c of [2, 5]) {
+        const data = randomBytes(4096);
+        data.copy(want, c * 4096);
+        const slot = Buffer.alloc(slotSize(4096));
+        sealChunk(keys.slotKey(0), { chunk: c, epoch: pending.epoch }, data, slot);
+        journal.push(slot);
+        setPending(pending, c);
+        pending.epochs[c] = pending.epoch;
+      }
+      writeFileSync(join(dir, SEALED_JOURNAL_NAME), Buffer.concat(journal), { mode: 0o600 });
+      writePositionMap(fd, MAP_NAME, mapKey, pending, loaded.region === 0 ? 1 : 0);
+    } finally {
+      closeSync(fd);
+      keys.wipe();
+    }
+    const out = join(scratch, 'out.img');
+    await withStore(dir, PASS, false, (store) => {
+      expect(store.notices).toEqual([expect.stringMatching(/^the commit of epoch \d+ was interrupted while copying 2 chunks from vbd-shadow.sealed-journal into place: they are read from the journal/)]);
+      expect(store.locate(5)).toEqual({ file: -1, name: SEALED_JOURNAL_NAME, offset: 64 + slotSize(4096), bytes: slotSize(4096) });
+      exportImage(store, out);
+    });
+    expect(readFileSync(out).equals(want)).toBe(true);
+
+    // A journal whose header was changed: reads fall back to the slots (which fail: named), writes are refused.
+    const journalPath = join(dir, SEALED_JOURNAL_NAME);
+    const good = readFileSync(journalPath);
+    const bad = Buffer.from(good);
+    bad[15] ^= 1;
+    writeFileSync(journalPath, bad);
+    await withStore(dir, PASS, false, (store) => {
+      expect(store.notices[0]).toMatch(/put 2 chunks through vbd-shadow.sealed-journal, which belongs to another commit or volume: those chunks are read from their slots/);
+      expect(() => exportImage(store, out)).toThrow(/export refused: 2 chunks fail authentication .*: chunk 2 \(file00\d at offset \d+, epoch \d+\), chunk 5 /);
+    });
+    await expect(withStore(dir, PASS, true, () => undefined)).rejects.toThrow(/waits to be completed from vbd-shadow.sealed-journal, which belongs to another commit or volume: refusing to write/);
+    writeFileSync(journalPath, good);
+
+    // The next writable open completes it: copied into place, a map without pending chunks, journal gone.
+    const notices = await withStore(dir, PASS, true, (store) => [...store.notices]);
+    expect(notices).toEqual([expect.stringMatching(/^completed the interrupted commit of epoch \d+: 2 chunks copied from vbd-shadow.sealed-journal into place/)]);
+    expect(existsSync(journalPath)).toBe(false);
+    expect((await exportBuf(dir)).equals(want)).toBe(true);
   });
 
   it('says where each chunk lives, and a damaged slot is named with file, offset and chunk', async () => {
