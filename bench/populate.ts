@@ -8,15 +8,16 @@ import { resolvePlacement } from '../src/layouts/index.js';
 import { createImage, destroyImage } from '../src/shadow/image.js';
 import { populateImage } from '../src/shadow/fill.js';
 import { backingFileNames } from '../src/volume/init.js';
-import { closeVolume, openVolume } from '../src/volume/volume.js';
+import { closeVolume, openVolume, requirePlainVolume } from '../src/volume/volume.js';
 import { filledVolume, median, table, timeMs } from './lib.js';
 
 const GiB = 2 ** 30;
 const KEY = Buffer.from('benchmark key');
 
 async function populateMs(dir: string, mountpoint: string): Promise<number> {
-  const volume = openVolume(dir);
+  const opened = openVolume(dir);
   try {
+    const volume = requirePlainVolume(opened);
     const t = await resolvePlacement(volume.manifest, { owner: volume.owner, secret: KEY });
     const image = await createImage(mountpoint, volume.manifest.deviceSize, volume.identity);
     try {
@@ -25,7 +26,7 @@ async function populateMs(dir: string, mountpoint: string): Promise<number> {
       await destroyImage(image);
     }
   } finally {
-    closeVolume(volume);
+    closeVolume(opened);
   }
 }
 

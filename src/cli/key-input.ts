@@ -1,25 +1,29 @@
-// Where a keyed volume's secret comes from on the command line: --key-file, else a prompt.
+// Where a volume's secret comes from on the command line: --key-file, else a prompt.
+// A keyed plain volume has a layout secret; a sealed volume has a passphrase (any layout).
 
 import { VbdError } from '../common/errors.js';
 import { promptSecret, readKeyFile } from '../layouts/secret.js';
-import type { Manifest } from '../volume/manifest.js';
+import type { AnyManifest } from '../volume/manifest.js';
 
-/** The secret for a keyed manifest, or undefined for other layouts. The caller wipes it. */
-export async function secretFor(manifest: Manifest, keyFile: string | undefined): Promise<Buffer | undefined> {
+/** The secret a manifest needs (keyed layout or sealed volume), or undefined. The caller wipes it. */
+export async function secretFor(manifest: AnyManifest, keyFile: string | undefined): Promise<Buffer | undefined> {
+  if (manifest.format === 2) {
+    return keyFile !== undefined ? readKeyFile(keyFile) : promptSecret(`Passphrase of sealed volume '${manifest.name}': `);
+  }
   if (manifest.layout.kind !== 'keyed') return undefined;
   return keyFile !== undefined ? readKeyFile(keyFile) : promptSecret(`Key for volume '${manifest.name}': `);
 }
 
-/** A new secret for `init`: from --key-file, or asked twice on the terminal. */
-export async function newSecret(keyFile: string | undefined): Promise<Buffer> {
+/** A new secret for `init` or `passwd`: from a key file, or asked twice on the terminal. */
+export async function newSecret(keyFile: string | undefined, what = 'key'): Promise<Buffer> {
   if (keyFile !== undefined) return readKeyFile(keyFile);
-  const first = await promptSecret('New key: ');
-  const again = await promptSecret('Repeat the key: ');
+  const first = await promptSecret(`New ${what}: `);
+  const again = await promptSecret(`Repeat the ${what}: `);
   const same = first.equals(again);
   again.fill(0);
   if (!same) {
     first.fill(0);
-    throw new VbdError('the two keys differ');
+    throw new VbdError(`the two ${what}s differ`);
   }
   return first;
 }

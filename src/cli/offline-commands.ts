@@ -1,19 +1,34 @@
-// The commands that need no root: init, export, import.
+// The commands that need no root: init, export, import, passwd — for plain and sealed volumes,
+// all through the chunk store.
 
 import type { Command } from 'commander';
 import { VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
 import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
-import { exportImage, importImage } from '../image/offline.js';
-import { resolvePlacement } from '../layouts/index.js';
-import { initVolume, type LayoutChoice } from '../volume/init.js';
-import { closeVolume, openVolume } from '../volume/volume.js';
+import { describeDamaged, exportImage, importImage } from '../image/offline.js';
+import { openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
+import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
+import { slotSize } from '../store/slot.js';
+import { initSealedVolume, initVolume, writeManifest, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
+import { closeVolume, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
 import { newSecret, secretFor } from './key-input.js';
 
 function parseCount(text: string): number {
   if (!/^\d+$/.test(text)) throw new VbdError(`--files: expected a whole number, got '${text}'`);
   return Number(text);
+}
+
+/** --spare: `25%` of the chunk count, or a count of slots. */
+export function parseSpare(text: string): SpareChoice {
+  const percent = /^(\d+(?:\.\d+)?)%$/.exec(text);
+  if (percent !== null) {
+    const p = Number(percent[1]);
+    if (p <= 0 || p > 1000) throw new VbdError(`--spare: a percentage from above 0 to 1000%, got '${text}'`);
+    return { percent: p };
+  }
+  if (/^\d+$/.test(text) && Number(text) >= 1) return { count: Number(text) };
+  throw new VbdError(`--spare: expected PERCENT% or a number of slots (at least 1), got '${text}'`);
 }
 
 function parseParams(text: string | undefined): Record<string, unknown> {
@@ -27,17 +42,31 @@ function parseParams(text: string | undefined): Record<string, unknown> {
   throw new VbdError(`--layout-params: expected a JSON object, got '${text}'`);
 }
 
-async function layoutChoice(kind: string, keyFile: string | undefined, params: string | undefined): Promise<LayoutChoice> {
-  if (kind === 'linear' || kind === 'striped') return { kind };
-  if (kind === 'keyed') return { kind, secret: await newSecret(keyFile) };
+function sealedLayoutChoice(kind: string, params: string | undefined): SealedLayoutChoice {
+  if (kind === 'linear' || kind === 'striped' || kind === 'keyed') return { kind };
   if (kind.startsWith('module:') && kind.length > 'module:'.length) {
     return { kind: 'module', path: kind.slice('module:'.length), params: parseParams(params) };
   }
   throw new VbdError(`--layout must be linear, striped, keyed or module:PATH, got '${kind}'`);
 }
 
-/** Loads a volume and its validated placement, runs `work`, and always closes and wipes. */
-async function withVolume(dir: string, keyFile: string | undefined, writable: boolean, work: (v: ReturnType<typeof openVolume>, t: Awaited<ReturnType<typeof resolvePlacement>>) => void): Promise<void> {
+async function layoutChoice(kind: string, keyFile: string | undefined, params: string | undefined): Promise<LayoutChoice> {
+  const choice = sealedLayoutChoice(kind, params);
+  if (choice.kind === 'keyed') return { kind: 'keyed', secret: await newSecret(keyFile) };
+  return choice;
+}
+
+/** Prints what opening found (an older map copy used, an interrupted commit completed …). */
+function printNotices(store: ChunkStore): void {
+  for (const notice of store.notices) process.stderr.write(`vbd-shadow: warning: ${notice}\n`);
+}
+
+/**
+ * Opens a volume and its chunk store (with the key it needs), runs `work`, and always closes
+ * and wipes. Refused while a daemon holds the volume's RAM image, or (plain) while an
+ * interrupted flush waits in its journal.
+ */
+async function withStore(dir: string, keyFile: string | undefined, writable: boolean, work: (store: ChunkStore, volume: AnyVolume) => void): Promise<void> {
   const volume = openVolume(dir, { writable });
   let secret: Buffer | undefined;
   try {
@@ -48,13 +77,92 @@ async function withVolume(dir: string, keyFile: string | undefined, writable: bo
     if (daemon !== undefined && daemonRunning(daemon) && (writable || daemon.state !== 'waiting')) {
       throw new VbdError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
     }
-    if (journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
+    if (isPlainVolume(volume) && journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
-    const table = await resolvePlacement(volume.manifest, { owner: volume.owner, secret });
+    const store = await openChunkStore(volume, { writable, secret });
     secret?.fill(0);
-    work(volume, table);
+    try {
+      printNotices(store);
+      work(store, volume);
+    } finally {
+      store.close();
+    }
   } finally {
     secret?.fill(0);
+    closeVolume(volume);
+  }
+}
+
+function describeCommit(name: string, r: CommitReport): string {
+  if (r.kind === 'plain') return `imported into '${name}': ${r.chunks} chunks written in place`;
+  const how = r.throughJournal === 0
+    ? `all into free slots (copy-on-write)`
+    : `${r.inFreeSlots} into free slots, ${r.throughJournal} through the overflow journal (more chunks than free slots: committed as one whole snapshot, those written twice)`;
+  return `imported into '${name}': ${r.chunks} chunks sealed and committed as epoch ${r.epoch}, ${how}`;
+}
+
+interface InitFlags {
+  size: string;
+  files: number;
+  chunk: string;
+  layout: string;
+  layoutParams?: string;
+  name?: string;
+  keyFile?: string;
+  force?: boolean;
+  sealed?: boolean;
+  spare?: string;
+}
+
+async function initCommand(dir: string, o: InitFlags): Promise<void> {
+  const common = {
+    dir, deviceSize: parseSize(o.size, '--size'), chunkSize: parseSize(o.chunk, '--chunk'),
+    fileCount: o.files, name: o.name, force: o.force === true,
+  };
+  if (o.sealed === true) {
+    const layout = sealedLayoutChoice(o.layout, o.layoutParams);
+    const spare = o.spare !== undefined ? parseSpare(o.spare) : undefined;
+    const passphrase = await newSecret(o.keyFile, 'passphrase');
+    try {
+      const m = await initSealedVolume({ ...common, layout, passphrase, spare });
+      const total = m.files.reduce((sum, f) => sum + f.size, 0);
+      console.log(`created sealed volume '${m.name}' in ${dir}: ${formatSize(m.deviceSize)} in ${m.files.length} files, ${formatSize(m.chunkSize)} chunks, ${m.layout.kind} layout, ${m.sealed.spareSlots} spare slots (files ${formatSize(total)} in all: slots of ${slotSize(m.chunkSize)} bytes); losing the passphrase loses the data`);
+    } finally {
+      passphrase.fill(0);
+    }
+    return;
+  }
+  if (o.spare !== undefined) throw new VbdError('--spare only applies to a sealed volume (--sealed)');
+  const layout = await layoutChoice(o.layout, o.keyFile, o.layoutParams);
+  try {
+    const m = await initVolume({ ...common, layout });
+    console.log(`created volume '${m.name}' in ${dir}: ${formatSize(m.deviceSize)} in ${m.files.length} files, ${formatSize(m.chunkSize)} chunks, ${m.layout.kind} layout`);
+  } finally {
+    if (layout.kind === 'keyed') layout.secret.fill(0);
+  }
+}
+
+async function passwdCommand(dir: string, o: { keyFile?: string; newKeyFile?: string }): Promise<void> {
+  const volume = openVolume(dir);
+  let old: Buffer | undefined;
+  let fresh: Buffer | undefined;
+  try {
+    if (!isSealedVolume(volume)) {
+      throw new VbdError(`volume '${volume.manifest.name}' is not sealed: only a sealed volume has a passphrase to change (a keyed layout's key decides where every chunk is)`);
+    }
+    const uid = process.getuid?.();
+    if (uid !== volume.owner.uid) throw new VbdError(`passwd runs as the volume's owner (uid ${volume.owner.uid}, ${volume.owner.name}), not uid ${uid}`);
+    old = await secretFor(volume.manifest, o.keyFile);
+    if (old === undefined) throw new VbdError('internal: no passphrase read');
+    // The old passphrase is checked (unwrapped) before a new one is asked for.
+    unlockSealedManifest(old, volume.manifest).wipe();
+    fresh = await newSecret(o.newKeyFile, 'passphrase');
+    const rewrapped = changePassphrase(old, fresh, volume.manifest);
+    writeManifest(volume.dirFd, volume.dir, rewrapped);
+    console.log(`volume '${volume.manifest.name}': passphrase changed (the volume key re-wrapped; no slot or map was touched); the old passphrase no longer opens it`);
+  } finally {
+    old?.fill(0);
+    fresh?.fill(0);
     closeVolume(volume);
   }
 }
@@ -70,38 +178,46 @@ export function registerOfflineCommands(program: Command): void {
     .option('--layout <kind>', 'linear | striped | keyed | module:PATH', 'linear')
     .option('--layout-params <json>', 'parameters handed to a module: layout (JSON object)')
     .option('--name <name>', 'volume name (default: the directory name)')
-    .option('--key-file <file>', 'keyed layout: read the secret from FILE (mode 0600) instead of asking')
+    .option('--sealed', 'seal every chunk (AES-256-GCM under a key wrapped by your passphrase): the files show nothing of the content')
+    .option('--spare <n>', 'sealed: spare slots for copy-on-write commits, PERCENT% of the chunks or a count (default 20%)')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (mode 0600) — else asked twice')
     .option('--force', 'reuse a non-empty directory holding an old volume of the same shape')
-    .action(async (dir: string, o: { size: string; files: number; chunk: string; layout: string; layoutParams?: string; name?: string; keyFile?: string; force?: boolean }) => {
-      const layout = await layoutChoice(o.layout, o.keyFile, o.layoutParams);
-      try {
-        const m = await initVolume({
-          dir, deviceSize: parseSize(o.size, '--size'), chunkSize: parseSize(o.chunk, '--chunk'),
-          fileCount: o.files, layout, name: o.name, force: o.force === true,
-        });
-        console.log(`created volume '${m.name}' in ${dir}: ${formatSize(m.deviceSize)} in ${m.files.length} files, ${formatSize(m.chunkSize)} chunks, ${m.layout.kind} layout`);
-      } finally {
-        if (layout.kind === 'keyed') layout.secret.fill(0);
-      }
-    });
+    .action(initCommand);
 
   program
     .command('export')
-    .description('assemble the whole device image from the files into OUT (offline, no root)')
+    .description('assemble the whole device image from the files into OUT (offline, no root); a sealed volume is verified chunk by chunk')
     .argument('<dir>', 'volume directory')
     .argument('<out>', 'image file to write (replaced atomically)')
-    .option('--key-file <file>', 'keyed layout: the secret')
-    .action(async (dir: string, out: string, o: { keyFile?: string }) => {
-      await withVolume(dir, o.keyFile, false, (volume, table) => exportImage(volume, table, out));
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase')
+    .option('--zero-damaged', 'sealed: export chunks whose slot fails authentication as zeros, and list them (default: refuse)')
+    .action(async (dir: string, out: string, o: { keyFile?: string; zeroDamaged?: boolean }) => {
+      await withStore(dir, o.keyFile, false, (store) => {
+        const { damaged } = exportImage(store, out, { zeroDamaged: o.zeroDamaged === true });
+        for (const d of damaged) console.log(`zeroed damaged ${describeDamaged(d)}`);
+        if (store.kind === 'sealed') console.log(`exported epoch ${store.epoch}: ${store.chunkCount - damaged.length} chunks verified${damaged.length > 0 ? `, ${damaged.length} damaged written as zeros` : ''}`);
+      });
     });
 
   program
     .command('import')
-    .description('scatter a whole device image IN into the files (offline, no root; the volume must not be live)')
+    .description('write a whole device image IN as the volume\'s content (offline, no root; the volume must not be live); a sealed volume commits it as one new epoch')
     .argument('<dir>', 'volume directory')
     .argument('<in>', 'image file, exactly the device size')
-    .option('--key-file <file>', 'keyed layout: the secret')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase')
     .action(async (dir: string, input: string, o: { keyFile?: string }) => {
-      await withVolume(dir, o.keyFile, true, (volume, table) => importImage(volume, table, input));
+      await withStore(dir, o.keyFile, true, (store, volume) => {
+        const report = importImage(store, input);
+        if (report.kind === 'sealed') console.log(describeCommit(volume.manifest.name, report));
+      });
     });
+
+  program
+    .command('passwd')
+    .description('sealed: change the passphrase (re-wraps the volume key in the manifest; no data moves)')
+    .argument('<dir>', 'volume directory')
+    .option('--key-file <file>', 'the current passphrase (else asked)')
+    .option('--new-key-file <file>', 'the new passphrase (else asked twice)')
+    .action(passwdCommand);
 }
+

@@ -2,7 +2,8 @@
 
 import { createHash } from 'node:crypto';
 import { VbdError } from '../common/errors.js';
-import { chunkCountProblem, type LayoutSpec, type Manifest } from '../volume/manifest.js';
+import { chunkCountProblem, type LayoutSpec, type Manifest, type SealedManifest } from '../volume/manifest.js';
+import { slotSize } from '../store/slot.js';
 import type { Owner } from '../volume/owner.js';
 import { checkPlacementMemory } from './budget.js';
 import { createKeyedLayout } from './keyed.js';
@@ -96,4 +97,65 @@ export async function resolvePlacement(manifest: Manifest, ctx: LayoutContext): 
     throw new VbdError(`layout module ${spec.path} now places chunks differently than when volume '${manifest.name}' was created; refusing to read or write`);
   }
   return table;
+}
+
+/**
+ * A sealed volume's layout places chunks on slots: the same layouts over a geometry whose
+ * "chunks" are slots of C + 28 bytes. Only the initial placement comes from it (init); after
+ * that, the position map says where each chunk is.
+ */
+export function slotGeometry(manifest: SealedManifest): Geometry {
+  const size = slotSize(manifest.chunkSize);
+  const chunkCount = manifest.deviceSize / manifest.chunkSize;
+  return { deviceSize: chunkCount * size, chunkSize: size, chunkCount, fileSizes: manifest.files.map((f) => f.size) };
+}
+
+export interface SlotPlacementContext {
+  owner: Owner;
+  /** The placement subkey of the volume key (keys.placementKey), for a keyed layout. */
+  placementKey?: Buffer | undefined;
+}
+
+/**
+ * The initial slot of every chunk of a sealed volume, from its layout (validated: distinct,
+ * in-bounds slots). A module layout runs confined, like for a plain volume; its table's
+ * fingerprint is returned so init can record it.
+ */
+export async function computeSlotPlacement(manifest: SealedManifest, ctx: SlotPlacementContext): Promise<{ slotOfChunk: Uint32Array; fingerprint: string }> {
+  const geometry = slotGeometry(manifest);
+  const slots = chunkSlots(geometry);
+  const spec = manifest.layout;
+  const tooMany = chunkCountProblem(geometry.chunkCount) ?? chunkCountProblem(slots.total);
+  if (tooMany !== undefined) throw new VbdError(`volume '${manifest.name}' has ${tooMany}; use larger chunks`);
+  checkPlacementMemory(manifest.name, spec.kind, geometry.chunkCount, slots.total);
+  const wholeSlots = (): void => {
+    for (const f of manifest.files) {
+      if (f.size % geometry.chunkSize !== 0) throw new VbdError(`layout ${spec.kind} of a sealed volume needs file sizes that are multiples of the slot size ${geometry.chunkSize}; '${f.path}' is ${f.size} bytes`);
+    }
+  };
+  let table: PlacementTable;
+  switch (spec.kind) {
+    case 'linear':
+      wholeSlots();
+      table = placementTable(createLinearLayout(geometry), geometry);
+      break;
+    case 'striped':
+      wholeSlots();
+      table = placementTable(createStripedLayout(geometry), geometry);
+      break;
+    case 'keyed':
+      wholeSlots();
+      if (ctx.placementKey === undefined) throw new VbdError('internal: a sealed keyed layout needs the placement key');
+      table = placementTable(createKeyedLayout(geometry, ctx.placementKey), geometry);
+      break;
+    case 'module':
+      table = await userModuleTable(ctx.owner, spec.path, geometry, spec.params);
+      break;
+  }
+  validateTable(table, geometry, manifest.files.map((f) => f.path));
+  const slotOfChunk = new Uint32Array(geometry.chunkCount);
+  for (let c = 0; c < geometry.chunkCount; c++) {
+    slotOfChunk[c] = (slots.first[table.file[c] ?? 0] ?? 0) + (table.offset[c] ?? 0) / geometry.chunkSize;
+  }
+  return { slotOfChunk, fingerprint: tableFingerprint(table) };
 }

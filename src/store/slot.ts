@@ -89,14 +89,25 @@ export function sealChunk(key: SlotKey, at: SlotAddress, plaintext: Buffer, out:
   cipher.getAuthTag().copy(out, NONCE_BYTES);
 }
 
-/** A slot that failed authentication: names the chunk, epoch and key generation it was opened for. */
+/** Where a slot lies: the file (by name) and byte offset. */
+export interface SlotWhere {
+  file: string;
+  offset: number;
+}
+
+/**
+ * A slot that failed authentication: names the chunk, epoch and key generation it was opened
+ * for and, once the chunk store knows it, the file and offset it was read from.
+ */
 export class SlotAuthError extends VbdError {
   constructor(
     readonly chunk: number,
     readonly epoch: number,
     readonly generation: number,
+    readonly where?: SlotWhere,
   ) {
-    super(`chunk ${chunk}, epoch ${epoch} (key generation ${generation}): the slot fails authentication — corrupted, tampered with, or a slot of another chunk, epoch or volume`);
+    const place = where === undefined ? '' : `${where.file} at offset ${where.offset}: `;
+    super(`${place}chunk ${chunk}, epoch ${epoch} (key generation ${generation}): the slot fails authentication — corrupted, tampered with, or a slot of another chunk, epoch or volume`);
     this.name = 'SlotAuthError';
   }
 }

@@ -11,14 +11,19 @@ import {
 import { basename, resolve } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { formatSize, isPowerOfTwo } from '../common/size.js';
-import { computePlacement, tableFingerprint } from '../layouts/index.js';
+import { computePlacement, computeSlotPlacement, tableFingerprint } from '../layouts/index.js';
 import { DEFAULT_KDF, deriveKeys, newSalt } from '../layouts/secret.js';
+import type { VolumeKeys } from '../store/keys.js';
+import { writeNewSealedVolume } from '../store/sealed-store.js';
+import { createSealedManifest } from '../store/sealed-manifest.js';
+import { slotSize } from '../store/slot.js';
 import {
-  MANIFEST_NAME, MAX_CHUNK_SIZE, MAX_DEVICE_SIZE, MAX_FILES, MIN_CHUNK_SIZE,
-  chunkCountProblem, isValidName, serializeManifest, type LayoutSpec, type Manifest,
+  MANIFEST_NAME, MAX_CHUNK_SIZE, MAX_DEVICE_SIZE, MAX_FILES, MIN_CHUNK_SIZE, SEALED_MANIFEST_FORMAT,
+  chunkCountProblem, isValidName, serializeManifest,
+  type AnyManifest, type BackingFile, type LayoutSpec, type Manifest, type ScryptParams, type SealedLayoutSpec, type SealedManifest,
 } from './manifest.js';
 import { currentUser, type Owner } from './owner.js';
-import { unexpectedEntries } from './volume.js';
+import { MAP_NAME, SEALED_JOURNAL_NAME, unexpectedEntries } from './volume.js';
 
 export type LayoutChoice = { kind: 'linear' } | { kind: 'striped' } | { kind: 'keyed'; secret: Buffer } | { kind: 'module'; path: string; params: Record<string, unknown> };
 
@@ -39,7 +44,7 @@ export function backingFileNames(count: number): string[] {
   return Array.from({ length: count }, (_, i) => `file${String(i + 1).padStart(width, '0')}`);
 }
 
-function checkGeometry(o: InitOptions): void {
+function checkGeometry(o: Pick<InitOptions, 'chunkSize' | 'deviceSize' | 'fileCount'>): void {
   if (!isPowerOfTwo(o.chunkSize) || o.chunkSize < MIN_CHUNK_SIZE || o.chunkSize > MAX_CHUNK_SIZE) {
     throw new VbdError(`--chunk must be a power of two from ${formatSize(MIN_CHUNK_SIZE)} to ${formatSize(MAX_CHUNK_SIZE)}, got ${o.chunkSize}`);
   }
@@ -100,7 +105,7 @@ function openDir(dir: string, missingOk: boolean): number | undefined {
 }
 
 /** The directory must be ours, not writable by group or others, and hold nothing foreign. */
-function checkDir(dirFd: number, dir: string, me: Owner, manifest: Manifest, force: boolean): void {
+function checkDir(dirFd: number, dir: string, me: Owner, files: readonly BackingFile[], force: boolean): void {
   const st = fstatSync(dirFd);
   if (st.uid !== me.uid) {
     throw new VbdError(`${dir} is owned by uid ${st.uid}, not by uid ${me.uid} (${me.name}) who runs init; run init as the directory's owner`);
@@ -110,7 +115,7 @@ function checkDir(dirFd: number, dir: string, me: Owner, manifest: Manifest, for
   }
   const entries = readdirSync(at(dirFd, ''));
   if (entries.length > 0 && !force) throw new VbdError(`${dir} is not empty (use --force to reuse a directory that holds an old volume)`);
-  const foreign = unexpectedEntries(at(dirFd, ''), manifest);
+  const foreign = unexpectedEntries(at(dirFd, ''), { files: [...files] });
   if (foreign.length > 0) throw new VbdError(`${dir} holds '${foreign[0]}', which is not part of the new volume; refusing to mix`);
   let old: Stats | undefined;
   try {
@@ -142,7 +147,11 @@ function openOldBackingFile(dirFd: number, dir: string, name: string, me: Owner)
   }
 }
 
-function writeManifest(dirFd: number, dir: string, manifest: Manifest): void {
+/**
+ * Puts `manifest` in place in the directory held open as `dirFd`: written to a temporary name,
+ * synced, renamed over the old one, directory synced. Readers see the old or the new, whole.
+ */
+export function writeManifest(dirFd: number, dir: string, manifest: AnyManifest): void {
   try {
     unlinkSync(at(dirFd, TEMP_MANIFEST)); // a stale one, or whatever was planted there (unlink never follows)
   } catch (err) {
@@ -172,31 +181,52 @@ function writeManifest(dirFd: number, dir: string, manifest: Manifest): void {
   }
 }
 
-/** Creates the volume; returns its manifest. Nothing is written until every check passed. */
-export async function initVolume(o: InitOptions): Promise<Manifest> {
-  checkGeometry(o);
-  const dir = resolve(o.dir);
-  const name = o.name ?? basename(dir).replace(/[^A-Za-z0-9_.-]/g, '_').replace(/^[.-]+/, '');
-  if (!isValidName(name)) throw new VbdError(`volume name '${name}' must be 1-64 characters of A-Z a-z 0-9 _ . - not starting with . or - (use --name)`);
-  const me = currentUser();
-  const force = o.force === true;
+/** The volume's name: --name, else the directory's name made safe. */
+function volumeName(dir: string, name: string | undefined): string {
+  const chosen = name ?? basename(dir).replace(/[^A-Za-z0-9_.-]/g, '_').replace(/^[.-]+/, '');
+  if (!isValidName(chosen)) throw new VbdError(`volume name '${chosen}' must be 1-64 characters of A-Z a-z 0-9 _ . - not starting with . or - (use --name)`);
+  return chosen;
+}
 
-  const chunks = o.deviceSize / o.chunkSize;
-  const base = Math.floor(chunks / o.fileCount);
-  const extra = chunks % o.fileCount; // the first `extra` files hold one chunk more (so striping fits)
-  const files = backingFileNames(o.fileCount).map((path, i) => ({ path, size: (base + (i < extra ? 1 : 0)) * o.chunkSize }));
+/** `units` (chunks or slots) spread over the files, the first ones one more, each `unitBytes` bytes. */
+function spread(fileCount: number, units: number, unitBytes: number): BackingFile[] {
+  const base = Math.floor(units / fileCount);
+  const extra = units % fileCount; // the first `extra` files hold one more (so striping fits)
+  return backingFileNames(fileCount).map((path, i) => ({ path, size: (base + (i < extra ? 1 : 0)) * unitBytes }));
+}
 
-  // An existing directory is checked before any layout code runs.
+function unlinkOwnEntry(dirFd: number, dir: string, name: string): void {
+  try {
+    unlinkSync(at(dirFd, name));
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT') throw failure(`cannot remove ${dir}/${name}`, err);
+  }
+}
+
+interface Creation<M extends AnyManifest> {
+  dir: string;
+  files: BackingFile[];
+  force: boolean;
+  me: Owner;
+  /** The manifest (runs layout code: only after an existing directory was checked). */
+  build: () => Promise<M>;
+  /** Writes the files' contents (sealed: every slot, and the map) once they exist at their sizes. */
+  fill?: (fds: number[], dirFd: number, manifest: M) => void;
+}
+
+/**
+ * The steps every init shares: check (or make) the directory, build the manifest, check every
+ * old backing file before any is cut, make the files at their sizes, fill them, and put the
+ * manifest in place last. A sealed volume's map and journal of an old volume are removed first
+ * (--force), so no old state outlives it.
+ */
+async function createVolume<M extends AnyManifest>(c: Creation<M>): Promise<M> {
+  const { dir, files, force, me } = c;
   let dirFd = openDir(dir, true);
   const fds: (number | undefined)[] = [];
   try {
-    const manifest: Manifest = { format: 1, name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout: layoutSpec(o.layout) };
-    if (dirFd !== undefined) checkDir(dirFd, dir, me, manifest, force);
-
-    // The placement: a module layout runs confined, as whoever runs init.
-    const table = await computePlacement(manifest, { owner: me, secret: o.layout.kind === 'keyed' ? o.layout.secret : undefined });
-    if (manifest.layout.kind === 'module') manifest.layout.fingerprint = tableFingerprint(table);
-
+    if (dirFd !== undefined) checkDir(dirFd, dir, me, files, force);
+    const manifest = await c.build();
     if (dirFd === undefined) {
       try {
         mkdirSync(dir, { mode: 0o700, recursive: true });
@@ -204,12 +234,14 @@ export async function initVolume(o: InitOptions): Promise<Manifest> {
         throw failure(`cannot create ${dir}`, err);
       }
       dirFd = openDir(dir, false) ?? -1;
-      checkDir(dirFd, dir, me, manifest, force);
+      checkDir(dirFd, dir, me, files, force);
     }
     const held = dirFd;
 
     // Every old backing file is checked before any is cut or any new one is made.
     for (const file of files) fds.push(openOldBackingFile(held, dir, file.path, me));
+    unlinkOwnEntry(held, dir, MAP_NAME);
+    unlinkOwnEntry(held, dir, SEALED_JOURNAL_NAME);
     files.forEach((file, i) => {
       if (fds[i] !== undefined) return;
       try {
@@ -226,10 +258,118 @@ export async function initVolume(o: InitOptions): Promise<Manifest> {
         throw failure(`cannot size backing file ${dir}/${file.path} to ${file.size} bytes`, err);
       }
     });
+    c.fill?.(fds.map((fd) => fd ?? -1), held, manifest);
     writeManifest(held, dir, manifest);
     return manifest;
   } finally {
     for (const fd of fds) if (fd !== undefined) closeSync(fd);
     if (dirFd !== undefined && dirFd >= 0) closeSync(dirFd);
+  }
+}
+
+/** Creates the volume; returns its manifest. Nothing is written until every check passed. */
+export async function initVolume(o: InitOptions): Promise<Manifest> {
+  checkGeometry(o);
+  const dir = resolve(o.dir);
+  const name = volumeName(dir, o.name);
+  const me = currentUser();
+  const files = spread(o.fileCount, o.deviceSize / o.chunkSize, o.chunkSize);
+  return createVolume({
+    dir, files, force: o.force === true, me,
+    build: async () => {
+      const manifest: Manifest = { format: 1, name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout: layoutSpec(o.layout) };
+      // The placement: a module layout runs confined, as whoever runs init.
+      const table = await computePlacement(manifest, { owner: me, secret: o.layout.kind === 'keyed' ? o.layout.secret : undefined });
+      if (manifest.layout.kind === 'module') manifest.layout.fingerprint = tableFingerprint(table);
+      return manifest;
+    },
+  });
+}
+
+/** A sealed volume's layout: no secret of its own (a keyed placement takes the volume key's placement subkey). */
+export type SealedLayoutChoice = { kind: 'linear' } | { kind: 'striped' } | { kind: 'keyed' } | { kind: 'module'; path: string; params: Record<string, unknown> };
+
+/** Spare slots: a percentage of the chunk count (rounded up) or a count. */
+export type SpareChoice = { percent: number } | { count: number };
+
+/** The default: a fifth of the device can change between two commits without the overflow journal. */
+export const DEFAULT_SPARE: SpareChoice = { percent: 20 };
+
+export interface SealedInitOptions extends Omit<InitOptions, 'layout'> {
+  layout: SealedLayoutChoice;
+  /** The passphrase the volume key is wrapped under. The caller owns and wipes it. */
+  passphrase: Buffer;
+  spare?: SpareChoice | undefined;
+  /** scrypt cost of the wrap (default: the keyed layout's). */
+  kdf?: ScryptParams | undefined;
+}
+
+export function spareSlotCount(chunks: number, spare: SpareChoice): number {
+  const count = 'count' in spare ? spare.count : Math.ceil((chunks * spare.percent) / 100);
+  if (!Number.isSafeInteger(count) || count < 1) throw new VbdError(`--spare must give at least 1 spare slot, got ${count}`);
+  const tooMany = chunkCountProblem(chunks + count);
+  if (tooMany !== undefined) throw new VbdError(`--spare: ${chunks} chunks and ${count} spare slots make ${tooMany.replace('chunks', 'slots')}; use fewer spares or larger chunks`);
+  return count;
+}
+
+function sealedLayoutSpec(choice: SealedLayoutChoice): SealedLayoutSpec {
+  if (choice.kind !== 'module') return { kind: choice.kind };
+  if (/[\0-\x1f\x7f]/.test(choice.path)) throw new VbdError(`--layout module:PATH: the path must not hold control characters, got ${JSON.stringify(choice.path)}`);
+  return { kind: 'module', path: resolve(choice.path), params: choice.params, fingerprint: '0'.repeat(64) };
+}
+
+/**
+ * Creates a sealed volume (docs/FORMAT.md): a random volume key wrapped under the passphrase,
+ * files of slots (chunk + 28 bytes) for every chunk and every spare, EVERY slot filled with
+ * ciphertext (the chunks' slots sealed zero chunks of epoch 1 where the layout puts them, the
+ * spares random bytes), the position map, and the manifest last.
+ */
+export async function initSealedVolume(o: SealedInitOptions): Promise<SealedManifest> {
+  checkGeometry(o);
+  const dir = resolve(o.dir);
+  const name = volumeName(dir, o.name);
+  const me = currentUser();
+  const chunks = o.deviceSize / o.chunkSize;
+  const spareSlots = spareSlotCount(chunks, o.spare ?? DEFAULT_SPARE);
+  const files = spread(o.fileCount, chunks + spareSlots, slotSize(o.chunkSize));
+  let keys: VolumeKeys | undefined;
+  let slotOfChunk: Uint32Array | undefined;
+  try {
+    return await createVolume<SealedManifest>({
+      dir, files, force: o.force === true, me,
+      build: async () => {
+        const layout = sealedLayoutSpec(o.layout);
+        const draft = { name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout, spareSlots, kdf: o.kdf ?? DEFAULT_KDF };
+        if (layout.kind === 'module') {
+          // The wrap binds the layout, fingerprint included: place first (no key needed), then wrap.
+          const probe: SealedManifest = { format: SEALED_MANIFEST_FORMAT, name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout, sealed: { uuid: '0'.repeat(32), kdf: { ...draft.kdf, salt: '0'.repeat(32) }, wrappedKey: '0'.repeat(120), spareSlots, keyGeneration: 0 } };
+          const placed = await computeSlotPlacement(probe, { owner: me });
+          layout.fingerprint = placed.fingerprint;
+          slotOfChunk = placed.slotOfChunk;
+        }
+        const created = createSealedManifest(o.passphrase, draft);
+        keys = created.keys;
+        if (slotOfChunk === undefined) {
+          slotOfChunk = (await computeSlotPlacement(created.manifest, { owner: me, placementKey: created.keys.placementKey })).slotOfChunk;
+        }
+        return created.manifest;
+      },
+      fill: (fds, dirFd, manifest) => {
+        if (keys === undefined || slotOfChunk === undefined) throw new VbdError('internal: sealed init without keys or placement');
+        let mapFd: number;
+        try {
+          mapFd = openSync(at(dirFd, MAP_NAME), fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW | O_NONBLOCK, 0o600);
+        } catch (err) {
+          throw failure(`cannot create ${dir}/${MAP_NAME}`, err);
+        }
+        try {
+          writeNewSealedVolume({ fds, names: files.map((f) => f.path), mapFd }, manifest, keys, slotOfChunk);
+        } finally {
+          closeSync(mapFd);
+        }
+      },
+    });
+  } finally {
+    keys?.wipe();
   }
 }

@@ -272,6 +272,7 @@ function commonFields(obj: Json): CommonFields {
 const PLAIN_KEYS = ['format', 'name', 'deviceSize', 'chunkSize', 'files', 'layout'] as const;
 
 function plainManifest(obj: Json): Manifest {
+  if ('sealed' in obj) bad(`format ${MANIFEST_FORMAT} with a sealed object: wrong key or manifest edited (a sealed volume is format ${SEALED_MANIFEST_FORMAT})`);
   onlyKeys(obj, PLAIN_KEYS, 'manifest');
   const { name, deviceSize, chunkSize, files } = commonFields(obj);
   const total = files.reduce((sum, f) => sum + f.size, 0);

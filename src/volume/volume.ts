@@ -4,12 +4,12 @@
 // regular, owned by the volume owner, one link, the size the manifest says. Its identity
 // (owner uid, device, inode, birth time of the directory) keys everything root keeps for it.
 
-import { closeSync, fstatSync, openSync, readdirSync, constants as fsc, type Stats } from 'node:fs';
+import { closeSync, fchownSync, fstatSync, openSync, readdirSync, constants as fsc, type Stats } from 'node:fs';
 import { resolve } from 'node:path';
-import { VbdError, failure } from '../common/errors.js';
+import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { readFully } from '../common/fd.js';
 import { openNoSymlinks } from '../sys/open.js';
-import { MANIFEST_NAME, parseManifest, type Manifest } from './manifest.js';
+import { MANIFEST_NAME, parseAnyManifest, type AnyManifest, type Manifest, type SealedManifest } from './manifest.js';
 import { ownerOfUid, type Owner } from './owner.js';
 
 export type { Owner } from './owner.js';
@@ -17,7 +17,11 @@ export type { Owner } from './owner.js';
 /** Entries the tool itself keeps in a volume directory besides the backing files. */
 export const JOURNAL_NAME = 'vbd-shadow.journal';
 export const ASIDE_DIR = 'vbd-shadow-aside';
-const OWN_ENTRIES = new Set([MANIFEST_NAME, JOURNAL_NAME, ASIDE_DIR]);
+/** A sealed volume's position map (docs/FORMAT.md, "Position map"). */
+export const MAP_NAME = 'vbd-shadow.map';
+/** A sealed volume's overflow journal: only while a commit larger than the free slots completes. */
+export const SEALED_JOURNAL_NAME = 'vbd-shadow.sealed-journal';
+const OWN_ENTRIES = new Set([MANIFEST_NAME, JOURNAL_NAME, ASIDE_DIR, MAP_NAME, SEALED_JOURNAL_NAME]);
 const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
 
 
@@ -39,10 +43,15 @@ export function sameIdentity(a: VolumeIdentity, b: VolumeIdentity): boolean {
   return a.uid === b.uid && a.dev === b.dev && a.ino === b.ino && a.bornNs === b.bornNs;
 }
 
-export interface Volume {
+/**
+ * An opened volume. `M` says what kind its manifest is: `Volume` (plain, the default: what the
+ * daemon serves), `SealedVolume`, or `AnyVolume` (what openVolume returns; narrow it with
+ * isSealedVolume or requirePlainVolume).
+ */
+export interface Volume<M extends AnyManifest = Manifest> {
   /** Absolute path of the volume directory, as given (for messages only: never re-resolved). */
   dir: string;
-  manifest: Manifest;
+  manifest: M;
   owner: Owner;
   identity: VolumeIdentity;
   /** An fd of the directory itself; everything inside is reached through it. */
@@ -52,8 +61,30 @@ export interface Volume {
   writable: boolean;
 }
 
+export type AnyVolume = Volume<AnyManifest>;
+export type SealedVolume = Volume<SealedManifest>;
+
+export function isSealedVolume(volume: AnyVolume): volume is SealedVolume {
+  return volume.manifest.format === 2;
+}
+
+export function isPlainVolume(volume: AnyVolume): volume is Volume {
+  return volume.manifest.format === 1;
+}
+
+/** What the daemon says of a sealed volume until it serves them (populate and flush through the chunk store). */
+export function sealedNotServed(name: string): string {
+  return `volume '${name}' is sealed: sealed volumes are not served by the daemon yet (export and import work offline)`;
+}
+
+/** The volume as a plain one; a sealed volume is refused with `refusal(name)` (the volume is left open). */
+export function requirePlainVolume(volume: AnyVolume, refusal: (name: string) => string = sealedNotServed): Volume {
+  if (!isPlainVolume(volume)) throw new VbdError(refusal(volume.manifest.name));
+  return volume;
+}
+
 /** Path of an entry reached through the already-open directory (never re-resolves `dir`). */
-export function entryPath(volume: Pick<Volume, 'dirFd'>, name: string): string {
+export function entryPath(volume: Pick<AnyVolume, 'dirFd'>, name: string): string {
   return `/proc/self/fd/${volume.dirFd}/${name}`;
 }
 
@@ -71,7 +102,7 @@ function checkOwnedRegular(st: Stats, name: string, owner: Owner, what: string):
   if (st.nlink !== 1) throw new VbdError(`${what} '${name}' has ${st.nlink} hard links; backing files must have exactly one`);
 }
 
-function readManifest(dirFd: number, owner: Owner): Manifest {
+function readManifest(dirFd: number, owner: Owner): AnyManifest {
   const fd = openInDir(dirFd, MANIFEST_NAME, fsc.O_RDONLY, 'cannot open manifest');
   try {
     const st = fstatSync(fd);
@@ -79,14 +110,14 @@ function readManifest(dirFd: number, owner: Owner): Manifest {
     if (st.size > MAX_MANIFEST_BYTES) throw new VbdError(`manifest is ${st.size} bytes, more than the ${MAX_MANIFEST_BYTES} allowed`);
     const text = readFully(fd, st.size, 0);
     if (text === undefined) throw new VbdError('manifest changed size while being read');
-    return parseManifest(text.toString('utf8'));
+    return parseAnyManifest(text.toString('utf8'));
   } finally {
     closeSync(fd);
   }
 }
 
 /** Names in the directory that are neither backing files nor the tool's own (dotfiles ignored). */
-export function unexpectedEntries(dirPath: string, manifest: Pick<Manifest, 'files'>): string[] {
+export function unexpectedEntries(dirPath: string, manifest: Pick<AnyManifest, 'files'>): string[] {
   const listed = new Set(manifest.files.map((f) => f.path));
   return readdirSync(dirPath).filter((name) => !name.startsWith('.') && !listed.has(name) && !OWN_ENTRIES.has(name));
 }
@@ -112,8 +143,12 @@ export function identityOf(dirFd: number): VolumeIdentity {
   return { uid: Number(st.uid), dev: st.dev, ino: st.ino, bornNs: st.birthtimeNs };
 }
 
-/** Opens and checks a volume. The caller must `closeVolume` it. */
-export function openVolume(dir: string, options: LoadOptions = {}): Volume {
+/**
+ * Opens and checks a volume, plain or sealed. The caller must `closeVolume` it. A plain manifest
+ * in a directory that holds a sealed volume's position map is refused: that is a sealed volume
+ * whose manifest was rewritten as plain, and writing plaintext into it would undo the sealing.
+ */
+export function openVolume(dir: string, options: LoadOptions = {}): AnyVolume {
   const absolute = resolve(dir);
   const dirFd = openDirectoryNoSymlinks(absolute, `cannot open volume directory ${absolute}`);
   const fds: number[] = [];
@@ -125,9 +160,13 @@ export function openVolume(dir: string, options: LoadOptions = {}): Volume {
     // The owner is whoever owns the directory; gid, name and home come from /etc/passwd.
     const owner = ownerOfUid(dirStat.uid, `volume directory ${absolute} is owned by uid ${dirStat.uid}, which`);
     const manifest = readManifest(dirFd, owner);
-    const extra = unexpectedEntries(`/proc/self/fd/${dirFd}`, manifest);
+    const entries = `/proc/self/fd/${dirFd}`;
+    const extra = unexpectedEntries(entries, manifest);
     if (extra.length > 0) {
       throw new VbdError(`volume directory ${absolute} holds '${extra[0]}', which the manifest does not list (move it out)`);
+    }
+    if (manifest.format === 1 && readdirSync(entries).includes(MAP_NAME)) {
+      throw new VbdError(`volume directory ${absolute} holds a sealed volume's position map (${MAP_NAME}) but its manifest is plain (format 1): wrong key or manifest edited (the sealed object removed?); refusing to read or write`);
     }
     const flags = options.writable === true ? fsc.O_RDWR : fsc.O_RDONLY;
     for (const file of manifest.files) {
@@ -145,12 +184,41 @@ export function openVolume(dir: string, options: LoadOptions = {}): Volume {
   }
 }
 
+/**
+ * Opens an entry of the volume directory that the tool keeps (map, journal) through the
+ * directory fd, never following a symlink, and checks it like a backing file: regular, owned by
+ * the volume owner, one link. `create`: made (mode 0600, owned by the owner) if missing.
+ * Returns undefined if it does not exist and `create` is not set.
+ */
+export function openVolumeEntry(volume: Pick<AnyVolume, 'dirFd' | 'owner'>, name: string, mode: 'read' | 'write' | 'create'): number | undefined {
+  const flags = mode === 'read' ? fsc.O_RDONLY : fsc.O_RDWR;
+  let fd: number;
+  try {
+    fd = openSync(entryPath(volume, name), flags | fsc.O_NOFOLLOW | fsc.O_NONBLOCK | (mode === 'create' ? fsc.O_CREAT : 0), 0o600);
+  } catch (err) {
+    if (mode !== 'create' && errnoCode(err) === 'ENOENT') return undefined;
+    throw failure(`cannot open '${name}' in the volume directory`, err);
+  }
+  try {
+    let st = fstatSync(fd);
+    if (mode === 'create' && st.isFile() && st.size === 0 && st.uid !== volume.owner.uid && process.geteuid?.() === 0) {
+      fchownSync(fd, volume.owner.uid, volume.owner.gid); // made just now by root for the owner
+      st = fstatSync(fd);
+    }
+    checkOwnedRegular(st, name, volume.owner, 'volume entry');
+    return fd;
+  } catch (err) {
+    closeSync(fd);
+    throw err;
+  }
+}
+
 /** The name of backing file number `file`, for messages. */
-export function fileName(volume: Volume, file: number): string {
+export function fileName(volume: Pick<AnyVolume, 'manifest'>, file: number): string {
   return volume.manifest.files[file]?.path ?? `#${file}`;
 }
 
-export function closeVolume(volume: Volume): void {
+export function closeVolume(volume: AnyVolume): void {
   for (const fd of volume.fds) closeSync(fd);
   volume.fds = [];
   closeSync(volume.dirFd);

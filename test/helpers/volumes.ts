@@ -1,4 +1,4 @@
-// Making volumes and moving images through the library, as the CLI does.
+// Making volumes and moving images through the library, as the CLI does (through the chunk store).
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -6,8 +6,9 @@ import { join } from 'node:path';
 import { exportImage, importImage } from '../../src/image/offline.js';
 import { resolvePlacement } from '../../src/layouts/index.js';
 import type { PlacementTable } from '../../src/layouts/layout.js';
+import { openChunkStore, type ChunkStore } from '../../src/store/chunk-store.js';
 import { initVolume, type LayoutChoice } from '../../src/volume/init.js';
-import { closeVolume, openVolume } from '../../src/volume/volume.js';
+import { closeVolume, openVolume, requirePlainVolume } from '../../src/volume/volume.js';
 
 export async function makeVolume(dir: string, deviceSize: number, fileCount: number, chunkSize: number, layout: LayoutChoice): Promise<void> {
   await initVolume({ dir, deviceSize, fileCount, chunkSize, layout: layout.kind === 'keyed' ? { kind: 'keyed', secret: Buffer.from(layout.secret) } : layout });
@@ -16,7 +17,23 @@ export async function makeVolume(dir: string, deviceSize: number, fileCount: num
 export async function placement(dir: string, secret?: Buffer): Promise<PlacementTable> {
   const volume = openVolume(dir);
   try {
-    return await resolvePlacement(volume.manifest, { owner: volume.owner, secret });
+    const plain = requirePlainVolume(volume);
+    return await resolvePlacement(plain.manifest, { owner: plain.owner, secret });
+  } finally {
+    closeVolume(volume);
+  }
+}
+
+/** Runs `work` with the volume's chunk store (a keyed secret or a sealed passphrase in `secret`). */
+export async function withStore<T>(dir: string, secret: Buffer | undefined, writable: boolean, work: (store: ChunkStore) => T): Promise<T> {
+  const volume = openVolume(dir, { writable });
+  try {
+    const store = await openChunkStore(volume, { writable, secret: secret === undefined ? undefined : Buffer.from(secret) });
+    try {
+      return work(store);
+    } finally {
+      store.close();
+    }
   } finally {
     closeVolume(volume);
   }
@@ -27,18 +44,8 @@ export async function importThenExport(dir: string, image: Buffer, scratch: stri
   const inPath = join(scratch, 'in.img');
   const outPath = join(scratch, 'out.img');
   writeFileSync(inPath, image);
-  const writable = openVolume(dir, { writable: true });
-  try {
-    importImage(writable, await resolvePlacement(writable.manifest, { owner: writable.owner, secret }), inPath);
-  } finally {
-    closeVolume(writable);
-  }
-  const readable = openVolume(dir);
-  try {
-    exportImage(readable, await resolvePlacement(readable.manifest, { owner: readable.owner, secret }), outPath);
-  } finally {
-    closeVolume(readable);
-  }
+  await withStore(dir, secret, true, (store) => importImage(store, inPath));
+  await withStore(dir, secret, false, (store) => exportImage(store, outPath));
   return readFileSync(outPath);
 }
 

@@ -102,7 +102,7 @@ describe('sealed manifest and its wrap', () => {
     expect(() => parseAnyManifest(JSON.stringify(noSealed))).toThrow(/a format 2 manifest needs its sealed object/);
     const asPlain = JSON.parse(text) as Json;
     asPlain['format'] = 1;
-    expect(() => parseAnyManifest(JSON.stringify(asPlain))).toThrow(/manifest has an unknown field 'sealed'/);
+    expect(() => parseAnyManifest(JSON.stringify(asPlain))).toThrow(/format 1 with a sealed object: wrong key or manifest edited/);
     // And with the flag cleared in the bound data, the wrap no longer opens.
     expect(() => unlockSealedManifest(pass, manifest)).not.toThrow();
     const g = { ...sealedGeometry(manifest), sealed: false };

@@ -1,0 +1,193 @@
+// The chunk store: the one module that knows where chunk c of a volume lives and how it moves
+// between a buffer (a window of the device image: RAM image, export, import) and the files.
+//
+//   plain  — the layout's placement table; runs of neighbouring chunks move as one read or
+//            write (src/image/transfer.ts); a write is durable at commit (fdatasync).
+//   sealed — the position map (src/store/map.ts): every chunk is an authenticated AES-256-GCM
+//            slot; reads open and verify, writes seal into free slots and commit the map
+//            copy-on-write (src/store/sealed-store.ts).
+//
+// Export, import (and, next, the daemon's populate and flush) go through `openChunkStore`.
+
+import { VbdError, failure } from '../common/errors.js';
+import { resolvePlacement } from '../layouts/index.js';
+import type { PlacementTable } from '../layouts/layout.js';
+import { readRuns, runsFor, writeRuns } from '../image/transfer.js';
+import { fileName, isPlainVolume, isSealedVolume, type AnyVolume, type Volume } from '../volume/volume.js';
+import { datasync } from './map.js';
+import { openSealedStore } from './sealed-store.js';
+
+/** Where a chunk's bytes are now. */
+export interface ChunkPlace {
+  /** Backing file index, or -1 for the sealed overflow journal. */
+  file: number;
+  /** The file's name, for messages. */
+  name: string;
+  offset: number;
+  /** Bytes it takes there: the chunk size (plain) or the slot size, C + 28 (sealed). */
+  bytes: number;
+}
+
+/** A chunk whose slot failed authentication: where, and which logical chunk. */
+export interface DamagedChunk {
+  chunk: number;
+  name: string;
+  offset: number;
+  epoch: number;
+}
+
+export interface ReadOptions {
+  /**
+   * What a slot that fails authentication does: `throw` (default) a SlotAuthError naming file,
+   * offset and chunk; `zero` fills the chunk with zeros in the buffer and lists it.
+   */
+  damaged?: 'throw' | 'zero';
+}
+
+export type CommitReport =
+  | { kind: 'plain'; chunks: number; files: number }
+  | {
+      kind: 'sealed';
+      /** The epoch committed (0 when nothing was written). */
+      epoch: number;
+      chunks: number;
+      /** Chunks sealed straight into free slots (copy-on-write). */
+      inFreeSlots: number;
+      /** Chunks that did not fit into free slots: sealed into the overflow journal, then put in place. */
+      throughJournal: number;
+    };
+
+/** One write: stage chunks with `write`, then `commit` (or `abort`). */
+export interface StoreWrite {
+  /** Sealed: the epoch this write seals its slots in (reserved: never used again, committed or not). Plain: undefined. */
+  readonly epoch: number | undefined;
+  /** Chunks [first, end) from `from` (from[0] = first byte of chunk `first`). */
+  write(first: number, end: number, from: Buffer): void;
+  /** Makes the written chunks durable and, for a sealed volume, the new epoch the volume's state. */
+  commit(): CommitReport;
+  /** Gives up: a sealed volume keeps its committed epoch; what was written is never referenced. */
+  abort(): void;
+}
+
+export interface ChunkStore {
+  readonly kind: 'plain' | 'sealed';
+  readonly chunkSize: number;
+  readonly chunkCount: number;
+  /** What opening found that the user must hear (an older map copy used, a commit completed …). */
+  readonly notices: readonly string[];
+  /** The epoch the files decode to (sealed), undefined for a plain volume. */
+  readonly epoch: number | undefined;
+  locate(chunk: number): ChunkPlace;
+  /** Reads chunks [first, end) into `into` (into[0] = first byte of chunk `first`); returns the damaged ones (with `damaged: 'zero'`). */
+  read(first: number, end: number, into: Buffer, options?: ReadOptions): DamagedChunk[];
+  /**
+   * Starts a write of exactly these chunks (ascending), or of all. A sealed volume plans their
+   * slots up front (free slots first, then the overflow journal) and reserves the epoch.
+   */
+  begin(chunks: 'all' | Uint32Array): StoreWrite;
+  /** Closes what the store opened and wipes its keys. The volume stays open (the caller's). */
+  close(): void;
+}
+
+export interface OpenStoreOptions {
+  /** Opens for writing: the volume must have been opened writable. */
+  writable: boolean;
+  /** A keyed plain volume's secret, or a sealed volume's passphrase. The caller owns and wipes it. */
+  secret?: Buffer | undefined;
+  /**
+   * Sealed: an epoch known to have been used already (root's record of the highest epoch a
+   * commit of this volume reserved): the next commit takes a later one even if the files'
+   * reservation records were rolled back.
+   */
+  epochFloor?: number | undefined;
+}
+
+class PlainStore implements ChunkStore {
+  readonly kind = 'plain';
+  readonly chunkSize: number;
+  readonly chunkCount: number;
+  readonly notices: readonly string[] = [];
+  readonly epoch = undefined;
+  readonly #name: (file: number) => string;
+
+  constructor(
+    private readonly volume: Volume,
+    private readonly table: PlacementTable,
+    private readonly writable: boolean,
+  ) {
+    this.chunkSize = volume.manifest.chunkSize;
+    this.chunkCount = volume.manifest.deviceSize / volume.manifest.chunkSize;
+    this.#name = (file) => fileName(volume, file);
+  }
+
+  locate(chunk: number): ChunkPlace {
+    checkRange(chunk, chunk + 1, this.chunkCount);
+    const file = this.table.file[chunk] ?? 0;
+    return { file, name: this.#name(file), offset: this.table.offset[chunk] ?? 0, bytes: this.chunkSize };
+  }
+
+  read(first: number, end: number, into: Buffer): DamagedChunk[] {
+    checkRange(first, end, this.chunkCount);
+    checkBuffer(into, (end - first) * this.chunkSize);
+    readRuns(this.volume.fds, runsFor(this.table, this.chunkSize, first, end), into, first * this.chunkSize, this.#name);
+    return [];
+  }
+
+  begin(): StoreWrite {
+    if (!this.writable) throw new VbdError('internal: a write through a store opened read-only');
+    const touched = new Set<number>();
+    let chunks = 0;
+    return {
+      epoch: undefined,
+      write: (first, end, from) => {
+        checkRange(first, end, this.chunkCount);
+        checkBuffer(from, (end - first) * this.chunkSize);
+        const runs = runsFor(this.table, this.chunkSize, first, end);
+        writeRuns(this.volume.fds, runs, from, first * this.chunkSize, this.#name);
+        for (const run of runs) touched.add(run.file);
+        chunks += end - first;
+      },
+      commit: () => {
+        for (const file of touched) datasync(this.volume.fds[file] ?? -1, `backing file '${this.#name(file)}'`);
+        return { kind: 'plain', chunks, files: touched.size };
+      },
+      abort: () => undefined,
+    };
+  }
+
+  close(): void {
+    /* the volume's fds are the caller's */
+  }
+}
+
+export function checkRange(first: number, end: number, chunkCount: number): void {
+  if (!Number.isSafeInteger(first) || !Number.isSafeInteger(end) || first < 0 || end > chunkCount || first > end) {
+    throw new VbdError(`internal: chunks [${first}, ${end}) outside the volume's ${chunkCount}`);
+  }
+}
+
+export function checkBuffer(buf: Buffer, bytes: number): void {
+  if (buf.length < bytes) throw new VbdError(`internal: a buffer of ${buf.length} bytes for ${bytes} bytes of chunks`);
+}
+
+/**
+ * Opens the chunk store of an opened volume: plain (its layout's placement, resolved and
+ * validated; a module layout runs confined) or sealed (unlocked with the passphrase; map read,
+ * an interrupted commit completed when writable). Refuses with one line what cannot be used.
+ */
+export async function openChunkStore(volume: AnyVolume, options: OpenStoreOptions): Promise<ChunkStore> {
+  if (options.writable && !volume.writable) throw new VbdError('internal: a writable store over a volume opened read-only');
+  if (isSealedVolume(volume)) {
+    if (options.secret === undefined) throw new VbdError(`volume '${volume.manifest.name}' is sealed: its passphrase is needed (--key-file FILE or a terminal prompt)`);
+    return openSealedStore(volume, options.secret, options.writable, options.epochFloor);
+  }
+  if (!isPlainVolume(volume)) throw new VbdError(`internal: volume '${volume.manifest.name}' is neither plain nor sealed`);
+  const plain = volume;
+  try {
+    const table = await resolvePlacement(plain.manifest, { owner: plain.owner, secret: options.secret });
+    return new PlainStore(plain, table, options.writable);
+  } catch (err) {
+    if (err instanceof VbdError) throw err;
+    throw failure(`volume '${plain.manifest.name}'`, err);
+  }
+}

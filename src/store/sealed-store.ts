@@ -1,0 +1,723 @@
+// The sealed side of the chunk store (docs/FORMAT.md, "Position map" and "Commit"). Every chunk
+// is a slot of C + 28 bytes (src/store/slot.ts) somewhere in the backing files; the position map
+// (src/store/map.ts) says which slot, sealed in which epoch under which key generation.
+//
+// A read opens each slot with (chunk, epoch, generation) from the map: nothing unverified reaches
+// the buffer. A write is copy-on-write:
+//
+//   reserve (epoch, seal count; fdatasync)  →  seal the chunks into free slots (fdatasync)
+//   →  the new map into the other copy (fdatasync): committed.
+//
+// A write of more chunks than there are free slots seals the chunks that do not fit into the
+// overflow journal; the map that commits them marks them pending (their final slot is their own
+// old slot, free once the map commits); then the journal is copied into place, a map without
+// pending chunks is committed, and the journal removed. A crash leaves the files decoding to the
+// previous epoch (map not yet written) or the new one (pending chunks read from the journal until
+// the next writable open completes it), never a mix.
+
+import { randomBytes, randomFillSync } from 'node:crypto';
+import { closeSync, fchownSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, unlinkSync, constants as fsc } from 'node:fs';
+import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { formatSize } from '../common/size.js';
+import { keyedPermutation } from '../layouts/keyed.js';
+import { chunkSlots, placeSlot, type Slots } from '../layouts/layout.js';
+import { availableMemory } from '../sys/memory.js';
+import type { SealedManifest } from '../volume/manifest.js';
+import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, type SealedVolume } from '../volume/volume.js';
+import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, ReadOptions, StoreWrite } from './chunk-store.js';
+import type { VolumeKeys } from './keys.js';
+import {
+  clearPending, clonePositionMap, datasync, loadPositionMap, loadReservation, mapFileBytes, newPositionMap, pendingChunks,
+  setPending, writeAt, writePositionMap, writeReservation, type MapKey, type PositionMap, type Region, type Reservation,
+} from './map.js';
+import { unlockSealedManifest } from './sealed-manifest.js';
+import { NonceBudget, SlotAuthError, SlotSealer, openChunk, slotSize, type NonceBudgetState } from './slot.js';
+
+/** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
+const RUN_BYTES = 8 * 2 ** 20;
+const NONE = 0xffffffff;
+/** A chunk planned through the journal, before its rank is known. */
+const OVERFLOW = -2;
+/** The epoch of the slots and map written by init. */
+export const INIT_EPOCH = 1;
+
+export const JOURNAL_MAGIC = Buffer.from('VBDSJRN\0', 'ascii');
+export const JOURNAL_HEADER_BYTES = 64;
+const JOURNAL_VERSION = 1;
+
+/** The slots of a sealed volume's files: numbered file by file, slotSize(C) bytes each. */
+export function slotsOf(manifest: Pick<SealedManifest, 'chunkSize' | 'files'>): Slots {
+  const size = slotSize(manifest.chunkSize);
+  return chunkSlots({ chunkSize: size, fileSizes: manifest.files.map((f) => f.size), deviceSize: 0, chunkCount: 0 });
+}
+
+/** Bytes a sealed volume of this shape needs in memory to be opened and written (maps, plans, buffers). */
+export function sealedStoreBytes(chunks: number, slots: number): number {
+  return chunks * (2 * 16 + 2 * 17 + 9 + 8) + slots + 4 * RUN_BYTES;
+}
+
+function checkMemory(name: string, chunks: number, slots: number): void {
+  const need = sealedStoreBytes(chunks, slots);
+  const { bytes, source } = availableMemory();
+  if (need + 64 * 2 ** 20 > bytes) {
+    throw new VbdError(`volume '${name}': its position map of ${chunks} chunks needs ${formatSize(need)} of memory, only ${formatSize(bytes)} is available (${source})`);
+  }
+}
+
+function mapKeyOf(keys: VolumeKeys): MapKey {
+  return { key: keys.mapKey, uuid: keys.uuid };
+}
+
+function readInto(fd: number, buf: Buffer, length: number, position: number, name: string): void {
+  let done = 0;
+  while (done < length) {
+    let n: number;
+    try {
+      n = readSync(fd, buf, done, length - done, position + done);
+    } catch (err) {
+      throw failure(`read of '${name}' at offset ${position + done}`, err);
+    }
+    if (n === 0) throw new VbdError(`'${name}' ends before offset ${position + length} (truncated?)`);
+    done += n;
+  }
+}
+
+/** The journal's header: magic ‖ version u32 ‖ epoch u64 ‖ count u32 ‖ slot size u32 ‖ UUID, zero-padded to 64. */
+export function journalHeader(uuid: Buffer, epoch: number, count: number, slotBytes: number): Buffer {
+  const h = Buffer.alloc(JOURNAL_HEADER_BYTES);
+  JOURNAL_MAGIC.copy(h, 0);
+  h.writeUInt32BE(JOURNAL_VERSION, 8);
+  h.writeBigUInt64BE(BigInt(epoch), 12);
+  h.writeUInt32BE(count, 20);
+  h.writeUInt32BE(slotBytes, 24);
+  uuid.copy(h, 28);
+  return h;
+}
+
+interface Place {
+  fd: number;
+  file: number;
+  name: string;
+  offset: number;
+}
+
+/** The overflow journal of a pending commit, as reads see it. */
+interface JournalOverlay {
+  fd: number;
+  /** Chunk → its slot's index in the journal, -1 if not pending. */
+  index: Int32Array;
+}
+
+class SealedStore implements ChunkStore {
+  readonly kind = 'sealed';
+  readonly chunkSize: number;
+  readonly chunkCount: number;
+  readonly notices: string[] = [];
+  readonly #volume: SealedVolume;
+  readonly #keys: VolumeKeys;
+  readonly #mapKey: MapKey;
+  readonly #mapFd: number;
+  readonly #writable: boolean;
+  readonly #slotBytes: number;
+  readonly #slots: Slots;
+  readonly #generation: number;
+  #committed: PositionMap;
+  #region: Region;
+  #reservation: { reservation: Reservation; index: Region } | undefined;
+  #writeBlocked: string | undefined;
+  #nextEpoch: number;
+  #budget: NonceBudget;
+  #journal: JournalOverlay | undefined;
+  #active = false;
+  #scratch: Buffer | undefined;
+
+  constructor(volume: SealedVolume, keys: VolumeKeys, mapFd: number, writable: boolean, epochFloor = 0) {
+    const m = volume.manifest;
+    this.#volume = volume;
+    this.#keys = keys;
+    this.#mapKey = mapKeyOf(keys);
+    this.#mapFd = mapFd;
+    this.#writable = writable;
+    this.chunkSize = m.chunkSize;
+    this.chunkCount = m.deviceSize / m.chunkSize;
+    this.#slotBytes = slotSize(m.chunkSize);
+    this.#slots = slotsOf(m);
+    this.#generation = m.sealed.keyGeneration;
+
+    const size = fstatSync(mapFd).size;
+    const expected = mapFileBytes(this.chunkCount);
+    if (size !== expected) throw new VbdError(`position map ${MAP_NAME} is ${size} bytes, a volume of ${this.chunkCount} chunks has one of ${expected} (truncated or replaced?); nothing was read or written`);
+    const loaded = loadPositionMap(mapFd, MAP_NAME, this.#mapKey, this.chunkCount, this.#slots.total);
+    this.#committed = loaded.map;
+    this.#region = loaded.region;
+    if (loaded.fallback !== undefined) this.notices.push(loaded.fallback);
+
+    const res = loadReservation(mapFd, MAP_NAME, this.#mapKey);
+    this.notices.push(...res.problems);
+    this.#reservation = res.newest;
+    if (res.newest === undefined) {
+      this.#writeBlocked = `no valid epoch reservation in ${MAP_NAME}: a write could reuse an epoch, so writing is refused (export still works)`;
+    }
+    const reserved = res.newest?.reservation;
+    this.#nextEpoch = Math.max(this.#committed.epoch, reserved?.epochHigh ?? 0, epochFloor) + 1;
+
+    const mapBudget = this.#committed.budget;
+    if (mapBudget.generation > this.#generation) {
+      throw new VbdError(`the position map seals under key generation ${mapBudget.generation}, the manifest says ${this.#generation}: wrong key or manifest edited (rolled back?); nothing was read or written`);
+    }
+    const state: NonceBudgetState = mapBudget.generation === this.#generation ? { ...mapBudget } : { generation: this.#generation, used: 0 };
+    // Seals a crashed commit may have made count as made.
+    if (reserved !== undefined && reserved.generation === state.generation) state.used = Math.max(state.used, reserved.sealsHigh);
+    this.#budget = new NonceBudget(state);
+  }
+
+  get epoch(): number {
+    return this.#committed.epoch;
+  }
+
+  /** The highest epoch reserved so far (durably): what root records after each commit, as the next open's epochFloor. */
+  get reservedEpoch(): number {
+    return this.#nextEpoch - 1;
+  }
+
+  /** Seals made under the current key generation (the nonce budget; for status). */
+  get budget(): NonceBudgetState {
+    return this.#budget.state;
+  }
+
+  /** The pending commit's journal, stale journals, and (writable) completing an interrupted commit. */
+  settle(): void {
+    const m = this.#committed;
+    const fd = openVolumeEntry(this.#volume, SEALED_JOURNAL_NAME, this.#writable ? 'write' : 'read');
+    if (m.pendingCount === 0) {
+      if (fd === undefined) return;
+      closeSync(fd);
+      if (this.#writable) {
+        this.#removeJournal();
+        this.notices.push(`removed ${SEALED_JOURNAL_NAME}, left by a commit that never completed (the files hold epoch ${m.epoch})`);
+      } else {
+        this.notices.push(`ignoring ${SEALED_JOURNAL_NAME}, left by a commit that never completed (the files hold epoch ${m.epoch}); the next import removes it`);
+      }
+      return;
+    }
+    const problem = fd === undefined ? 'is missing' : this.#journalProblem(fd, m);
+    if (problem === undefined && fd !== undefined) {
+      const index = new Int32Array(this.chunkCount).fill(-1);
+      pendingChunks(m).forEach((chunk, i) => {
+        index[chunk] = i;
+      });
+      this.#journal = { fd, index };
+    } else {
+      if (fd !== undefined) closeSync(fd);
+      this.notices.push(`the commit of epoch ${m.epoch} put ${m.pendingCount} chunks through ${SEALED_JOURNAL_NAME}, which ${problem}: those chunks are read from their slots`);
+    }
+    if (!this.#writable) {
+      if (this.#journal !== undefined) this.notices.push(`the commit of epoch ${m.epoch} was interrupted while copying ${m.pendingCount} chunks from ${SEALED_JOURNAL_NAME} into place: they are read from the journal; the next import completes it`);
+      return;
+    }
+    if (this.#writeBlocked !== undefined) throw new VbdError(`the commit of epoch ${m.epoch} waits to be completed, but ${this.#writeBlocked}`);
+    // A journal that is there but does not match is not ours to drop: refuse to write (reads go on).
+    if (problem !== undefined && fd !== undefined) {
+      throw new VbdError(`the commit of epoch ${m.epoch} waits to be completed from ${SEALED_JOURNAL_NAME}, which ${problem}: refusing to write (export still reads the volume)`);
+    }
+    const clearEpoch = this.#reserve(1, 0);
+    this.#completeJournal(clearEpoch);
+    this.notices.push(`completed the interrupted commit of epoch ${m.epoch}: ${m.pendingCount} chunks copied from ${SEALED_JOURNAL_NAME} into place (epoch ${clearEpoch})`);
+  }
+
+  #journalProblem(fd: number, m: PositionMap): string | undefined {
+    const size = fstatSync(fd).size;
+    const want = JOURNAL_HEADER_BYTES + m.pendingCount * this.#slotBytes;
+    if (size !== want) return `is ${size} bytes, not ${want}`;
+    const header = Buffer.alloc(JOURNAL_HEADER_BYTES);
+    readInto(fd, header, JOURNAL_HEADER_BYTES, 0, SEALED_JOURNAL_NAME);
+    if (!header.equals(journalHeader(this.#keys.uuid, m.epoch, m.pendingCount, this.#slotBytes))) return 'belongs to another commit or volume';
+    return undefined;
+  }
+
+  #slotPlace(slot: number): Place {
+    const { file, offset } = placeSlot(this.#slots, this.#slotBytes, slot);
+    return { fd: this.#volume.fds[file] ?? -1, file, name: fileName(this.#volume, file), offset };
+  }
+
+  #journalPlace(index: number, fd: number): Place {
+    return { fd, file: -1, name: SEALED_JOURNAL_NAME, offset: JOURNAL_HEADER_BYTES + index * this.#slotBytes };
+  }
+
+  /** Where chunk c's slot is read from now: its slot, or the journal while its commit completes. */
+  #placeOf(chunk: number): Place {
+    const j = this.#journal;
+    if (j !== undefined) {
+      const i = j.index[chunk] ?? -1;
+      if (i >= 0) return this.#journalPlace(i, j.fd);
+    }
+    return this.#slotPlace(this.#committed.slot[chunk] ?? 0);
+  }
+
+  locate(chunk: number): ChunkPlace {
+    checkChunks(chunk, chunk + 1, this.chunkCount);
+    const p = this.#placeOf(chunk);
+    return { file: p.file, name: p.name, offset: p.offset, bytes: this.#slotBytes };
+  }
+
+  /** The slot's epoch and generation as the committed map has them (for tests and reports). */
+  entry(chunk: number): { slot: number; epoch: number; generation: number } {
+    checkChunks(chunk, chunk + 1, this.chunkCount);
+    const m = this.#committed;
+    return { slot: m.slot[chunk] ?? 0, epoch: m.epochs[chunk] ?? 0, generation: m.generation[chunk] ?? 0 };
+  }
+
+  #buffer(): Buffer {
+    this.#scratch ??= Buffer.alloc(Math.max(1, Math.floor(RUN_BYTES / this.#slotBytes)) * this.#slotBytes);
+    return this.#scratch;
+  }
+
+  read(first: number, end: number, into: Buffer, options: ReadOptions = {}): DamagedChunk[] {
+    checkChunks(first, end, this.chunkCount);
+    const C = this.chunkSize;
+    const S = this.#slotBytes;
+    if (into.length < (end - first) * C) throw new VbdError(`internal: a buffer of ${into.length} bytes for ${end - first} chunks`);
+    const buf = this.#buffer();
+    const m = this.#committed;
+    const damaged: DamagedChunk[] = [];
+    let c = first;
+    while (c < end) {
+      const p0 = this.#placeOf(c);
+      let count = 1;
+      while (c + count < end && (count + 1) * S <= buf.length) {
+        const p = this.#placeOf(c + count);
+        if (p.fd !== p0.fd || p.offset !== p0.offset + count * S) break;
+        count++;
+      }
+      readInto(p0.fd, buf, count * S, p0.offset, p0.name);
+      for (let i = 0; i < count; i++) {
+        const chunk = c + i;
+        const at = { chunk, epoch: m.epochs[chunk] ?? 0 };
+        const out = into.subarray((chunk - first) * C, (chunk - first + 1) * C);
+        const generation = m.generation[chunk] ?? 0;
+        try {
+          openChunk(this.#keys.slotKey(generation), at, buf.subarray(i * S, (i + 1) * S), out);
+        } catch (err) {
+          if (!(err instanceof SlotAuthError)) throw err;
+          const where = { file: p0.name, offset: p0.offset + i * S };
+          if (options.damaged !== 'zero') throw new SlotAuthError(chunk, at.epoch, generation, where);
+          out.fill(0);
+          damaged.push({ chunk, name: where.file, offset: where.offset, epoch: at.epoch });
+        }
+      }
+      buf.fill(0, 0, count * S);
+      c += count;
+    }
+    return damaged;
+  }
+
+  /** Free slots under the committed map, ascending. */
+  #freeSlots(): Uint32Array {
+    const m = this.#committed;
+    const used = new Uint8Array(m.slotCount);
+    for (let c = 0; c < m.chunkCount; c++) used[m.slot[c] ?? 0] = 1;
+    const free = new Uint32Array(m.slotCount - m.chunkCount);
+    let n = 0;
+    for (let s = 0; s < m.slotCount; s++) if (used[s] === 0) free[n++] = s;
+    return free;
+  }
+
+  /**
+   * Makes the next `epochs` epochs and `seals` seals durable as reserved before anything they
+   * cover is written; returns the first epoch. After this, those epochs are never used again.
+   */
+  #reserve(epochs: number, seals: number): number {
+    if (this.#writeBlocked !== undefined) throw new VbdError(this.#writeBlocked);
+    const first = this.#nextEpoch;
+    const reservation: Reservation = { epochHigh: first + epochs - 1, generation: this.#budget.generation, sealsHigh: this.#budget.used + seals };
+    const index: Region = this.#reservation === undefined ? 0 : this.#reservation.index === 0 ? 1 : 0;
+    // From here on, whatever happens, these epochs count as used.
+    this.#nextEpoch = reservation.epochHigh + 1;
+    writeReservation(this.#mapFd, MAP_NAME, this.#mapKey, reservation, index);
+    this.#reservation = { reservation, index };
+    return first;
+  }
+
+  #commitMap(next: PositionMap): void {
+    const region: Region = this.#region === 0 ? 1 : 0;
+    writePositionMap(this.#mapFd, MAP_NAME, this.#mapKey, next, region);
+    this.#committed = next;
+    this.#region = region;
+  }
+
+  #removeJournal(): void {
+    try {
+      unlinkSync(entryPath(this.#volume, SEALED_JOURNAL_NAME));
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOENT') throw failure(`cannot remove ${SEALED_JOURNAL_NAME}`, err);
+    }
+    try {
+      fsyncSync(this.#volume.dirFd);
+    } catch (err) {
+      throw failure('fsync of the volume directory', err);
+    }
+  }
+
+  /** Copies the pending chunks from the journal into their slots, commits a map without them at `clearEpoch`, removes the journal. */
+  #completeJournal(clearEpoch: number): void {
+    const m = this.#committed;
+    const S = this.#slotBytes;
+    const j = this.#journal;
+    if (j !== undefined) {
+      const buf = this.#buffer();
+      const perRead = buf.length / S;
+      const pending = pendingChunks(m);
+      const touched = new Set<number>();
+      for (let i = 0; i < pending.length; i += perRead) {
+        const count = Math.min(perRead, pending.length - i);
+        readInto(j.fd, buf, count * S, JOURNAL_HEADER_BYTES + i * S, SEALED_JOURNAL_NAME);
+        let k = 0;
+        while (k < count) {
+          const p0 = this.#slotPlace(m.slot[pending[i + k] ?? 0] ?? 0);
+          let n = 1;
+          while (k + n < count) {
+            const p = this.#slotPlace(m.slot[pending[i + k + n] ?? 0] ?? 0);
+            if (p.fd !== p0.fd || p.offset !== p0.offset + n * S) break;
+            n++;
+          }
+          writeAt(p0.fd, buf.subarray(k * S, (k + n) * S), p0.offset, `backing file '${p0.name}'`);
+          touched.add(p0.file);
+          k += n;
+        }
+      }
+      for (const file of touched) datasync(this.#volume.fds[file] ?? -1, `backing file '${fileName(this.#volume, file)}'`);
+    }
+    const cleared = clonePositionMap(m);
+    clearPending(cleared);
+    cleared.epoch = clearEpoch;
+    cleared.budget = this.#budget.state;
+    this.#commitMap(cleared);
+    if (j !== undefined) closeSync(j.fd);
+    this.#journal = undefined;
+    this.#removeJournal();
+  }
+
+  begin(chunks: 'all' | Uint32Array): StoreWrite {
+    if (!this.#writable) throw new VbdError('internal: a write through a store opened read-only');
+    if (this.#active) throw new VbdError('internal: a second write while one is under way');
+    if (this.#committed.pendingCount > 0) throw new VbdError(`the commit of epoch ${this.#committed.epoch} is not complete yet (its journal); reopen the volume to complete it`);
+    if (this.#writeBlocked !== undefined) throw new VbdError(this.#writeBlocked);
+    const n = this.chunkCount;
+    const k = chunks === 'all' ? n : chunks.length;
+    if (chunks !== 'all') {
+      for (let i = 0; i < chunks.length; i++) {
+        const c = chunks[i] ?? 0;
+        if (c >= n || (i > 0 && c <= (chunks[i - 1] ?? 0))) throw new VbdError(`internal: the chunks of a write must be ascending and below ${n}`);
+      }
+    }
+    if (!this.#budget.allows(k)) {
+      throw new VbdError(`key generation ${this.#budget.generation} has sealed ${this.#budget.used} slots; ${k} more would pass ${this.#budget.threshold}, where a re-key falls due (not done by this version); nothing was written`);
+    }
+    const free = this.#freeSlots();
+    const inFree = Math.min(k, free.length);
+    const overflow = k - inFree;
+    const dest = new Uint32Array(n).fill(NONE);
+    const viaJournal = overflow > 0 ? new Int32Array(n).fill(-1) : undefined;
+    // Which chunk gets which free slot, and which chunks overflow, is drawn at random: the files
+    // show which slots a commit wrote, never which chunk went where (nor which ones stayed put).
+    const draw = keyedPermutation(randomBytes(32), k, k);
+    for (let i = 0; i < k; i++) {
+      const at = draw[i] ?? 0;
+      const c = chunks === 'all' ? at : chunks[at] ?? 0;
+      // A chunk that finds no free slot goes back into its own: free once the map commits, written after.
+      dest[c] = i < inFree ? free[i] ?? 0 : this.#committed.slot[c] ?? 0;
+      if (i >= inFree && viaJournal !== undefined) viaJournal[c] = OVERFLOW;
+    }
+    if (viaJournal !== undefined) {
+      // The journal holds the pending chunks in ascending order: a chunk's rank is its place in it.
+      let rank = 0;
+      for (let c = 0; c < n; c++) if (viaJournal[c] === OVERFLOW) viaJournal[c] = rank++;
+    }
+    const epoch = this.#reserve(overflow > 0 ? 2 : 1, k);
+    let journalFd: number | undefined;
+    if (overflow > 0) journalFd = this.#createJournal(epoch, overflow);
+    this.#active = true;
+    return new SealedWrite(this, {
+      epoch, dest, viaJournal, journalFd, planned: k, inFree, overflow,
+      sealer: new SlotSealer(this.#keys.slotKey(this.#budget.generation), this.#budget),
+    });
+  }
+
+  #createJournal(epoch: number, count: number): number {
+    this.#removeJournal();
+    let fd: number;
+    try {
+      fd = openSync(entryPath(this.#volume, SEALED_JOURNAL_NAME), fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+    } catch (err) {
+      throw failure(`cannot create ${SEALED_JOURNAL_NAME}`, err);
+    }
+    try {
+      if (process.geteuid?.() === 0) fchownSync(fd, this.#volume.owner.uid, this.#volume.owner.gid);
+      ftruncateSync(fd, JOURNAL_HEADER_BYTES + count * this.#slotBytes);
+      writeAt(fd, journalHeader(this.#keys.uuid, epoch, count, this.#slotBytes), 0, SEALED_JOURNAL_NAME);
+      return fd;
+    } catch (err) {
+      closeSync(fd);
+      throw failure(`cannot prepare ${SEALED_JOURNAL_NAME}`, err);
+    }
+  }
+
+  // --- used by SealedWrite ---
+
+  get slotBytes(): number {
+    return this.#slotBytes;
+  }
+
+  get volume(): SealedVolume {
+    return this.#volume;
+  }
+
+  placeForWrite(plan: WritePlan, chunk: number): Place {
+    const j = plan.viaJournal?.[chunk] ?? -1;
+    if (j >= 0 && plan.journalFd !== undefined) return this.#journalPlace(j, plan.journalFd);
+    return this.#slotPlace(plan.dest[chunk] ?? 0);
+  }
+
+  finishWrite(plan: WritePlan, touched: ReadonlySet<number>): CommitReport {
+    try {
+      for (const file of touched) datasync(this.#volume.fds[file] ?? -1, `backing file '${fileName(this.#volume, file)}'`);
+      if (plan.journalFd !== undefined) {
+        datasync(plan.journalFd, SEALED_JOURNAL_NAME);
+        fsyncSync(this.#volume.dirFd);
+      }
+      const next = clonePositionMap(this.#committed);
+      for (let c = 0; c < this.chunkCount; c++) {
+        const slot = plan.dest[c] ?? NONE;
+        if (slot === NONE) continue;
+        next.slot[c] = slot;
+        next.epochs[c] = plan.epoch;
+        next.generation[c] = this.#budget.generation;
+        if ((plan.viaJournal?.[c] ?? -1) >= 0) setPending(next, c);
+      }
+      next.epoch = plan.epoch;
+      next.budget = this.#budget.state;
+      this.#commitMap(next); // the commit point
+      if (plan.journalFd !== undefined) {
+        const index = plan.viaJournal ?? new Int32Array(0);
+        this.#journal = { fd: plan.journalFd, index };
+        plan.journalFd = undefined;
+        this.#completeJournal(plan.epoch + 1);
+      }
+      return { kind: 'sealed', epoch: this.#committed.epoch, chunks: plan.planned, inFreeSlots: plan.inFree, throughJournal: plan.overflow };
+    } finally {
+      this.#active = false;
+      // Never removed here: once the map write was tried, the journal may be what the files need.
+      if (plan.journalFd !== undefined) closeSync(plan.journalFd);
+      plan.journalFd = undefined;
+    }
+  }
+
+  abortWrite(plan: WritePlan): void {
+    this.#active = false;
+    if (plan.journalFd !== undefined) {
+      closeSync(plan.journalFd);
+      plan.journalFd = undefined;
+      try {
+        this.#removeJournal();
+      } catch {
+        /* removed at the next writable open */
+      }
+    }
+  }
+
+  close(): void {
+    if (this.#journal !== undefined) closeSync(this.#journal.fd);
+    this.#journal = undefined;
+    closeSync(this.#mapFd);
+    this.#scratch?.fill(0);
+    this.#keys.wipe();
+  }
+}
+
+interface WritePlan {
+  epoch: number;
+  /** Chunk → the slot it is sealed for (NONE: not in this write). */
+  dest: Uint32Array;
+  /** Chunk → its index in the overflow journal (-1: straight into its slot). */
+  viaJournal: Int32Array | undefined;
+  journalFd: number | undefined;
+  planned: number;
+  inFree: number;
+  overflow: number;
+  sealer: SlotSealer;
+}
+
+class SealedWrite implements StoreWrite {
+  readonly #written: Uint8Array;
+  #count = 0;
+  #done = false;
+  readonly #touched = new Set<number>();
+  readonly #buf: Buffer;
+
+  constructor(
+    private readonly store: SealedStore,
+    private readonly plan: WritePlan,
+  ) {
+    this.#written = new Uint8Array(store.chunkCount);
+    const S = store.slotBytes;
+    this.#buf = Buffer.alloc(Math.max(1, Math.floor(RUN_BYTES / S)) * S);
+  }
+
+  get epoch(): number {
+    return this.plan.epoch;
+  }
+
+  write(first: number, end: number, from: Buffer): void {
+    if (this.#done) throw new VbdError('internal: a write after commit or abort');
+    checkChunks(first, end, this.store.chunkCount);
+    const C = this.store.chunkSize;
+    const S = this.store.slotBytes;
+    if (from.length < (end - first) * C) throw new VbdError(`internal: a buffer of ${from.length} bytes for ${end - first} chunks`);
+    let run: Place | undefined;
+    let length = 0;
+    const flush = (): void => {
+      if (run === undefined || length === 0) return;
+      writeAt(run.fd, this.#buf.subarray(0, length), run.offset, run.file < 0 ? SEALED_JOURNAL_NAME : `backing file '${run.name}'`);
+      if (run.file >= 0) this.#touched.add(run.file);
+      this.#buf.fill(0, 0, length);
+      run = undefined;
+      length = 0;
+    };
+    for (let c = first; c < end; c++) {
+      if ((this.plan.dest[c] ?? NONE) === NONE) throw new VbdError(`internal: chunk ${c} is not part of this write`);
+      if (this.#written[c] === 1) throw new VbdError(`internal: chunk ${c} written twice in one commit`);
+      const place = this.store.placeForWrite(this.plan, c);
+      if (run !== undefined && (place.fd !== run.fd || place.offset !== run.offset + length || length + S > this.#buf.length)) flush();
+      if (run === undefined) run = place;
+      this.plan.sealer.seal({ chunk: c, epoch: this.plan.epoch }, from.subarray((c - first) * C, (c - first + 1) * C), this.#buf.subarray(length, length + S));
+      length += S;
+      this.#written[c] = 1;
+      this.#count++;
+    }
+    flush();
+  }
+
+  commit(): CommitReport {
+    if (this.#done) throw new VbdError('internal: commit after commit or abort');
+    if (this.#count !== this.plan.planned) {
+      this.abort();
+      throw new VbdError(`internal: ${this.plan.planned - this.#count} of the ${this.plan.planned} chunks of epoch ${this.plan.epoch} were not written; nothing was committed`);
+    }
+    this.#done = true;
+    return this.store.finishWrite(this.plan, this.#touched);
+  }
+
+  abort(): void {
+    if (this.#done) return;
+    this.#done = true;
+    this.store.abortWrite(this.plan);
+  }
+}
+
+function checkChunks(first: number, end: number, chunkCount: number): void {
+  if (!Number.isSafeInteger(first) || !Number.isSafeInteger(end) || first < 0 || end > chunkCount || first > end) {
+    throw new VbdError(`internal: chunks [${first}, ${end}) outside the volume's ${chunkCount}`);
+  }
+}
+
+/** Unlocks a sealed volume and opens its store (see the top of this file). The caller wipes `passphrase`. */
+export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, epochFloor?: number): SealedStore {
+  const m = volume.manifest;
+  const chunks = m.deviceSize / m.chunkSize;
+  checkMemory(m.name, chunks, slotsOf(m).total);
+  const keys = unlockSealedManifest(passphrase, m);
+  let mapFd: number | undefined;
+  try {
+    mapFd = openVolumeEntry(volume, MAP_NAME, writable ? 'write' : 'read');
+    if (mapFd === undefined) throw new VbdError(`volume '${m.name}': its position map ${MAP_NAME} is missing, so no slot can be found (nothing was read or written)`);
+    const store = new SealedStore(volume, keys, mapFd, writable, epochFloor);
+    try {
+      store.settle();
+    } catch (err) {
+      store.close();
+      throw err;
+    }
+    return store;
+  } catch (err) {
+    if (!keys.wiped) {
+      if (mapFd !== undefined) {
+        try {
+          closeSync(mapFd);
+        } catch {
+          /* closed by the store */
+        }
+      }
+      keys.wipe();
+    }
+    throw err;
+  }
+}
+
+export type { SealedStore };
+
+/** Where init writes a new sealed volume: its backing files (write fds) and its map file. */
+export interface NewSealedFiles {
+  fds: readonly number[];
+  names: readonly string[];
+  mapFd: number;
+}
+
+/**
+ * Fills a new sealed volume: every slot gets ciphertext (the chunks' slots a sealed zero chunk of
+ * epoch 1 at their initial place, the spare slots random bytes), every file is synced, then the
+ * map file gets both copies (A at epoch 1, B at epoch 2: the same map, so that from the start a
+ * copy that fails is always reported) and a reservation covering them. The manifest comes last
+ * (the caller's).
+ */
+export function writeNewSealedVolume(files: NewSealedFiles, manifest: SealedManifest, keys: VolumeKeys, slotOfChunk: Uint32Array): void {
+  const C = manifest.chunkSize;
+  const S = slotSize(C);
+  const n = manifest.deviceSize / C;
+  const slots = slotsOf(manifest);
+  if (slotOfChunk.length !== n) throw new VbdError(`internal: an initial placement of ${slotOfChunk.length} chunks for ${n}`);
+  const owner = new Uint32Array(slots.total).fill(NONE);
+  for (let c = 0; c < n; c++) {
+    const s = slotOfChunk[c] ?? NONE;
+    if (s >= slots.total || owner[s] !== NONE) throw new VbdError(`internal: the initial placement puts chunk ${c} in slot ${s}, taken or out of range`);
+    owner[s] = c;
+  }
+  const generation = manifest.sealed.keyGeneration;
+  const sealer = new SlotSealer(keys.slotKey(generation), new NonceBudget({ generation, used: 0 }));
+  const zero = Buffer.alloc(C);
+  const buf = Buffer.alloc(Math.max(1, Math.floor(RUN_BYTES / S)) * S);
+  files.fds.forEach((fd, f) => {
+    const name = `backing file '${files.names[f] ?? `#${f}`}'`;
+    const firstSlot = slots.first[f] ?? 0;
+    const endSlot = slots.first[f + 1] ?? 0;
+    let s = firstSlot;
+    while (s < endSlot) {
+      const count = Math.min(endSlot - s, buf.length / S);
+      for (let i = 0; i < count; i++) {
+        const out = buf.subarray(i * S, (i + 1) * S);
+        const chunk = owner[s + i] ?? NONE;
+        if (chunk === NONE) randomFillSync(out);
+        else sealer.seal({ chunk, epoch: INIT_EPOCH }, zero, out);
+      }
+      writeAt(fd, buf.subarray(0, count * S), (s - firstSlot) * S, name);
+      s += count;
+    }
+    datasync(fd, name);
+  });
+  const map = newPositionMap(n, slots.total);
+  map.slot.set(slotOfChunk);
+  map.epochs.fill(INIT_EPOCH);
+  map.generation.fill(generation);
+  map.budget = sealer.budget.state;
+  const key = mapKeyOf(keys);
+  try {
+    ftruncateSync(files.mapFd, 0);
+    ftruncateSync(files.mapFd, mapFileBytes(n));
+  } catch (err) {
+    throw failure(`cannot size ${MAP_NAME}`, err);
+  }
+  writeReservation(files.mapFd, MAP_NAME, key, { epochHigh: INIT_EPOCH + 1, generation, sealsHigh: map.budget.used }, 0);
+  map.epoch = INIT_EPOCH;
+  writePositionMap(files.mapFd, MAP_NAME, key, map, 0);
+  map.epoch = INIT_EPOCH + 1;
+  writePositionMap(files.mapFd, MAP_NAME, key, map, 1);
+}
