@@ -112,12 +112,6 @@ export function syncDevice(loop: LoopDevice): void {
   fsyncSync(loop.fd);
 }
 
-/** Whether the device is still bound to the image (the owner may have cleared it herself). */
-export function boundTo(loop: LoopDevice, backing: Backing): boolean {
-  const bound = loopBacking(loop.fd, loop.path);
-  return bound !== undefined && bound.ino === backing.ino && bound.dev === backing.dev;
-}
-
 /** Hands the node to the owner (0600), through our fd. */
 export function giveDevice(loop: LoopDevice, owner: Owner): void {
   fchmodSync(loop.fd, 0o600); // while still root's: no CAP_FOWNER needed

@@ -14,6 +14,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import koffi from 'koffi';
+import { escapeText } from '../common/escape.js';
 import { VbdError, describeErrno } from '../common/errors.js';
 import { processLimits } from './memory.js';
 
@@ -198,17 +199,8 @@ export function runConfined(run: ConfinedRun): Promise<ConfinedResult> {
   });
 }
 
-/** Text safe for one line of a terminal or a log: control and bidi characters become escapes. */
-export function escapeControl(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (ch) => {
-    const code = ch.charCodeAt(0);
-    return code <= 0xff ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
-  });
-}
-
 /** The last non-empty line of a child's stderr tail, escaped and at most `max` characters. */
 export function lastLine(stderrTail: Buffer, max = 300): string {
   const lines = stderrTail.toString('utf8').split('\n').map((l) => l.replace(/\r$/, '')).filter((l) => l.trim() !== '');
-  const line = escapeControl(lines.pop() ?? '');
-  return line.length > max ? `${line.slice(0, max)}…` : line;
+  return escapeText(lines.pop() ?? '', max);
 }

@@ -142,7 +142,7 @@ describe.skipIf(!IS_ROOT)(`layout module confinement (${IS_ROOT ? 'as root' : RO
     expectOneCleanLine(r.stderr);
     expect(r.stderr).not.toContain('\x1b');
     expect(r.stderr).not.toContain('\u202e');
-    expect(r.stderr).toContain('boom \\x1b]0;owned\\x07 \\u202e end');
+    expect(r.stderr).toContain('boom \\x1b]0;owned\\x07 \\u{202e} end');
     expect(r.stderr).toMatch(/layout module .*layout\.mjs failed as uid \d+ \(exit 1\): /);
     expect(r.stderr.length).toBeLessThan(1000);
     expect(r.maxRss ?? Infinity).toBeLessThan(200 * 2 ** 20);
