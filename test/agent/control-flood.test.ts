@@ -15,21 +15,14 @@ import { Stage, eachTestCleanup } from '../helpers/cleanup.js';
 import { startDaemon, waitLive } from '../helpers/daemon.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, runtimeDirOf, type User } from '../helpers/system.js';
+import { trackedChildren } from '../helpers/children.js';
 
 const WRITER = fileURLToPath(new URL('../fixtures/pipe-writer.mjs', import.meta.url));
 const MiB = 2 ** 20;
 const FLOOD_BYTES = 24 * MiB;
 const FLOOD_SECONDS = 5;
 
-const children: ChildProcess[] = [];
-eachTestCleanup(Stage.Processes, async () => {
-  for (const c of children.splice(0)) {
-    if (c.exitCode === null && c.signalCode === null) {
-      c.kill('SIGKILL');
-      await new Promise((r) => c.once('exit', r));
-    }
-  }
-});
+const children = trackedChildren();
 
 /** The pipe writer fixture in flood mode, as `user`; resolves with its report. */
 function floodAs(user: User, path: string): Promise<{ written: number; lines: number; eagain: number; ms: number }> {

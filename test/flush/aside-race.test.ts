@@ -31,6 +31,7 @@ const MiB = 2 ** 20;
  */
 const RACER = `
 import ctypes, os, sys, time
+import { trackedChildren } from '../helpers/children.js';
 libc = ctypes.CDLL(None, use_errno=True)
 path, a, b = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
 end, burst, rest = time.monotonic() + float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
@@ -56,15 +57,7 @@ interface Background {
   done: () => Promise<string>;
 }
 
-const children: ChildProcess[] = [];
-eachTestCleanup(Stage.Processes, async () => {
-  for (const c of children.splice(0)) {
-    if (c.exitCode === null && c.signalCode === null) {
-      c.kill('SIGKILL');
-      await new Promise((r) => c.once('exit', r));
-    }
-  }
-});
+const children = trackedChildren();
 
 /** A python program run as `user`, in the background (the system's python: root's PATH may hold shims she cannot run). */
 function pythonAs(user: User, program: string, args: string[]): Background {

@@ -28,15 +28,7 @@ const MiB = 2 ** 20;
 const FLUSHED_AT = 40_960; // in file002: the chunk the flush writes
 const HERS_AT = 500_000; // in file002: where she writes meanwhile (another chunk)
 
-const children: ChildProcess[] = [];
-eachTestCleanup(Stage.Processes, async () => {
-  for (const c of children.splice(0)) {
-    if (c.exitCode === null && c.signalCode === null) {
-      c.kill('SIGKILL');
-      await new Promise((r) => c.once('exit', r));
-    }
-  }
-});
+const children = trackedChildren();
 
 function background(command: string, args: string[]): { child: ChildProcess; output: () => string; exited: Promise<number | null> } {
   const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -51,6 +43,7 @@ function background(command: string, args: string[]): { child: ChildProcess; out
 function writeWhenFlushed(user: User, path: string, at: number, want: Buffer, hersAt: number, hers: string): ReturnType<typeof background> {
   const program = `
 import os, sys, time
+import { trackedChildren } from '../helpers/children.js';
 path, at, want, hers_at, hers = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), int(sys.argv[4]), sys.argv[5].encode()
 fd = os.open(path, os.O_RDWR)
 end = time.monotonic() + 30
