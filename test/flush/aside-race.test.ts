@@ -15,6 +15,7 @@ import { readStatus } from '../../src/daemon/runtime.js';
 import { sha256 } from '../helpers/cli.js';
 import { Stage, eachTestCleanup } from '../helpers/cleanup.js';
 import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
+import { trackedChildren } from '../helpers/children.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, runAs, type User } from '../helpers/system.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -31,7 +32,6 @@ const MiB = 2 ** 20;
  */
 const RACER = `
 import ctypes, os, sys, time
-import { trackedChildren } from '../helpers/children.js';
 libc = ctypes.CDLL(None, use_errno=True)
 path, a, b = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
 end, burst, rest = time.monotonic() + float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])

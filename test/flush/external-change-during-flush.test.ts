@@ -21,6 +21,7 @@ import { readStatus } from '../../src/daemon/runtime.js';
 import { sha256 } from '../helpers/cli.js';
 import { Stage, eachTestCleanup } from '../helpers/cleanup.js';
 import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
+import { trackedChildren } from '../helpers/children.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, runAs, type User } from '../helpers/system.js';
 
@@ -43,7 +44,6 @@ function background(command: string, args: string[]): { child: ChildProcess; out
 function writeWhenFlushed(user: User, path: string, at: number, want: Buffer, hersAt: number, hers: string): ReturnType<typeof background> {
   const program = `
 import os, sys, time
-import { trackedChildren } from '../helpers/children.js';
 path, at, want, hers_at, hers = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), int(sys.argv[4]), sys.argv[5].encode()
 fd = os.open(path, os.O_RDWR)
 end = time.monotonic() + 30
