@@ -1,4 +1,4 @@
-// The daemon's end of a FIFO: created root-side in /run/vbd-shadow/NAME (root-owned 0755, so
+// The daemon's end of a FIFO: created root-side in /run/vbd-shadow/UID/DEV.INO (root-owned 0755, so
 // fs.protected_fifos does not apply), owned by the volume owner with mode 0600 so only the
 // owner (and root) can open it. Read non-blocking through a net.Socket: 'end' arrives within
 // milliseconds of the last writer closing — or being killed.

@@ -254,7 +254,7 @@ function printStatus(s: DaemonStatus): void {
 export function registerDaemonCommands(program: Command): void {
   program
     .command('start')
-    .description('(root) serve a volume: RAM image, loop device /dev/vbd-shadow/NAME, optional mkfs and mount')
+    .description('(root) serve a volume: RAM image, a loop device of its own (/dev/vbd-shadow/USER/NAME), optional mkfs and mount on a directory the owner owns')
     .argument('<dir>', 'volume directory')
     .option('--mount <dir>', 'mount the device here (nosuid,nodev), for the volume owner')
     .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, ext3, ext2, xfs, btrfs')

@@ -1,4 +1,4 @@
-// Running the system tools we drive (losetup, mount, mkfs, blkid): one place that turns a
+// Running the system tools we drive (mount for the tmpfs, mkfs, setpriv): one place that turns a
 // failed run into one line naming the command and what it printed.
 
 import { execFile } from 'node:child_process';
