@@ -13,8 +13,9 @@
 //
 // Pure format + positioned I/O on an fd the caller opened: no paths here.
 
+import { readExactly } from '../common/fd.js';
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
-import { fdatasyncSync, readSync, writeSync } from 'node:fs';
+import { fdatasyncSync, writeSync } from 'node:fs';
 import { VbdError, failure } from '../common/errors.js';
 import { wipe } from './keys.js';
 import { NONCE_BYTES, TAG_BYTES, type NonceBudgetState } from './slot.js';
@@ -248,17 +249,7 @@ export function openPositionMap(region: Buffer, key: MapKey, chunkCount: number,
 
 function readAt(fd: number, length: number, position: number, what: string): Buffer {
   const buf = Buffer.alloc(length);
-  let done = 0;
-  while (done < length) {
-    let n: number;
-    try {
-      n = readSync(fd, buf, done, length - done, position + done);
-    } catch (err) {
-      throw failure(`read of ${what} at offset ${position + done}`, err);
-    }
-    if (n === 0) throw new VbdError(`${what} ends before offset ${position + length} (truncated?)`);
-    done += n;
-  }
+  readExactly(fd, buf, length, position, what);
   return buf;
 }
 

@@ -15,8 +15,9 @@
 // previous epoch (map not yet written) or the new one (pending chunks read from the journal until
 // the next writable open completes it), never a mix.
 
+import { readExactly } from '../common/fd.js';
 import { randomBytes, randomFillSync } from 'node:crypto';
-import { closeSync, fchownSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, unlinkSync, constants as fsc } from 'node:fs';
+import { closeSync, fchownSync, fstatSync, fsyncSync, ftruncateSync, openSync, unlinkSync, constants as fsc } from 'node:fs';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
 import { keyedPermutation } from '../layouts/keyed.js';
@@ -69,17 +70,7 @@ function mapKeyOf(keys: VolumeKeys): MapKey {
 }
 
 function readInto(fd: number, buf: Buffer, length: number, position: number, name: string): void {
-  let done = 0;
-  while (done < length) {
-    let n: number;
-    try {
-      n = readSync(fd, buf, done, length - done, position + done);
-    } catch (err) {
-      throw failure(`read of '${name}' at offset ${position + done}`, err);
-    }
-    if (n === 0) throw new VbdError(`'${name}' ends before offset ${position + length} (truncated?)`);
-    done += n;
-  }
+  readExactly(fd, buf, length, position, `'${name}'`);
 }
 
 /** The journal's header: magic ‖ version u32 ‖ epoch u64 ‖ count u32 ‖ slot size u32 ‖ UUID, zero-padded to 64. */
