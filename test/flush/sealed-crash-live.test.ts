@@ -1,8 +1,9 @@
 // Crash and power-loss trials of a live sealed volume, for real (issue 10, "Must show"): a
 // mounted ext4 on a sealed volume owned by a real user, a writer (that user) syncing files into
 // it and logging each synced file's sha256 outside the mount, flushes requested by the test.
-// The moment is random: half the trials anywhere in the flush (sync, scan, frozen scan, commit),
-// half inside its commit (from the first write to the sealed map file, which reserves the epoch).
+// The moment is random, in turn: anywhere in the flush (sync, scan, frozen scan, commit); inside
+// its commit (from the first write to the sealed map file, which reserves the epoch); or right at
+// the commit point (0-2 ms after the new map's bytes show in the map file).
 //
 //  1. kill -9 of the daemon. Before any recovery the FILES are decoded offline by the owner
 //     (`vbd-shadow export`: every slot authenticates, one whole epoch: the last committed or the
@@ -56,7 +57,14 @@ function pidOf(d: TestDaemon): number {
   return pid;
 }
 
-const modeOf = (trial: number): MomentMode => (trial % 2 === 0 ? 'anywhere' : 'commit');
+const MODES: readonly MomentMode[] = ['anywhere', 'commit', 'map'];
+const modeOf = (trial: number): MomentMode => MODES[trial % MODES.length] ?? 'anywhere';
+
+function whereIn(mode: MomentMode, like: FlushReport): string {
+  if (mode === 'anywhere') return `flush (~${like.durationMs.toFixed(0)} ms)`;
+  if (mode === 'commit') return `commit (~${(like.timings?.['applyMs'] ?? 0).toFixed(0)} ms)`;
+  return 'map write (the commit point)';
+}
 
 /** The epoch the files in `dir` decode to (the library, read-only, as export opens them). */
 async function filesEpoch(dir: string, key: string): Promise<number> {
@@ -146,7 +154,7 @@ describe.skipIf(!IS_ROOT)(`sealed volume, live: crash and power loss during flus
       await sleep(150 + Math.random() * 350);
 
       const mode = modeOf(trial);
-      const moment = await randomMomentOfFlush(pid, join(dir, MAP_NAME), like, mode);
+      const moment = await randomMomentOfFlush(name, pid, join(dir, MAP_NAME), like, mode);
       expect(writer.child.exitCode, `trial ${trial}: the writer was still writing at the kill`).toBe(null);
       daemon.child.kill('SIGKILL');
       await daemon.exited;
@@ -164,7 +172,7 @@ describe.skipIf(!IS_ROOT)(`sealed volume, live: crash and power loss during flus
       const warnings = exportAsOwner(user, dir, key, out);
       const epoch = await filesEpoch(dir, key);
       const outcome = judgeEpoch(epoch, sealed, flushOver, true);
-      const note = `trial ${trial}: SIGKILL ${moment.delay.toFixed(1)} ms into the ${mode === 'commit' ? `commit (~${(like.timings?.['applyMs'] ?? 0).toFixed(0)} ms)` : `flush (~${like.durationMs.toFixed(0)} ms)`}` +
+      const note = `trial ${trial}: SIGKILL ${moment.delay.toFixed(1)} ms into the ${whereIn(mode, like)}` +
         `${flushOver ? ', the flush had ended' : ''}; files at epoch ${epoch} (${outcome}; status: committed ${sealed.epoch}, reserved ${sealed.reservedEpoch})` +
         `${journalLeft ? ', overflow journal left' : ''}; ${required.length} files synced before the last completed flush` +
         `${warnings === '' ? '' : ` [export: ${warnings.replace(/\n/g, ' | ')}]`}`;
@@ -241,7 +249,7 @@ describe.skipIf(!IS_ROOT)(`sealed volume, live: crash and power loss during flus
       await sleep(150 + Math.random() * 350);
 
       const mode = modeOf(trial);
-      const moment = await randomMomentOfFlush(pid, join(dir, MAP_NAME), like, mode);
+      const moment = await randomMomentOfFlush(name, pid, join(dir, MAP_NAME), like, mode);
       expect(writer.child.exitCode, `trial ${trial}: the writer was still writing at the cut`).toBe(null);
       await stopProcess(pid);
       const before = statusOf(name);
@@ -281,7 +289,7 @@ describe.skipIf(!IS_ROOT)(`sealed volume, live: crash and power loss during flus
       }
       if (journalOnDisk) tally.journalOnDisk++;
       const outcome = judgeEpoch(epoch, sealed, flushOver, viaJournal);
-      const note = `trial ${trial}: cut ${moment.delay.toFixed(1)} ms into the ${mode === 'commit' ? `commit (~${(like.timings?.['applyMs'] ?? 0).toFixed(0)} ms)` : `flush (~${like.durationMs.toFixed(0)} ms)`}` +
+      const note = `trial ${trial}: cut ${moment.delay.toFixed(1)} ms into the ${whereIn(mode, like)}` +
         `${flushOver ? ', the flush had ended' : ''}${viaJournal ? `, a journaled commit (${underWay?.sealed?.throughJournal} of ${underWay?.chunksChanged} chunks)` : ''}` +
         `${copies > 1 ? `; disk copied in ${copies} tries` : ''}; decodes to epoch ${epoch} (${outcome}; before: committed ${sealed.epoch}, reserved ${sealed.reservedEpoch}; ` +
         `the flush committed ${underWay?.sealed?.epoch ?? '-'})${journalOnDisk ? ', overflow journal on disk' : ''}; ${required.length} files synced before the last completed flush` +

@@ -4,7 +4,7 @@
 // sure; and root's epoch record of the test volume removed after the test.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { readStatus, type DaemonStatus, type FlushReport } from '../../src/daemon/runtime.js';
 import { epochRecordPath } from '../../src/daemon/epoch-record.js';
@@ -191,24 +191,27 @@ export async function stopProcess(pid: number, timeoutMs = 30_000): Promise<void
   }
 }
 
-export type MomentMode = 'anywhere' | 'commit';
+export type MomentMode = 'anywhere' | 'commit' | 'map';
 
 export interface FlushMoment {
   /** ISO time just before the request. */
   requested: string;
-  /** ms from the request ('anywhere') or from the first write to the map file ('commit'). */
+  /** ms from the request ('anywhere'), from the first write to the map file ('commit'), or from the second ('map'). */
   delay: number;
 }
 
 /**
  * Asks the daemon for a flush (SIGUSR1) and returns at a random moment of it, judged by an
- * earlier flush of about the same size (`like`): 'anywhere' — uniform over its duration from the
- * request (sync, scan, frozen scan, commit); 'commit' — from the moment the sealed map file is
- * first written (the commit reserves its epoch there), uniform over its commit time.
+ * earlier flush of about the same size (`like`):
+ *  - 'anywhere': uniform over its duration from the request (sync, scan, frozen scan, commit);
+ *  - 'commit': from the first change of the sealed map file's bytes (the commit reserves its
+ *    epoch there), uniform over its commit time;
+ *  - 'map': from the second change (the new map is being written: the commit point), 0–2 ms.
+ * A flush that ends before the change awaited is seen returns at once (the caller finds it over).
  */
-export async function randomMomentOfFlush(pid: number, mapFile: string, like: FlushReport, mode: MomentMode): Promise<FlushMoment> {
+export async function randomMomentOfFlush(name: string, pid: number, mapFile: string, like: FlushReport, mode: MomentMode): Promise<FlushMoment> {
   const requested = new Date().toISOString();
-  const before = statSync(mapFile, { bigint: true }).mtimeNs;
+  let seen = readFileSync(mapFile);
   process.kill(pid, 'SIGUSR1');
   if (mode === 'anywhere') {
     const delay = Math.random() * like.durationMs;
@@ -216,11 +219,19 @@ export async function randomMomentOfFlush(pid: number, mapFile: string, like: Fl
     return { requested, delay };
   }
   const deadline = Date.now() + 30_000;
-  while (statSync(mapFile, { bigint: true }).mtimeNs === before) {
+  for (let changes = 0; changes < (mode === 'commit' ? 1 : 2); ) {
+    const now = readFileSync(mapFile);
+    if (!now.equals(seen)) {
+      changes++;
+      seen = now;
+      continue;
+    }
+    const s = readStatus(name);
+    if (s?.lastCheck !== undefined && s.lastCheck.at >= requested) return { requested, delay: 0 };
     if (Date.now() > deadline) throw new Error(`${mapFile} not written within 30 s of a flush request`);
     await new Promise((r) => setImmediate(r));
   }
-  const delay = Math.random() * (like.timings?.['applyMs'] ?? like.durationMs);
+  const delay = Math.random() * (mode === 'commit' ? like.timings?.['applyMs'] ?? like.durationMs : 2);
   await sleep(delay);
   return { requested, delay };
 }
