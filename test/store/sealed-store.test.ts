@@ -11,7 +11,8 @@ import { SlotAuthError, sealChunk, slotSize } from '../../src/store/slot.js';
 import { initSealedVolume, type SealedLayoutChoice, type SpareChoice } from '../../src/volume/init.js';
 import { MAP_NAME, SEALED_JOURNAL_NAME, closeVolume, openVolume } from '../../src/volume/volume.js';
 import { MANIFEST_NAME, type SealedManifest } from '../../src/volume/manifest.js';
-import { clonePositionMap, loadPositionMap, setPending, writePositionMap } from '../../src/store/map.js';
+import { clonePositionMap, setPending, writePositionMap } from '../../src/store/map.js';
+import { loadMapState } from '../../src/store/map-log.js';
 import { journalHeader } from '../../src/store/sealed-store.js';
 import { unlockSealedManifest } from '../../src/store/sealed-manifest.js';
 import { openChunkStore, type ChunkStore } from '../../src/store/chunk-store.js';
@@ -151,7 +152,7 @@ describe('sealed chunk store: commits', () => {
     await sealedVolume(dir, size, 3, 4096, { kind: 'keyed' }, { count: 5 });
     const image = randomBytes(size);
     const r = await importBuf(dir, image);
-    expect(r).toEqual({ kind: 'sealed', epoch: expect.any(Number), chunks: 64, inFreeSlots: 5, throughJournal: 59 });
+    expect(r).toEqual({ kind: 'sealed', epoch: expect.any(Number), chunks: 64, inFreeSlots: 5, throughJournal: 59, mapBytes: expect.any(Number) });
     expect(existsSync(join(dir, SEALED_JOURNAL_NAME))).toBe(false);
     expect(sha256(await exportBuf(dir))).toBe(sha256(image));
   });
@@ -187,7 +188,8 @@ describe('sealed chunk store: commits', () => {
         const w = store.begin(Uint32Array.of(3));
         expect(w.epoch).toBe(41);
         w.write(3, 4, Buffer.alloc(4096, 1));
-        expect(w.commit()).toEqual({ kind: 'sealed', epoch: 41, chunks: 1, inFreeSlots: 1, throughJournal: 0 });
+        // The reservation (64) and one map log record: header 64 ‖ budget and counts 20 ‖ one entry 20.
+        expect(w.commit()).toEqual({ kind: 'sealed', epoch: 41, chunks: 1, inFreeSlots: 1, throughJournal: 0, mapBytes: 64 + 64 + 20 + 20 });
         expect(store.reservedEpoch).toBe(41);
         expect(store.budget).toEqual({ generation: 0, used: 17 });
       } finally {
@@ -205,7 +207,8 @@ describe('sealed chunk store: commits', () => {
     await sealedVolume(dir, size, 2, 4096, { kind: 'keyed' }, { percent: 100 });
     const image = randomBytes(size);
     await importBuf(dir, image);
-    // Build, with the real keys and formats, what a kill -9 between steps 3 and 4 leaves.
+    // Build, with the real keys and formats, what a kill -9 between steps 3 and 4 leaves (that
+    // commit's map as a checkpoint: too large for a small volume's log).
     const manifest = JSON.parse(readFileSync(join(dir, MANIFEST_NAME), 'utf8')) as SealedManifest;
     const keys = unlockSealedManifest(PASS, manifest);
     const mapKey = { key: keys.mapKey, uuid: keys.uuid };
@@ -213,7 +216,7 @@ describe('sealed chunk store: commits', () => {
     const fd = openSync(mapPath, 'r+');
     const want = Buffer.from(image);
     try {
-      const loaded = loadPositionMap(fd, MAP_NAME, mapKey, 16, 32);
+      const loaded = loadMapState(fd, MAP_NAME, mapKey, 16, 32);
       const pending = clonePositionMap(loaded.map);
       pending.epoch = loaded.map.epoch + 5;
       const journal: Buffer[] = [journalHeader(keys.uuid, pending.epoch, 2, slotSize(4096))];
