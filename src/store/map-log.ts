@@ -26,7 +26,7 @@ import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { VbdError } from '../common/errors.js';
 import { wipe } from './keys.js';
 import {
-  COPY_NAMES, MAP_FORMAT_VERSION, MapCopyError, clearPending, datasync, fallbackNotice, label, loadPositionMap, logOffset,
+  AUTH_FAILURE, COPY_NAMES, MAP_FORMAT_VERSION, MapCopyError, clearPending, datasync, fallbackNotice, label, loadPositionMap, logOffset,
   logRegionBytes, pendingChunks, readAt, readU64, setPending, u64, writeAt, writePositionMap, type MapKey, type PositionMap, type Region,
 } from './map.js';
 import { NONCE_BYTES, TAG_BYTES } from './slot.js';
@@ -144,7 +144,7 @@ export function applyLogRecord(record: Buffer, key: MapKey, m: PositionMap, owne
     try {
       decipher.final();
     } catch {
-      throw new MapCopyError('fails authentication (torn by a crash, corrupted, tampered with, or of another volume)');
+      throw new MapCopyError(AUTH_FAILURE);
     }
     const generation = body.readUInt32BE(0);
     const used = readU64(body, 4, 'seal count');
@@ -316,7 +316,7 @@ export class MapCommitter {
     private readonly key: MapKey,
     place: MapPlace,
   ) {
-    this.#place = { ...place };
+    this.#place = { region: place.region, baseEpoch: place.baseEpoch, logEnd: place.logEnd };
   }
 
   /** Commits `next` (which follows `committed`, the map the files decode to now); returns the map bytes written. */

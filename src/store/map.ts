@@ -157,7 +157,10 @@ function mapAD(key: MapKey, headerStart: Buffer): Buffer {
   return Buffer.concat([label(MAP_AD_LABEL), key.uuid, headerStart]);
 }
 
-/** A map copy that cannot be used, and why. */
+/** Why a sealed map copy or map log record fails its tag: what cannot be told apart. */
+export const AUTH_FAILURE = 'fails authentication (corrupted, tampered with, torn by a crash, or of another volume)';
+
+/** A map copy (or map log record) that cannot be used, and why. */
 export class MapCopyError extends VbdError {}
 
 export function u64(buf: Buffer, at: number, value: number): void {
@@ -231,7 +234,7 @@ export function openPositionMap(region: Buffer, key: MapKey, chunkCount: number,
     try {
       decipher.final();
     } catch {
-      throw new MapCopyError('fails authentication (corrupted, tampered with, torn by a crash, or of another volume)');
+      throw new MapCopyError(AUTH_FAILURE);
     }
     const m = newPositionMap(n, slots);
     m.epoch = epoch;
