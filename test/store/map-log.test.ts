@@ -65,6 +65,18 @@ class MapFile {
     return bytes;
   }
 
+  /** Commits of these sizes on a fresh log; where each record ends and the epochs, from the checkpoint's on. */
+  commits(sizes: number[]): { ends: number[]; epochs: number[] } {
+    const ends = [this.committer.place.logEnd];
+    const epochs = [this.current.epoch];
+    for (const k of sizes) {
+      this.commit(k);
+      ends.push(this.committer.place.logEnd);
+      epochs.push(this.current.epoch);
+    }
+    return { ends, epochs };
+  }
+
   load(): LoadedMapState {
     return loadMapState(this.fd, NAME, key, N, T);
   }
@@ -187,13 +199,7 @@ describe('map log', () => {
   it('a flipped byte anywhere in a middle record is reported, and nothing from it on is applied', () => {
     const f = new MapFile();
     try {
-      const ends: number[] = [0];
-      const epochs: number[] = [2];
-      for (let i = 0; i < 5; i++) {
-        f.commit(2 + i);
-        ends.push(f.committer.place.logEnd);
-        epochs.push(f.current.epoch);
-      }
+      const { ends, epochs } = f.commits([2, 3, 4, 5, 6]);
       const good = f.bytes();
       const start = ends[2] ?? 0;
       const end = ends[3] ?? 0;
@@ -222,13 +228,7 @@ describe('map log', () => {
   it('records reordered, dropped, replayed, from another volume or spliced onto another checkpoint are refused and reported', () => {
     const f = new MapFile();
     try {
-      const ends: number[] = [0];
-      const epochs: number[] = [2];
-      for (let i = 0; i < 4; i++) {
-        f.commit(5); // same size: records can change places
-        ends.push(f.committer.place.logEnd);
-        epochs.push(f.current.epoch);
-      }
+      const { ends, epochs } = f.commits([5, 5, 5, 5]); // same size: records can change places
       const good = f.bytes();
       const record = (i: number): Buffer => Buffer.from(good.subarray(LOG + (ends[i] ?? 0), LOG + (ends[i + 1] ?? 0)));
       const withLog = (records: Buffer[]): Buffer => {
