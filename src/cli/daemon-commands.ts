@@ -246,7 +246,7 @@ function printStatus(s: DaemonStatus): void {
   if (sealed !== undefined) {
     console.log(`  sealed   epoch ${sealed.epoch}; ${sealed.seals} slots sealed under key generation ${sealed.keyGeneration} (re-key due at ${sealed.rekeyAt}); ${sealed.freeSlots} free slots`);
     const path = f?.sealed;
-    if (path !== undefined) console.log(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}`);
+    if (path !== undefined) console.log(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map`);
   }
   for (const notice of s.notices ?? []) console.log(`  notice   ${notice}`);
   if ((s.damagedChunks ?? []).length > 0) console.log(`  damaged  served as zeros: ${(s.damagedChunks ?? []).map((d) => `chunk ${d.chunk} ('${d.name}' at ${d.offset})`).join(', ')}`);

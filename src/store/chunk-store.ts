@@ -68,6 +68,11 @@ export type CommitReport =
       inFreeSlots: number;
       /** Chunks that did not fit into free slots: sealed into the overflow journal, then put in place. */
       throughJournal: number;
+      /**
+       * Bytes this commit wrote to the map file: its epoch reservation and the map log record of
+       * what changed (O(chunks)) or, when the log is full, a whole checkpoint copy (O(volume)).
+       */
+      mapBytes: number;
     };
 
 /** One write: stage chunks with `write`, then `commit` (or `abort`). */

@@ -6,7 +6,8 @@
 // the buffer. A write is copy-on-write:
 //
 //   reserve (epoch, seal count; fdatasync)  →  seal the chunks into free slots (fdatasync)
-//   →  the new map into the other copy (fdatasync): committed.
+//   →  a map log record of what changed, or a whole checkpoint copy (src/store/map-log.ts;
+//      fdatasync): committed.
 //
 // A write of more chunks than there are free slots seals the chunks that do not fit into the
 // overflow journal; the map that commits them marks them pending (their final slot is their own
@@ -29,9 +30,10 @@ import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, ty
 import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, ReadOptions, SealedState, StoreWrite } from './chunk-store.js';
 import type { VolumeKeys } from './keys.js';
 import {
-  clearPending, clonePositionMap, datasync, loadPositionMap, loadReservation, mapFileBytes, newPositionMap, pendingChunks,
-  setPending, writeAt, writePositionMap, writeReservation, type MapKey, type PositionMap, type Region, type Reservation,
+  RESERVE_RECORD_BYTES, checkMapFormat, clearPending, clonePositionMap, datasync, loadReservation, mapFileBytes, newPositionMap,
+  pendingChunks, setPending, writeAt, writePositionMap, writeReservation, type MapKey, type PositionMap, type Region, type Reservation,
 } from './map.js';
+import { MapCommitter, loadMapState } from './map-log.js';
 import { unlockSealedManifest } from './sealed-manifest.js';
 import { NonceBudget, SlotAuthError, SlotSealer, openChunk, slotSize, type NonceBudgetState } from './slot.js';
 import { openSlotsInto, type SlotSource } from './slot-workers.js';
@@ -54,9 +56,9 @@ export function slotsOf(manifest: Pick<SealedManifest, 'chunkSize' | 'files'>): 
   return chunkSlots({ chunkSize: size, fileSizes: manifest.files.map((f) => f.size), deviceSize: 0, chunkCount: 0 });
 }
 
-/** Bytes a sealed volume of this shape needs in memory to be opened and written (maps, plans, buffers). */
+/** Bytes a sealed volume of this shape needs in memory to be opened and written (maps, map log, plans, buffers). */
 export function sealedStoreBytes(chunks: number, slots: number): number {
-  return chunks * (2 * 16 + 2 * 17 + 9 + 8) + slots + 4 * RUN_BYTES;
+  return chunks * (2 * 16 + 2 * 17 + 9 + 8 + 16) + 5 * slots + 4 * RUN_BYTES;
 }
 
 function checkMemory(name: string, chunks: number, slots: number): void {
@@ -115,7 +117,7 @@ class SealedStore implements ChunkStore {
   readonly #slots: Slots;
   readonly #generation: number;
   #committed: PositionMap;
-  #region: Region;
+  readonly #mapCommitter: MapCommitter;
   #reservation: { reservation: Reservation; index: Region } | undefined;
   #writeBlocked: string | undefined;
   #nextEpoch: number;
@@ -137,13 +139,14 @@ class SealedStore implements ChunkStore {
     this.#slots = slotsOf(m);
     this.#generation = m.sealed.keyGeneration;
 
+    checkMapFormat(mapFd, MAP_NAME, this.chunkCount);
     const size = fstatSync(mapFd).size;
     const expected = mapFileBytes(this.chunkCount);
     if (size !== expected) throw new VbdError(`position map ${MAP_NAME} is ${size} bytes, a volume of ${this.chunkCount} chunks has one of ${expected} (truncated or replaced?); nothing was read or written`);
-    const loaded = loadPositionMap(mapFd, MAP_NAME, this.#mapKey, this.chunkCount, this.#slots.total);
+    const loaded = loadMapState(mapFd, MAP_NAME, this.#mapKey, this.chunkCount, this.#slots.total);
     this.#committed = loaded.map;
-    this.#region = loaded.region;
-    if (loaded.fallback !== undefined) this.notices.push(loaded.fallback);
+    this.#mapCommitter = new MapCommitter(mapFd, MAP_NAME, this.#mapKey, loaded);
+    this.notices.push(...loaded.notices);
 
     const res = loadReservation(mapFd, MAP_NAME, this.#mapKey);
     this.notices.push(...res.problems);
@@ -368,11 +371,16 @@ class SealedStore implements ChunkStore {
     return first;
   }
 
-  #commitMap(next: PositionMap): void {
-    const region: Region = this.#region === 0 ? 1 : 0;
-    writePositionMap(this.#mapFd, MAP_NAME, this.#mapKey, next, region);
+  /** The commit point: `next` becomes the map the files decode to. Returns the map bytes written. */
+  #commitMap(next: PositionMap): number {
+    const bytes = this.#mapCommitter.commit(this.#committed, next);
     this.#committed = next;
-    this.#region = region;
+    return bytes;
+  }
+
+  /** For tests: the checkpoint copy in use, its epoch, and where the map log ends. */
+  get mapPlace(): MapCommitter['place'] {
+    return this.#mapCommitter.place;
   }
 
   #removeJournal(): void {
@@ -388,8 +396,8 @@ class SealedStore implements ChunkStore {
     }
   }
 
-  /** Copies the pending chunks from the journal into their slots, commits a map without them at `clearEpoch`, removes the journal. */
-  #completeJournal(clearEpoch: number): void {
+  /** Copies the pending chunks from the journal into their slots, commits a map without them at `clearEpoch`, removes the journal; returns the map bytes written. */
+  #completeJournal(clearEpoch: number): number {
     const m = this.#committed;
     const S = this.#slotBytes;
     const j = this.#journal;
@@ -421,10 +429,11 @@ class SealedStore implements ChunkStore {
     clearPending(cleared);
     cleared.epoch = clearEpoch;
     cleared.budget = this.#budget.state;
-    this.#commitMap(cleared);
+    const mapBytes = this.#commitMap(cleared);
     if (j !== undefined) closeSync(j.fd);
     this.#journal = undefined;
     this.#removeJournal();
+    return mapBytes;
   }
 
   begin(chunks: 'all' | Uint32Array): StoreWrite {
@@ -468,7 +477,7 @@ class SealedStore implements ChunkStore {
     if (overflow > 0) journalFd = this.#createJournal(epoch, overflow);
     this.#active = true;
     return new SealedWrite(this, {
-      epoch, dest, viaJournal, journalFd, planned: k, inFree, overflow,
+      epoch, dest, viaJournal, journalFd, planned: k, inFree, overflow, mapBytes: RESERVE_RECORD_BYTES,
       sealer: new SlotSealer(this.#keys.slotKey(this.#budget.generation), this.#budget),
     });
   }
@@ -526,14 +535,16 @@ class SealedStore implements ChunkStore {
       }
       next.epoch = plan.epoch;
       next.budget = this.#budget.state;
-      this.#commitMap(next); // the commit point
+      plan.mapBytes += this.#commitMap(next); // the commit point
       if (plan.journalFd !== undefined) {
         const index = plan.viaJournal ?? new Int32Array(0);
         this.#journal = { fd: plan.journalFd, index };
         plan.journalFd = undefined;
-        this.#completeJournal(plan.epoch + 1);
+        plan.mapBytes += this.#completeJournal(plan.epoch + 1);
       }
-      return { kind: 'sealed', epoch: this.#committed.epoch, chunks: plan.planned, inFreeSlots: plan.inFree, throughJournal: plan.overflow };
+      return {
+        kind: 'sealed', epoch: this.#committed.epoch, chunks: plan.planned, inFreeSlots: plan.inFree, throughJournal: plan.overflow, mapBytes: plan.mapBytes,
+      };
     } finally {
       this.#active = false;
       // Never removed here: once the map write was tried, the journal may be what the files need.
@@ -574,6 +585,8 @@ interface WritePlan {
   planned: number;
   inFree: number;
   overflow: number;
+  /** Bytes written to the map file so far: the epoch reservation, then the map record or checkpoint(s). */
+  mapBytes: number;
   sealer: SlotSealer;
 }
 
