@@ -4,29 +4,31 @@
 import { execFileSync } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { resolvePlacement } from '../src/layouts/index.js';
 import { createImage, destroyImage } from '../src/shadow/image.js';
-import { populateImage } from '../src/shadow/fill.js';
+import { openChunkStore } from '../src/store/chunk-store.js';
 import { backingFileNames } from '../src/volume/init.js';
-import { closeVolume, openVolume, requirePlainVolume } from '../src/volume/volume.js';
+import { closeVolume, openVolume } from '../src/volume/volume.js';
 import { filledVolume, median, table, timeMs } from './lib.js';
 
 const GiB = 2 ** 30;
 const KEY = Buffer.from('benchmark key');
 
 async function populateMs(dir: string, mountpoint: string): Promise<number> {
-  const opened = openVolume(dir);
+  const volume = openVolume(dir);
   try {
-    const volume = requirePlainVolume(opened);
-    const t = await resolvePlacement(volume.manifest, { owner: volume.owner, secret: KEY });
-    const image = await createImage(mountpoint, volume.manifest.deviceSize, volume.identity);
+    const store = await openChunkStore(volume, { writable: false, secret: KEY });
     try {
-      return await timeMs(() => populateImage(image, t, volume));
+      const image = await createImage(mountpoint, volume.manifest.deviceSize, volume.identity);
+      try {
+        return await timeMs(() => store.fill(image));
+      } finally {
+        await destroyImage(image);
+      }
     } finally {
-      await destroyImage(image);
+      store.close();
     }
   } finally {
-    closeVolume(opened);
+    closeVolume(volume);
   }
 }
 

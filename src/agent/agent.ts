@@ -1,5 +1,5 @@
 // The canary agent, run as the volume owner in the login session: connects to the daemon's
-// pipe, says hello (and gives the key of a keyed volume), asks for a flush every interval,
+// pipe, says hello (and gives the key of a keyed volume or the passphrase of a sealed one), asks for a flush every interval,
 // and on logout (SIGTERM/SIGHUP) or Ctrl-C asks for teardown and exits. If it dies instead,
 // the pipe closes and the daemon tears down all the same: that is the point of a canary.
 
@@ -18,7 +18,8 @@ export interface AgentOptions {
   name: string;
   /** The runtime directory of this user's volume, derived from her uid and its identity. */
   paths: RuntimePaths;
-  keyed: boolean;
+  /** A keyed layout's key or a sealed volume's passphrase goes to the daemon. */
+  needsSecret: boolean;
   keyFile?: string | undefined;
   say: (line: string) => void;
 }
@@ -81,7 +82,7 @@ async function connect(path: string, say: (line: string) => void): Promise<numbe
 export async function runAgent(o: AgentOptions): Promise<number> {
   const { paths } = o;
   const pipe = paths.agentFifo;
-  const secret = o.keyed ? await agentSecret(o) : undefined;
+  const secret = o.needsSecret ? await agentSecret(o) : undefined;
   const fd = await connect(pipe, o.say);
   // Whole messages only: the pipe is non-blocking and a key message is larger than its buffer.
   const send = (m: PipeMessage): void => writeMessage(fd, m);

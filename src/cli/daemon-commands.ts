@@ -25,9 +25,10 @@ import {
   acquireLock, checkRootOwnedPath, daemonRunning, findVolumeByName, isAlive, knownVolumes, readStatusAt, releaseLock, runtimePaths,
   type DaemonStatus, type RuntimePaths,
 } from '../daemon/runtime.js';
-import { resolvePlacement } from '../layouts/index.js';
 import { MANIFEST_NAME } from '../volume/manifest.js';
-import { closeVolume, identityKey, isSealedVolume, openVolume, requirePlainVolume, sealedNotServed, type Volume } from '../volume/volume.js';
+import { closeVolume, identityKey, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
+import { openServedStore } from '../daemon/served-store.js';
+import type { SealedCommit } from '../flush/engine.js';
 import { secretFor } from './key-input.js';
 
 const LOG_DIR = '/var/log/vbd-shadow';
@@ -38,11 +39,13 @@ interface StartOptions {
   mkfs?: string;
   rawAccess?: boolean;
   interval: string;
-  maxDirty: string;
+  maxDirty?: string;
   foreground?: boolean;
   keyFile?: string;
   keyStdin?: boolean;
   expectIdentity?: string;
+  acceptRollback?: boolean;
+  zeroDamaged?: boolean;
 }
 
 /** A volume named on the command line, as the caller may see it. */
@@ -51,37 +54,13 @@ interface Target {
   paths: RuntimePaths;
   /** Its status, if a daemon ever ran for it here. */
   status: DaemonStatus | undefined;
-  layout: string | undefined;
+  /** Its agent brings a secret: a keyed layout's key or a sealed volume's passphrase. */
+  needsSecret: boolean;
 }
 
-/**
- * Refuses a sealed volume before anything else, for whoever asks (root or not): the daemon does
- * not serve sealed volumes yet. A directory that cannot be opened here is left to the checks that
- * follow (they say why, root first).
- */
-function refuseSealedEarly(dir: string): void {
-  let volume: ReturnType<typeof openVolume>;
-  try {
-    volume = openVolume(dir);
-  } catch {
-    return;
-  }
-  try {
-    if (isSealedVolume(volume)) throw new VbdError(sealedNotServed(volume.manifest.name));
-  } finally {
-    closeVolume(volume);
-  }
-}
-
-/** Opens a volume the daemon is to serve: plain only (a sealed one is refused with one line). */
-function openServedVolume(dir: string): Volume {
-  const volume = openVolume(dir, { writable: true });
-  try {
-    return requirePlainVolume(volume);
-  } catch (err) {
-    closeVolume(volume);
-    throw err;
-  }
+/** Opens a volume the daemon is to serve (read-write), plain or sealed. */
+function openServedVolume(dir: string): AnyVolume {
+  return openVolume(dir, { writable: true });
 }
 
 /**
@@ -98,13 +77,13 @@ function resolveTarget(target: string): Target {
     const volume = openVolume(target);
     try {
       const paths = runtimePaths(volume.identity);
-      return { name: volume.manifest.name, paths, status: readStatusAt(paths), layout: volume.manifest.layout.kind };
+      return { name: volume.manifest.name, paths, status: readStatusAt(paths), needsSecret: isSealedVolume(volume) || volume.manifest.layout.kind === 'keyed' };
     } finally {
       closeVolume(volume);
     }
   }
   const found = findVolumeByName(target);
-  return { name: found.status.name, paths: found.paths, status: found.status, layout: found.status.layout };
+  return { name: found.status.name, paths: found.paths, status: found.status, needsSecret: found.status.sealedVolume === true || found.status.layout === 'keyed' };
 }
 
 async function readStdin(): Promise<Buffer> {
@@ -117,7 +96,7 @@ async function readStdin(): Promise<Buffer> {
  * --canary. `spawn` puts the owner's agent on this terminal, so only when the owner herself
  * ran sudo (her terminal); it is the default then, else `none`.
  */
-function canaryMode(o: StartOptions, volume: Volume): CanaryMode {
+function canaryMode(o: StartOptions, volume: AnyVolume): CanaryMode {
   const ownersTerminal = process.env['SUDO_UID'] === String(volume.owner.uid);
   const mode = o.canary ?? (process.stdin.isTTY && ownersTerminal ? 'spawn' : 'none');
   if (mode !== 'none' && mode !== 'spawn' && mode !== 'wait') throw new VbdError(`--canary must be none, spawn or wait, got '${mode}'`);
@@ -127,14 +106,27 @@ function canaryMode(o: StartOptions, volume: Volume): CanaryMode {
   return mode;
 }
 
+const DEFAULT_MAX_DIRTY = 256 * 2 ** 20;
+
+/**
+ * --max-dirty, by default 256 MiB; for a sealed volume at most half its free slots, so a flush
+ * it triggers commits copy-on-write (more changed chunks than free slots go through the journal).
+ */
+function maxDirtyBytes(o: StartOptions, volume: AnyVolume): number {
+  if (o.maxDirty !== undefined) return parseSize(o.maxDirty, '--max-dirty');
+  if (!isSealedVolume(volume)) return DEFAULT_MAX_DIRTY;
+  const half = Math.floor(volume.manifest.sealed.spareSlots / 2) * volume.manifest.chunkSize;
+  return Math.max(volume.manifest.chunkSize, Math.min(DEFAULT_MAX_DIRTY, half));
+}
+
 function checkStartOptions(o: StartOptions): void {
   parseDuration(o.interval, '--interval');
-  parseSize(o.maxDirty, '--max-dirty');
+  if (o.maxDirty !== undefined) parseSize(o.maxDirty, '--max-dirty');
   if (o.mkfs !== undefined) parseMkfsType(o.mkfs);
   if (o.rawAccess === true && o.mount === undefined) throw new VbdError('--raw-access only matters with --mount (without it the owner always gets the device node)');
 }
 
-async function startForeground(volume: Volume, canary: CanaryMode, o: StartOptions): Promise<number> {
+async function startForeground(volume: AnyVolume, canary: CanaryMode, o: StartOptions): Promise<number> {
   let secret: Buffer | undefined;
   try {
     if (o.expectIdentity !== undefined && identityKey(volume.identity) !== o.expectIdentity) {
@@ -150,7 +142,8 @@ async function startForeground(volume: Volume, canary: CanaryMode, o: StartOptio
     return await runDaemon({
       volume, canary, agentArgs: o.keyFile !== undefined ? ['--key-file', o.keyFile] : [],
       mount: o.mount, mkfs: o.mkfs !== undefined ? parseMkfsType(o.mkfs) : undefined, rawAccess: o.rawAccess === true,
-      intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: parseSize(o.maxDirty, '--max-dirty'),
+      intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: maxDirtyBytes(o, volume),
+      acceptRollback: o.acceptRollback === true, zeroDamaged: o.zeroDamaged === true,
       secret: secret !== undefined && secret.length > 0 ? secret : undefined, log: createLog(volume.manifest.name),
     });
   } finally {
@@ -164,14 +157,14 @@ function describeLive(s: DaemonStatus): string {
 }
 
 /** /var/log/vbd-shadow/UID/NAME-DEV.INO.log: root's, keyed like the runtime state. */
-function logPathOf(volume: Volume): string {
+function logPathOf(volume: AnyVolume): string {
   const dir = `${LOG_DIR}/${volume.identity.uid}`;
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   return `${dir}/${volume.manifest.name}-${volume.identity.dev}.${volume.identity.ino}.log`;
 }
 
 /** Starts the daemon detached (logging to /var/log/vbd-shadow/…) and waits until it is live. */
-async function startBackground(volume: Volume, o: StartOptions): Promise<number> {
+async function startBackground(volume: AnyVolume, o: StartOptions): Promise<number> {
   let secret: Buffer | undefined;
   let logPath: string;
   let paths: RuntimePaths;
@@ -185,7 +178,10 @@ async function startBackground(volume: Volume, o: StartOptions): Promise<number>
     closeVolume(volume);
   }
   const logFd = openSync(logPath, 'a', 0o600);
-  const args = [process.argv[1] ?? '', 'start', volume.dir, '--foreground', '--canary', 'none', '--interval', o.interval, '--max-dirty', o.maxDirty, '--key-stdin', '--expect-identity', identityKey(volume.identity)];
+  const args = [process.argv[1] ?? '', 'start', volume.dir, '--foreground', '--canary', 'none', '--interval', o.interval, '--key-stdin', '--expect-identity', identityKey(volume.identity)];
+  if (o.maxDirty !== undefined) args.push('--max-dirty', o.maxDirty);
+  if (o.acceptRollback === true) args.push('--accept-rollback');
+  if (o.zeroDamaged === true) args.push('--zero-damaged');
   if (o.mount !== undefined) args.push('--mount', o.mount);
   if (o.mkfs !== undefined) args.push('--mkfs', o.mkfs);
   if (o.rawAccess === true) args.push('--raw-access');
@@ -238,7 +234,7 @@ function sendControl(name: string, paths: RuntimePaths, message: PipeMessage): v
 function printStatus(s: DaemonStatus): void {
   const alive = isAlive(s.pid) && s.state !== 'stopped' && s.state !== 'failed';
   console.log(`${s.name}: ${s.state}${alive ? ` (pid ${s.pid}, canary ${s.canary}, ${s.sessions} sessions)` : ''}`);
-  console.log(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
+  console.log(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.sealedVolume === true ? 'sealed, ' : ''}${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
   if (s.device !== undefined) console.log(`  device   ${s.link} -> ${s.device}`);
   if (s.mountpoint !== undefined) console.log(`  mounted  ${s.mountpoint}`);
   if (s.populateMs !== undefined) console.log(`  populate ${s.populateMs} ms`);
@@ -246,6 +242,14 @@ function printStatus(s: DaemonStatus): void {
   if (f !== undefined) {
     console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms${f.error !== undefined ? `: ${f.error}` : ''}`);
   }
+  const sealed = s.sealed;
+  if (sealed !== undefined) {
+    console.log(`  sealed   epoch ${sealed.epoch}; ${sealed.seals} slots sealed under key generation ${sealed.keyGeneration} (re-key due at ${sealed.rekeyAt}); ${sealed.freeSlots} free slots`);
+    const path = f?.sealed;
+    if (path !== undefined) console.log(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}`);
+  }
+  for (const notice of s.notices ?? []) console.log(`  notice   ${notice}`);
+  if ((s.damagedChunks ?? []).length > 0) console.log(`  damaged  served as zeros: ${(s.damagedChunks ?? []).map((d) => `chunk ${d.chunk} ('${d.name}' at ${d.offset})`).join(', ')}`);
   if (s.flushFailures > 0) console.log(`  failures ${s.flushFailures} flushes failed since start`);
   if ((s.quarantinedLoops ?? []).length > 0) console.log(`  held     loop devices of earlier sessions still open: ${(s.quarantinedLoops ?? []).map((n) => `/dev/loop${n}`).join(', ')}`);
   if (s.error !== undefined) console.log(`  error    ${s.error}`);
@@ -260,14 +264,15 @@ export function registerDaemonCommands(program: Command): void {
     .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, ext3, ext2, xfs, btrfs')
     .option('--raw-access', 'with --mount: give the owner the raw device node too (she could then rewrite the mounted filesystem under the kernel; see SECURITY.md)')
     .option('--interval <duration>', 'periodic writeback interval', '30s')
-    .option('--max-dirty <size>', 'flush early once this much was written since the last flush (bounds what a crash can lose)', '256M')
+    .option('--max-dirty <size>', 'flush early once this much was written since the last flush (bounds what a crash can lose); default 256M, for a sealed volume at most half its free slots')
     .option('--canary <mode>', 'what ends a session: spawn = start the owner\'s agent here and serve while it lives (default on a terminal under sudo); wait = wait for the owner\'s agent, serve while it lives, then wait again (the systemd unit); none = the daemon\'s own lifetime (default otherwise)')
     .option('--foreground', 'stay in the foreground and log to stdout (Ctrl-C / SIGTERM tears down); implied by --canary spawn|wait')
-    .option('--key-file <file>', 'keyed layout: the secret (else asked on the terminal)')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed volume: the passphrase (else asked on the terminal)')
+    .option('--accept-rollback', 'sealed: serve files that decode to an older epoch than this machine committed (a volume moved between machines, or restored from a backup on purpose); also a plain manifest where a sealed volume was')
+    .option('--zero-damaged', 'sealed: serve the volume even though some slots fail authentication, with those chunks zeroed (listed in the log and status; the next flush seals them anew)')
     .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
     .addOption(new Option('--expect-identity <key>', 'refuse unless the directory is still this volume (used by the background start)').hideHelp())
     .action(async (dir: string, o: StartOptions) => {
-      refuseSealedEarly(dir);
       requireRoot('vbd-shadow start');
       checkStartOptions(o);
       const volume = openServedVolume(dir);
@@ -298,12 +303,12 @@ export function registerDaemonCommands(program: Command): void {
     .command('agent')
     .description('(the volume owner) the canary of a login session: the volume lives while this runs; logout or Ctrl-C writes everything back and frees the RAM')
     .argument('<volume>', 'volume directory or name')
-    .option('--key-file <file>', `keyed layout: the secret (default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
+    .option('--key-file <file>', `keyed layout: the secret; sealed volume: the passphrase (default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
     .action(async (target: string, o: { keyFile?: string }) => {
-      const { name, paths, layout } = resolveTarget(target);
+      const { name, paths, needsSecret } = resolveTarget(target);
       const uid = process.getuid?.() ?? -1;
       if (!paths.dir.startsWith(`/run/vbd-shadow/${uid}/`)) throw new VbdError(`volume '${name}' is not yours: the agent runs as the volume owner`);
-      process.exitCode = await runAgent({ name, paths, keyed: layout === 'keyed', keyFile: o.keyFile, say: (line) => console.log(line) });
+      process.exitCode = await runAgent({ name, paths, needsSecret, keyFile: o.keyFile, say: (line) => console.log(line) });
     });
 
   program
@@ -322,39 +327,52 @@ export function registerDaemonCommands(program: Command): void {
 
   program
     .command('recover')
-    .description('after a crash: settle an interrupted flush, and (root) write a leftover RAM image back into the files')
+    .description('after a crash: settle an interrupted flush (plain: its journal; sealed: complete an interrupted commit, check every map copy), and (root) write a leftover RAM image back into the files')
     .argument('<dir>', 'volume directory')
-    .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image)')
-    .action(async (dir: string, o: { keyFile?: string }) => {
+    .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image); sealed volume: the passphrase')
+    .option('--accept-rollback', 'sealed: accept files that decode to an older epoch than this machine committed')
+    .action(async (dir: string, o: { keyFile?: string; acceptRollback?: boolean }) => {
       const volume = openServedVolume(dir);
       const { name } = volume.manifest;
       const paths = runtimePaths(volume.identity);
       const say = (line: string): void => console.log(line);
       let secret: Buffer | undefined;
+      let journalFd: number | undefined;
       try {
         const current = readStatusAt(paths);
         if (current !== undefined && daemonRunning(current)) throw new VbdError(`volume '${name}' is live (pid ${current.pid}); stop it first`);
-        const journalFd = openJournal(volume);
+        let settled = 'empty';
+        if (isPlainVolume(volume)) {
+          journalFd = openJournal(volume);
+          settled = await settleJournal(volume, journalFd, say);
+        }
+        const leftover = isTmpfsMounted(paths.shadow);
+        if (!leftover && !isSealedVolume(volume)) {
+          console.log(`volume '${name}': ${settled === 'empty' ? 'nothing to recover' : 'journal settled'}; no RAM image left behind`);
+          return;
+        }
+        if (leftover) requireRoot('vbd-shadow recover (of a leftover RAM image)');
+        secret = await secretFor(volume.manifest, o.keyFile);
+        const lock = leftover ? acquireLock(paths, name) : undefined;
         try {
-          const settled = await settleJournal(volume, journalFd, say);
-          if (!isTmpfsMounted(paths.shadow)) {
-            console.log(`volume '${name}': ${settled === 'empty' ? 'nothing to recover' : 'journal settled'}; no RAM image left behind`);
-            return;
-          }
-          requireRoot('vbd-shadow recover (of a leftover RAM image)');
-          secret = await secretFor(volume.manifest, o.keyFile);
-          const table = await resolvePlacement(volume.manifest, { owner: volume.owner, secret });
-          const lock = acquireLock(paths, name);
+          // Root keeps the record of a sealed volume's epochs; the owner's recover checks against it.
+          const served = await openServedStore({ volume, log: say, setStatus: () => undefined }, secret, o.acceptRollback === true, leftover);
           try {
-            await recoverLeftover(paths, volume, table, journalFd, say);
+            if (!leftover) {
+              console.log(`volume '${name}': sealed, epoch ${served.store.epoch}${served.store.notices.length === 0 ? ', every map copy authentic' : ''}; no RAM image left behind`);
+              return;
+            }
+            const afterCommit = (c: SealedCommit): void => served.epochs?.committed(c.epoch, served.store.reservedEpoch ?? c.epoch);
+            await recoverLeftover(paths, volume, served.store, journalFd, say, afterCommit);
             console.log(`volume '${name}' recovered into the files`);
           } finally {
-            releaseLock(lock);
+            served.store.close();
           }
         } finally {
-          closeSync(journalFd);
+          if (lock !== undefined) releaseLock(lock);
         }
       } finally {
+        if (journalFd !== undefined) closeSync(journalFd);
         secret?.fill(0);
         closeVolume(volume);
       }

@@ -14,11 +14,10 @@ import { createFifo, readPipe, servePipe } from '../agent/pipe.js';
 import { dispatch, type Handlers, type PipeMessage } from '../agent/protocol.js';
 import { settleJournal } from '../flush/apply.js';
 import { openJournal } from '../flush/journal.js';
-import { resolvePlacement } from '../layouts/index.js';
-import type { PlacementTable } from '../layouts/layout.js';
 import { closeMountPoint, openMountPoint, type MountPoint } from '../device/mount.js';
 import { checkLockable } from '../shadow/image.js';
-import { closeVolume, identityKey, type Volume } from '../volume/volume.js';
+import { closeVolume, identityKey, isPlainVolume, isSealedVolume, type AnyVolume } from '../volume/volume.js';
+import { openServedStore, type ServedStore } from './served-store.js';
 import type { Log } from './log.js';
 import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonLock, type DaemonStatus } from './runtime.js';
 import { serveSession, type SessionContext, type SessionOptions } from './session.js';
@@ -27,12 +26,14 @@ export type CanaryMode = 'none' | 'spawn' | 'wait';
 
 export interface DaemonOptions extends Omit<SessionOptions, 'mountPoint'> {
   /** The volume, opened once by the caller (read-write); the daemon closes it when it ends. */
-  volume: Volume;
+  volume: AnyVolume;
   /** --mount: opened and checked once, before anything is touched. */
   mount?: string | undefined;
   canary: CanaryMode;
-  /** canary none: the keyed layout's secret (wiped once used). Agents bring their own. */
+  /** canary none: the keyed layout's secret or the sealed volume's passphrase (wiped once used). Agents bring their own. */
   secret?: Buffer | undefined;
+  /** Sealed: serve files older than root's record of the volume's epoch (moved between machines, restored on purpose). */
+  acceptRollback: boolean;
   /** canary spawn: extra arguments for the agent (e.g. --key-file). */
   agentArgs?: string[];
   log: Log;
@@ -60,10 +61,6 @@ function stopRequests(log: Log): { stopped: Promise<string>; stop: (reason: stri
   return { stopped, stop };
 }
 
-function placementFor(volume: Volume, secret: Buffer | undefined): Promise<PlacementTable> {
-  return resolvePlacement(volume.manifest, { owner: volume.owner, secret });
-}
-
 /** The uid running `pid`, from /proc (to name who connected). */
 function uidOf(pid: number): number | undefined {
   const match = /^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
@@ -82,6 +79,7 @@ interface AgentConnection {
  * undefined if `stopped` comes first.
  */
 function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped: Promise<string>): Promise<AgentConnection | undefined> {
+  // `keyed`: the agent brings a secret (a keyed layout's key or a sealed volume's passphrase).
   const { log } = ctx;
   return new Promise((resolveAgent) => {
     let hello: Extract<PipeMessage, { kind: 'hello' }> | undefined;
@@ -140,7 +138,7 @@ function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped
  * Starts the owner's agent as the owner (passwd gid and groups, clean environment), on our
  * terminal — which is hers: spawn is only allowed when the owner herself ran sudo.
  */
-function spawnAgent(volume: Volume, args: string[], log: Log): ChildProcess {
+function spawnAgent(volume: AnyVolume, args: string[], log: Log): ChildProcess {
   const { uid, gid } = volume.owner;
   const child = spawn('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--init-groups', '--reset-env', '--', process.execPath, process.argv[1] ?? '', 'agent', volume.dir, ...args], {
     stdio: 'inherit',
@@ -159,14 +157,14 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
   void stopped.then(() => (stopping = true));
   const { manifest, owner } = volume;
   const paths = runtimePaths(volume.identity);
-  const keyed = manifest.layout.kind === 'keyed';
+  const needsSecret = isSealedVolume(volume) || manifest.layout.kind === 'keyed';
   let lock: DaemonLock | undefined;
   let mountPoint: MountPoint | undefined;
   let journalFd: number | undefined;
   let stopControl: (() => void) | undefined;
   let status: DaemonStatus | undefined;
   const ctx: SessionContext = {
-    volume, paths, journalFd: -1, log,
+    volume, paths, journalFd: undefined, log,
     status: () => status as DaemonStatus,
     setStatus: (change) => {
       if (status === undefined) return;
@@ -177,22 +175,23 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
   };
   try {
     // Everything that can be checked is checked before anything is touched.
-    let table = keyed && o.canary !== 'none' ? undefined : await placementFor(volume, o.secret);
-    o.secret?.fill(0);
     checkLockable(manifest.deviceSize);
     lock = acquireLock(paths, manifest.name);
     if (o.mount !== undefined) mountPoint = openMountPoint(o.mount, owner);
     const sessionOptions: SessionOptions = { ...o, mountPoint };
-    journalFd = openJournal(volume);
-    ctx.journalFd = journalFd;
+    // A plain volume's flushes go through its journal; a sealed one commits copy-on-write.
+    if (isPlainVolume(volume)) {
+      journalFd = openJournal(volume);
+      ctx.journalFd = journalFd;
+    }
     status = {
       name: manifest.name, volumeDir: volume.dir, identity: identityKey(volume.identity), state: 'starting', pid: process.pid, owner, canary: o.canary,
-      deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind, intervalMs: o.intervalMs,
+      deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind, sealedVolume: isSealedVolume(volume), intervalMs: o.intervalMs,
       startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0, externalChanges: 0, sessions: 0,
     };
     ctx.setStatus({});
-    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`);
-    await settleJournal(volume, journalFd, log);
+    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${isSealedVolume(volume) ? 'sealed, ' : ''}${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`);
+    if (isPlainVolume(volume) && journalFd !== undefined) await settleJournal(volume, journalFd, log);
 
     const control = paths.controlFifo;
     createFifo(control, owner);
@@ -206,9 +205,18 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     process.on('SIGUSR1', () => ctx.requestFlush?.('signal'));
 
     if (o.canary === 'none') {
-      ctx.setStatus({ sessions: 1 });
-      const error = await serveSession(ctx, table as PlacementTable, sessionOptions, stopped);
-      return finish(error);
+      let served: ServedStore;
+      try {
+        served = await openServedStore(ctx, o.secret, o.acceptRollback);
+      } finally {
+        o.secret?.fill(0);
+      }
+      try {
+        ctx.setStatus({ sessions: 1 });
+        return finish(await serveSession(ctx, served, sessionOptions, stopped));
+      } finally {
+        served.store.close();
+      }
     }
 
     const pipe = paths.agentFifo;
@@ -217,7 +225,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     let lastError: Error | undefined;
     for (;;) {
       ctx.setStatus({ state: 'waiting', device: undefined, link: undefined, mountpoint: undefined });
-      const connecting = waitForAgent(ctx, pipe, keyed, stopped);
+      const connecting = waitForAgent(ctx, pipe, needsSecret, stopped);
       if (o.canary === 'spawn' && agent === undefined) {
         agent = spawnAgent(volume, o.agentArgs ?? [], log);
         agent.on('exit', (code) => stop(`the agent exited (${code ?? 'killed'})`));
@@ -226,16 +234,19 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       const connection = await connecting;
       if (connection === undefined) break;
       try {
-        if (keyed) {
-          if (connection.secret === undefined) throw new VbdError('the agent left before giving the key');
-          try {
-            table = await placementFor(volume, connection.secret);
-          } finally {
-            connection.secret.fill(0);
-          }
+        if (needsSecret && connection.secret === undefined) throw new VbdError('the agent left before giving the key');
+        let served: ServedStore;
+        try {
+          served = await openServedStore(ctx, connection.secret, o.acceptRollback);
+        } finally {
+          connection.secret?.fill(0);
         }
-        ctx.setStatus({ sessions: (status?.sessions ?? 0) + 1 });
-        lastError = await serveSession(ctx, table as PlacementTable, sessionOptions, Promise.race([connection.gone, stopped]));
+        try {
+          ctx.setStatus({ sessions: (status?.sessions ?? 0) + 1 });
+          lastError = await serveSession(ctx, served, sessionOptions, Promise.race([connection.gone, stopped]));
+        } finally {
+          served.store.close();
+        }
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
         log(`session refused: ${message}`);

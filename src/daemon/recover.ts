@@ -13,17 +13,18 @@ import { formatSize } from '../common/size.js';
 import { detachLoop, loopsBoundTo, quarantine, unpublishName } from '../device/loop.js';
 import { thawIfFrozen } from '../device/freeze.js';
 import { holdersOf, mountsOfLoop, unmountDevice } from '../device/mount.js';
-import { FlushEngine } from '../flush/engine.js';
-import type { PlacementTable } from '../layouts/layout.js';
+import { FlushEngine, type SealedCommit } from '../flush/engine.js';
+import type { ChunkStore } from '../store/chunk-store.js';
 import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image.js';
-import type { Volume } from '../volume/volume.js';
+import type { AnyVolume } from '../volume/volume.js';
 import type { Log } from './log.js';
 import type { RuntimePaths } from './runtime.js';
 
 const UNMOUNT_ATTEMPTS = 20;
 
 /** Returns true if a leftover image was found and written back. */
-export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table: PlacementTable, journalFd: number, log: Log): Promise<boolean> {
+/** `journalFd`: a plain volume's flush journal (undefined for a sealed one). */
+export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, log: Log, afterCommit?: (commit: SealedCommit) => void): Promise<boolean> {
   if (!isTmpfsMounted(paths.shadow)) return false;
   const imagePath = join(paths.shadow, 'image');
   if (!existsSync(imagePath)) {
@@ -58,8 +59,9 @@ export async function recoverLeftover(paths: RuntimePaths, volume: Volume, table
     throw new VbdError(`the leftover RAM image ${imagePath} is ${image.size} bytes but the volume is ${volume.manifest.deviceSize}; refusing to touch either (inspect it by hand)`);
   }
   // The image's flush state died with its daemon: compare against what the files hold and
-  // write the difference as one journaled batch, like any flush.
-  const engine = new FlushEngine(volume, image, table, journalFd, log);
+  // write the difference as one commit, like any flush.
+  const engine = new FlushEngine(volume, image, store, journalFd, log);
+  engine.afterCommit = afterCommit;
   engine.hashFiles();
   const result = await engine.flush('recovery', true);
   if (!result.ok) throw new VbdError(`recovery of the leftover image failed, it is kept at ${imagePath}: ${result.error}`);

@@ -10,6 +10,7 @@ import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { isValidName } from '../volume/manifest.js';
 import { tryLockExclusive } from '../sys/libc.js';
 import { identityKey, type VolumeIdentity } from '../volume/volume.js';
+import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
 
 export const RUN_ROOT = '/run/vbd-shadow';
 
@@ -80,6 +81,11 @@ export interface FlushReport {
   error?: string;
   /** Where the time went: sync, freeze, frozen (writer stall), scan, journal, apply (ms). */
   timings?: Record<string, number> | undefined;
+  /**
+   * Sealed: the epoch committed, and which path the chunks took: straight into free slots
+   * (copy-on-write), or — more changed chunks than free slots — through the overflow journal.
+   */
+  sealed?: { epoch: number; inFreeSlots: number; throughJournal: number };
 }
 
 /** The latest flush check, idle or not (an idle check does no scan and no I/O). */
@@ -108,6 +114,8 @@ export interface DaemonStatus {
   deviceSize: number;
   chunkSize: number;
   layout: string;
+  /** A sealed volume (its agent brings the passphrase). */
+  sealedVolume?: boolean;
   device?: string;
   link?: string;
   mountpoint?: string;
@@ -128,6 +136,12 @@ export interface DaemonStatus {
   lastExternalChange?: { at: string; name: string; what: string; keptAs: string | undefined };
   /** The owner's loop devices of earlier sessions still held open (never reused; removed later). */
   quarantinedLoops?: number[];
+  /** Sealed volumes: epochs, the nonce budget and free slots, as of the last commit. */
+  sealed?: SealedState | undefined;
+  /** Sealed, served with --expose-damaged: the chunks whose slots failed authentication (the first 20). */
+  damagedChunks?: DamagedChunk[];
+  /** What opening the volume found that its owner must hear (an older map copy used, a commit completed …). */
+  notices?: string[];
   error?: string;
 }
 

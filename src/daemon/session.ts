@@ -12,13 +12,13 @@ import { formatSize } from '../common/size.js';
 import { MAX_QUARANTINED, attachLoop, detachLoop, disableDiscard, giveDevice, publishName, quarantine, retryQuarantine, unpublishName, type LoopDevice } from '../device/loop.js';
 import { makeFilesystem, needsRootChown, type MkfsType } from '../device/mkfs.js';
 import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../device/mount.js';
-import { FlushEngine, type FlushResult } from '../flush/engine.js';
+import { FlushEngine, type FlushResult, type SealedCommit } from '../flush/engine.js';
 import { ExternalChangeWatcher } from '../flush/external.js';
-import type { PlacementTable } from '../layouts/layout.js';
-import { populateImage } from '../shadow/fill.js';
 import { createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
-import type { Owner, Volume } from '../volume/volume.js';
+import type { DamagedChunk } from '../store/chunk-store.js';
+import type { AnyVolume, Owner } from '../volume/volume.js';
 import { CleanupStack } from './cleanup.js';
+import type { ServedStore } from './served-store.js';
 import type { Log } from './log.js';
 import { recoverLeftover } from './recover.js';
 import type { DaemonStatus, RuntimePaths } from './runtime.js';
@@ -32,12 +32,15 @@ export interface SessionOptions {
   rawAccess: boolean;
   intervalMs: number;
   maxDirtyBytes: number;
+  /** Sealed: serve even though slots fail authentication, with those chunks zeroed (and listed). */
+  zeroDamaged: boolean;
 }
 
 export interface SessionContext {
-  volume: Volume;
+  volume: AnyVolume;
   paths: RuntimePaths;
-  journalFd: number;
+  /** A plain volume's flush journal; undefined for a sealed volume (copy-on-write commits). */
+  journalFd: number | undefined;
   log: Log;
   status: () => DaemonStatus;
   setStatus: (change: Partial<DaemonStatus>) => void;
@@ -47,14 +50,19 @@ export interface SessionContext {
 
 
 /** Serves the volume until `ended` resolves; returns the teardown's error, if any (image kept). */
-export async function serveSession(ctx: SessionContext, table: PlacementTable, o: SessionOptions, ended: Promise<string>): Promise<Error | undefined> {
+export async function serveSession(ctx: SessionContext, served: ServedStore, o: SessionOptions, ended: Promise<string>): Promise<Error | undefined> {
+  const { store, epochs } = served;
   const { volume, paths, journalFd, log, setStatus } = ctx;
   const { manifest, owner } = volume;
   const status = ctx.status;
   const cleanup = new CleanupStack();
   try {
     setStatus({ state: 'recovering' });
-    await recoverLeftover(paths, volume, table, journalFd, log);
+    const afterCommit = epochs === undefined ? undefined : (c: SealedCommit): void => {
+      epochs.committed(c.epoch, store.reservedEpoch ?? c.epoch);
+      setStatus({ sealed: store.sealedState() });
+    };
+    await recoverLeftover(paths, volume, store, journalFd, log, afterCommit);
     const held = retryQuarantine(owner.uid);
     setStatus({ quarantinedLoops: held });
     if (held.length >= MAX_QUARANTINED) {
@@ -68,13 +76,22 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
     setStatus({ state: 'populating', image: image.path });
     const started = performance.now();
     const progress = startProgress('populate', manifest.deviceSize);
-    populateImage(image, table, volume, (n) => progress.advance(n));
+    const damaged = store.fill(image, { damaged: 'zero' }, (n) => progress.advance(n));
     progress.done();
     const populateMs = Math.round(performance.now() - started);
-    log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms`);
-    setStatus({ populateMs });
-    const engine = new FlushEngine(volume, image, table, journalFd, log);
+    if (damaged.length > 0) {
+      // Nothing is exposed until the owner decides: a refusal, or --zero-damaged.
+      if (!o.zeroDamaged) throw new VbdError(damagedRefusal(manifest.name, damaged));
+      log(`--zero-damaged: ${damaged.length} chunks fail authentication and are served as zeros: ${describeDamaged(damaged)}`);
+      setStatus({ damagedChunks: damaged.slice(0, MAX_LISTED_DAMAGED) });
+    }
+    log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms${store.kind === 'sealed' ? ` (sealed, epoch ${store.epoch})` : ''}`);
+    setStatus({ populateMs, sealed: store.sealedState() });
+    const engine = new FlushEngine(volume, image, store, journalFd, log);
+    engine.afterCommit = afterCommit;
     engine.hashImage();
+    // Damaged slots must not stay referenced: the next flush seals the chunks (zeros) anew.
+    engine.markDirty(damaged.map((d) => d.chunk));
     const report = (r: FlushResult): void => {
       const { idle, ...flush } = r;
       // One status write per flush check (each is a file write and a rename).
@@ -157,6 +174,19 @@ export async function serveSession(ctx: SessionContext, table: PlacementTable, o
   if (error !== undefined) keepImageNotice(paths.shadow, volume.dir, log);
   else log('session over: everything written back, device detached, RAM freed');
   return error;
+}
+
+const MAX_LISTED_DAMAGED = 20;
+
+/** The first damaged chunks, each with its file, offset and epoch (the rest counted). */
+function describeDamaged(damaged: readonly DamagedChunk[]): string {
+  const listed = damaged.slice(0, 5).map((d) => `chunk ${d.chunk} ('${d.name}' at offset ${d.offset}, epoch ${d.epoch})`);
+  return `${listed.join(', ')}${damaged.length > 5 ? ` and ${damaged.length - 5} more` : ''}`;
+}
+
+function damagedRefusal(name: string, damaged: readonly DamagedChunk[]): string {
+  return `volume '${name}': ${damaged.length} slots fail authentication (tampered with or damaged): ${describeDamaged(damaged)}; nothing was exposed or written. ` +
+    `To serve the volume with those chunks zeroed, start it with --zero-damaged (the next flush seals them anew)`;
 }
 
 /** The last flush, after detach: everything that differs from the files, retried twice. */

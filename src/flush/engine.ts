@@ -6,20 +6,22 @@
 //  2. capture: hash every chunk (xxh64) and stage those that differ from the files' state,
 //     in file order, while writers run; then, with the filesystem frozen, hash everything
 //     again and re-stage only what changed meanwhile (writers stall for one scan, not a copy);
-//  3. journal the batch and sync it; 4. apply it to the files and sync them; 5. retire it.
+//  3. commit the batch through the chunk store —
+//     plain: journal it and sync, apply it to the files and sync them, retire the journal;
+//     sealed: seal the chunks into free slots, sync, commit the position map (copy-on-write:
+//     no journal, no double write; src/store/sealed-store.ts).
 // Only then are the chunk hashes updated: a failed flush leaves everything dirty, in RAM,
-// and is retried.
+// and is retried. The hashes are of the plaintext in RAM and never leave the daemon.
 
-import { readSync } from 'node:fs';
 import { xxh64 } from '@node-rs/xxhash';
-import { failure } from '../common/errors.js';
+import { VbdError, failure } from '../common/errors.js';
 import { sectorsWritten, syncDevice, type LoopDevice } from '../device/loop.js';
 import { syncMounted, whileFrozen } from '../device/freeze.js';
 import type { Mounted } from '../device/mount.js';
-import type { PlacementTable } from '../layouts/layout.js';
 import { WINDOW_BYTES, type ShadowImage } from '../shadow/image.js';
-import { fileOrder } from '../shadow/populate.js';
-import { fileName, type Volume } from '../volume/volume.js';
+import type { ChunkStore, CommitReport } from '../store/chunk-store.js';
+import { slotSize } from '../store/slot.js';
+import { isPlainVolume, type AnyVolume } from '../volume/volume.js';
 import type { FlushReport } from '../daemon/runtime.js';
 import { applyBatch, settleJournal } from './apply.js';
 import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
@@ -27,6 +29,8 @@ import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
 const STAGING_BLOCK = 64 * 2 ** 20;
 /** Staging beyond this is given back after a flush (a one-off burst should not pin RAM). */
 const STAGING_KEEP = 256 * 2 ** 20;
+/** Files are re-read this much at a time when their state must be learned again. */
+const REHASH_BYTES = 64 * 2 ** 20;
 
 interface StagedChunk {
   slot: number;
@@ -48,6 +52,8 @@ export interface FlushResult extends FlushReport {
   timings?: FlushTimings;
 }
 
+export type SealedCommit = Extract<CommitReport, { kind: 'sealed' }>;
+
 export class FlushEngine {
   /** xxh64 of each chunk as the backing files hold it. */
   private readonly hashes: BigUint64Array;
@@ -66,17 +72,21 @@ export class FlushEngine {
   mounted: Mounted | undefined;
   /** Called right after the engine wrote to the backing files (so those writes are known as ours). */
   afterWrite: (() => void) | undefined;
+  /** Sealed: called once a commit is durable (root records its epoch). */
+  afterCommit: ((commit: SealedCommit) => void) | undefined;
 
+  /** `journalFd`: the plain volume's flush journal (a sealed volume commits copy-on-write, without one). */
   constructor(
-    private readonly volume: Volume,
+    private readonly volume: AnyVolume,
     private readonly image: ShadowImage,
-    private readonly table: PlacementTable,
-    private readonly journalFd: number,
+    private readonly store: ChunkStore,
+    private readonly journalFd: number | undefined,
     private readonly log: (line: string) => void,
   ) {
-    const { chunkSize, deviceSize, files } = volume.manifest;
+    const { chunkSize, deviceSize } = volume.manifest;
+    if (store.kind === 'plain' && journalFd === undefined) throw new VbdError('internal: a plain volume flushes through its journal');
     this.hashes = new BigUint64Array(deviceSize / chunkSize);
-    this.order = fileOrder(table, chunkSize, files.map((f) => f.size));
+    this.order = store.writeOrder();
   }
 
   private chunkView(chunk: number): Buffer {
@@ -94,24 +104,38 @@ export class FlushEngine {
 
   /**
    * Records what the files hold now, for all files (recovery of an image whose flush state was
-   * lost) or one (changed behind our back): the next flush rewrites exactly the chunks that differ.
+   * lost) or one (changed behind our back): the next flush rewrites exactly the chunks that
+   * differ. A sealed slot that fails authentication counts as differing from anything.
    */
   hashFiles(only?: number): void {
     const { chunkSize } = this.volume.manifest;
-    const buf = Buffer.alloc(chunkSize);
-    for (const chunk of this.order) {
-      const file = this.table.file[chunk] ?? 0;
-      if (only !== undefined && file !== only) continue;
-      const offset = this.table.offset[chunk] ?? 0;
-      try {
-        const n = readSync(this.volume.fds[file] ?? -1, buf, 0, chunkSize, offset);
-        buf.fill(0, n);
-      } catch (err) {
-        throw failure(`read of backing file '${fileName(this.volume, file)}' at offset ${offset}`, err);
+    const perRead = Math.max(1, Math.floor(REHASH_BYTES / chunkSize));
+    const wanted = (chunk: number): boolean => only === undefined || this.store.locate(chunk).file === only;
+    const runs: [number, number][] = [];
+    for (let chunk = 0; chunk < this.hashes.length; ) {
+      if (!wanted(chunk)) {
+        chunk++;
+        continue;
       }
-      this.hashes[chunk] = xxh64(buf);
+      let end = chunk + 1;
+      while (end < this.hashes.length && end - chunk < perRead && wanted(end)) end++;
+      runs.push([chunk, end]);
+      chunk = end;
     }
+    const buf = Buffer.alloc(runs.reduce((most, [first, end]) => Math.max(most, end - first), 0) * chunkSize);
+    for (const [first, end] of runs) {
+      const damaged = this.store.read(first, end, buf, { damaged: 'zero' });
+      for (let c = first; c < end; c++) this.hashes[c] = xxh64(buf.subarray((c - first) * chunkSize, (c - first + 1) * chunkSize));
+      this.markDirty(damaged.map((d) => d.chunk));
+    }
+    buf.fill(0);
     this.mustScan = true;
+  }
+
+  /** Makes these chunks differ from the files' recorded state: the next flush rewrites them. */
+  markDirty(chunks: readonly number[]): void {
+    for (const chunk of chunks) this.hashes[chunk] = xxh64(this.chunkView(chunk)) ^ 1n;
+    if (chunks.length > 0) this.mustScan = true;
   }
 
   /** Sectors written to the device since the last completed capture. */
@@ -173,15 +197,57 @@ export class FlushEngine {
     return result;
   }
 
-  /** The capture as journal entries (file order), with the chunk each came from. */
-  private entriesOf(staged: Map<number, StagedChunk>): { chunks: number[]; entries: JournalEntry[] } {
-    const chunks: number[] = [];
+  /** The capture as journal entries (file order), for a plain volume. */
+  private entriesOf(staged: Map<number, StagedChunk>): JournalEntry[] {
     const entries: JournalEntry[] = [];
     for (const [chunk, s] of staged) {
-      chunks.push(chunk);
-      entries.push({ file: this.table.file[chunk] ?? 0, offset: this.table.offset[chunk] ?? 0, data: this.stagingSlot(s.slot) });
+      const place = this.store.locate(chunk);
+      entries.push({ file: place.file, offset: place.offset, data: this.stagingSlot(s.slot) });
     }
-    return { chunks, entries };
+    return entries;
+  }
+
+  /** Plain: journal → sync → files → sync → retire. */
+  private async commitPlain(staged: Map<number, StagedChunk>, t: FlushTimings): Promise<{ journalBytes: number; bytesWritten: number }> {
+    const volume = this.volume;
+    const journalFd = this.journalFd;
+    if (!isPlainVolume(volume) || journalFd === undefined) throw new VbdError('internal: a journaled commit of a sealed volume');
+    const entries = this.entriesOf(staged);
+    const batch = { seq: ++this.seq, chunkSize: volume.manifest.chunkSize, entries };
+    const j0 = performance.now();
+    const journalBytes = writeBatch(journalFd, batch);
+    t.journalMs = performance.now() - j0;
+    const a0 = performance.now();
+    this.lastFailed = true; // until the batch is in the files, the journal holds it
+    const bytesWritten = (await applyBatch(volume, batch)).bytes;
+    retireJournal(journalFd);
+    t.applyMs = performance.now() - a0;
+    return { journalBytes, bytesWritten };
+  }
+
+  /** Sealed: every changed chunk sealed into a free slot, then the map: one copy-on-write commit. */
+  private commitSealed(staged: Map<number, StagedChunk>, t: FlushTimings): { bytesWritten: number; commit: SealedCommit } {
+    const chunks = Uint32Array.from(staged.keys()).sort();
+    const a0 = performance.now();
+    const write = this.store.begin(chunks);
+    let report: CommitReport;
+    try {
+      for (const chunk of chunks) {
+        const s = staged.get(chunk);
+        if (s === undefined) throw new VbdError(`internal: chunk ${chunk} was not staged`);
+        write.write(chunk, chunk + 1, this.stagingSlot(s.slot));
+      }
+      report = write.commit();
+    } catch (err) {
+      write.abort();
+      throw err;
+    }
+    t.applyMs = performance.now() - a0;
+    if (report.kind !== 'sealed') throw new VbdError('internal: a sealed store reported a plain commit');
+    this.afterCommit?.(report);
+    // Overflowing chunks are written twice: into the journal, then into place.
+    const slots = report.chunks + report.throughJournal;
+    return { bytesWritten: slots * slotSize(this.volume.manifest.chunkSize), commit: report };
   }
 
   private async flushNow(reason: string, full: boolean): Promise<FlushResult> {
@@ -199,8 +265,9 @@ export class FlushEngine {
       if (!full && this.device !== undefined && counter === this.baseline && !this.mustScan && !this.lastFailed) {
         return { at, ok: true, idle: true, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0 };
       }
-      // A batch committed by a flush whose apply failed must reach the files first.
-      if (this.lastFailed && (await settleJournal(this.volume, this.journalFd, this.log)) === 'applied') this.afterWrite?.();
+      // A batch committed by a flush whose apply failed must reach the files first (a sealed
+      // commit is whole or absent: there is nothing to settle).
+      if (this.lastFailed && isPlainVolume(this.volume) && this.journalFd !== undefined && (await settleJournal(this.volume, this.journalFd, this.log)) === 'applied') this.afterWrite?.();
 
       // Cleared before the scan: a file change noted during this flush asks for another.
       this.mustScan = false;
@@ -218,27 +285,22 @@ export class FlushEngine {
         this.baseline = counter;
         staged = this.stage();
       }
-      const { chunks, entries } = this.entriesOf(staged);
       t.scanMs = performance.now() - scanStart - t.freezeMs; // both passes (FIFREEZE itself apart)
 
       let journalBytes = 0;
       let bytesWritten = 0;
-      if (entries.length > 0) {
-        const j0 = performance.now();
-        journalBytes = writeBatch(this.journalFd, { seq: ++this.seq, chunkSize: this.volume.manifest.chunkSize, entries });
-        t.journalMs = performance.now() - j0;
-        const a0 = performance.now();
-        this.lastFailed = true; // until the batch is in the files, the journal holds it
-        bytesWritten = (await applyBatch(this.volume, { seq: this.seq, chunkSize: this.volume.manifest.chunkSize, entries })).bytes;
-        retireJournal(this.journalFd);
+      let sealed: SealedCommit | undefined;
+      if (staged.size > 0) {
+        if (this.store.kind === 'plain') ({ journalBytes, bytesWritten } = await this.commitPlain(staged, t));
+        else ({ bytesWritten, commit: sealed } = this.commitSealed(staged, t));
         this.afterWrite?.();
-        t.applyMs = performance.now() - a0;
-        chunks.forEach((chunk) => (this.hashes[chunk] = staged.get(chunk)?.hash ?? 0n));
+        for (const [chunk, s] of staged) this.hashes[chunk] = s.hash;
       }
       this.lastFailed = false;
       if (this.staging.length * STAGING_BLOCK > STAGING_KEEP) this.staging = [];
       const durationMs = performance.now() - started;
-      return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: entries.length, timings: t };
+      const sealedReport = sealed === undefined ? {} : { sealed: { epoch: sealed.epoch, inFreeSlots: sealed.inFreeSlots, throughJournal: sealed.throughJournal } };
+      return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: staged.size, timings: t, ...sealedReport };
     } catch (err) {
       this.lastFailed = true;
       const error = failure('flush failed', err).message;

@@ -15,7 +15,7 @@ import { basename } from 'node:path';
 import { closeSync, fchownSync, fstatSync, readlinkSync, ftruncateSync, lstatSync, mkdirSync, openSync, readSync, writeSync, constants as fsc, type BigIntStats } from 'node:fs';
 import { watch, type FSWatcher } from 'chokidar';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
-import { ASIDE_DIR, entryPath, type Volume } from '../volume/volume.js';
+import { ASIDE_DIR, entryPath, type AnyVolume } from '../volume/volume.js';
 
 interface FileIdentity {
   ino: bigint;
@@ -39,7 +39,7 @@ export class ExternalChangeWatcher {
   private watcher: FSWatcher | undefined;
 
   constructor(
-    private readonly volume: Volume,
+    private readonly volume: AnyVolume,
     /** Resolves when no flush is writing (so our own writes have been recorded). */
     private readonly quiet: () => Promise<unknown>,
     private readonly onChange: (change: ExternalChange) => void,

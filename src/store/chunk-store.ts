@@ -7,12 +7,14 @@
 //            slot; reads open and verify, writes seal into free slots and commit the map
 //            copy-on-write (src/store/sealed-store.ts).
 //
-// Export, import (and, next, the daemon's populate and flush) go through `openChunkStore`.
+// Populate, flush, recovery, export and import all go through `openChunkStore`.
 
 import { VbdError, failure } from '../common/errors.js';
 import { resolvePlacement } from '../layouts/index.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { readRuns, runsFor, writeRuns } from '../image/transfer.js';
+import type { ShadowImage } from '../shadow/image.js';
+import { fileOrder, transferImage } from '../shadow/populate.js';
 import { fileName, isPlainVolume, isSealedVolume, type AnyVolume, type Volume } from '../volume/volume.js';
 import { datasync } from './map.js';
 import { openSealedStore } from './sealed-store.js';
@@ -69,6 +71,20 @@ export interface StoreWrite {
   abort(): void;
 }
 
+/** What status and inspect show of a sealed store. */
+export interface SealedState {
+  /** The epoch the files decode to, and the highest epoch reserved so far. */
+  epoch: number;
+  reservedEpoch: number;
+  keyGeneration: number;
+  /** Slots sealed under the current key generation (random nonces: 2^32 at most per key). */
+  seals: number;
+  /** The count at which a re-key falls due. */
+  rekeyAt: number;
+  /** Slots no chunk uses: a flush of more changed chunks than this goes through the overflow journal. */
+  freeSlots: number;
+}
+
 export interface ChunkStore {
   readonly kind: 'plain' | 'sealed';
   readonly chunkSize: number;
@@ -77,7 +93,15 @@ export interface ChunkStore {
   readonly notices: readonly string[];
   /** The epoch the files decode to (sealed), undefined for a plain volume. */
   readonly epoch: number | undefined;
+  /** Sealed: the highest epoch reserved so far (root's record keeps ahead of it); undefined for a plain volume. */
+  readonly reservedEpoch: number | undefined;
+  /** Sealed: epochs, nonce budget and free slots; undefined for a plain volume. */
+  sealedState(): SealedState | undefined;
   locate(chunk: number): ChunkPlace;
+  /** Every chunk, in the order writes go fastest: plain — file order (runs stream); sealed — ascending (what `begin` takes). */
+  writeOrder(): Uint32Array;
+  /** Fills the RAM image with every chunk (populate); returns the damaged ones (with `damaged: 'zero'`). */
+  fill(image: ShadowImage, options?: ReadOptions, progress?: (bytes: number) => void): DamagedChunk[];
   /** Reads chunks [first, end) into `into` (into[0] = first byte of chunk `first`); returns the damaged ones (with `damaged: 'zero'`). */
   read(first: number, end: number, into: Buffer, options?: ReadOptions): DamagedChunk[];
   /**
@@ -100,6 +124,11 @@ export interface OpenStoreOptions {
    * reservation records were rolled back.
    */
   epochFloor?: number | undefined;
+  /**
+   * Sealed: called with the epoch the files decode to, before anything is written (an
+   * interrupted commit is completed only after it returns); throw to refuse the files.
+   */
+  acceptEpoch?: ((epoch: number) => void) | undefined;
 }
 
 class PlainStore implements ChunkStore {
@@ -108,6 +137,10 @@ class PlainStore implements ChunkStore {
   readonly chunkCount: number;
   readonly notices: readonly string[] = [];
   readonly epoch = undefined;
+  readonly reservedEpoch = undefined;
+  sealedState(): undefined {
+    return undefined;
+  }
   readonly #name: (file: number) => string;
 
   constructor(
@@ -124,6 +157,17 @@ class PlainStore implements ChunkStore {
     checkRange(chunk, chunk + 1, this.chunkCount);
     const file = this.table.file[chunk] ?? 0;
     return { file, name: this.#name(file), offset: this.table.offset[chunk] ?? 0, bytes: this.chunkSize };
+  }
+
+  writeOrder(): Uint32Array {
+    return fileOrder(this.table, this.chunkSize, this.volume.manifest.files.map((f) => f.size));
+  }
+
+  fill(image: ShadowImage, _options?: ReadOptions, progress?: (bytes: number) => void): DamagedChunk[] {
+    // One preadv per run of consecutive file bytes, straight into the mapping, in file order.
+    const io = { image, table: this.table, chunkSize: this.chunkSize, fds: this.volume.fds, name: this.#name };
+    transferImage('read', io, this.volume.manifest.files.map((f) => f.size), progress);
+    return [];
   }
 
   read(first: number, end: number, into: Buffer): DamagedChunk[] {
@@ -179,7 +223,7 @@ export async function openChunkStore(volume: AnyVolume, options: OpenStoreOption
   if (options.writable && !volume.writable) throw new VbdError('internal: a writable store over a volume opened read-only');
   if (isSealedVolume(volume)) {
     if (options.secret === undefined) throw new VbdError(`volume '${volume.manifest.name}' is sealed: its passphrase is needed (--key-file FILE or a terminal prompt)`);
-    return openSealedStore(volume, options.secret, options.writable, options.epochFloor);
+    return openSealedStore(volume, options.secret, options.writable, options.epochFloor, options.acceptEpoch);
   }
   if (!isPlainVolume(volume)) throw new VbdError(`internal: volume '${volume.manifest.name}' is neither plain nor sealed`);
   const plain = volume;

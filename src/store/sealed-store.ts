@@ -22,10 +22,12 @@ import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
 import { keyedPermutation } from '../layouts/keyed.js';
 import { chunkSlots, placeSlot, type Slots } from '../layouts/layout.js';
+import { windows } from '../image/transfer.js';
+import type { ShadowImage } from '../shadow/image.js';
 import { availableMemory } from '../sys/memory.js';
 import type { SealedManifest } from '../volume/manifest.js';
 import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, type SealedVolume } from '../volume/volume.js';
-import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, ReadOptions, StoreWrite } from './chunk-store.js';
+import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, ReadOptions, SealedState, StoreWrite } from './chunk-store.js';
 import type { VolumeKeys } from './keys.js';
 import {
   clearPending, clonePositionMap, datasync, loadPositionMap, loadReservation, mapFileBytes, newPositionMap, pendingChunks,
@@ -36,6 +38,8 @@ import { NonceBudget, SlotAuthError, SlotSealer, openChunk, slotSize, type Nonce
 
 /** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
 const RUN_BYTES = 8 * 2 ** 20;
+/** Populate reads this much of the image per call (progress is reported in these steps). */
+const FILL_BYTES = 64 * 2 ** 20;
 const NONE = 0xffffffff;
 /** A chunk planned through the journal, before its rank is known. */
 const OVERFLOW = -2;
@@ -171,6 +175,14 @@ class SealedStore implements ChunkStore {
     return this.#nextEpoch - 1;
   }
 
+  sealedState(): SealedState {
+    const m = this.#committed;
+    return {
+      epoch: m.epoch, reservedEpoch: this.reservedEpoch, keyGeneration: this.#budget.generation, seals: this.#budget.used,
+      rekeyAt: this.#budget.threshold, freeSlots: m.slotCount - m.chunkCount,
+    };
+  }
+
   /** Seals made under the current key generation (the nonce budget; for status). */
   get budget(): NonceBudgetState {
     return this.#budget.state;
@@ -256,6 +268,27 @@ class SealedStore implements ChunkStore {
     checkChunks(chunk, chunk + 1, this.chunkCount);
     const m = this.#committed;
     return { slot: m.slot[chunk] ?? 0, epoch: m.epochs[chunk] ?? 0, generation: m.generation[chunk] ?? 0 };
+  }
+
+  writeOrder(): Uint32Array {
+    const order = new Uint32Array(this.chunkCount);
+    for (let c = 0; c < order.length; c++) order[c] = c;
+    return order;
+  }
+
+  fill(image: ShadowImage, options: ReadOptions = {}, progress?: (bytes: number) => void): DamagedChunk[] {
+    const damaged: DamagedChunk[] = [];
+    const C = this.chunkSize;
+    for (const window of image.windows) {
+      const first = window.offset / C;
+      const end = first + window.length / C;
+      for (const part of windows(end - first, C, FILL_BYTES)) {
+        const into = window.view.subarray(part.first * C, part.end * C);
+        damaged.push(...this.read(first + part.first, first + part.end, into, options));
+        progress?.(into.length);
+      }
+    }
+    return damaged;
   }
 
   #buffer(): Buffer {
@@ -612,7 +645,7 @@ function checkChunks(first: number, end: number, chunkCount: number): void {
 }
 
 /** Unlocks a sealed volume and opens its store (see the top of this file). The caller wipes `passphrase`. */
-export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, epochFloor?: number): SealedStore {
+export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, epochFloor?: number, acceptEpoch?: (epoch: number) => void): SealedStore {
   const m = volume.manifest;
   const chunks = m.deviceSize / m.chunkSize;
   checkMemory(m.name, chunks, slotsOf(m).total);
@@ -623,6 +656,7 @@ export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writab
     if (mapFd === undefined) throw new VbdError(`volume '${m.name}': its position map ${MAP_NAME} is missing, so no slot can be found (nothing was read or written)`);
     const store = new SealedStore(volume, keys, mapFd, writable, epochFloor);
     try {
+      acceptEpoch?.(store.epoch);
       store.settle();
     } catch (err) {
       store.close();

@@ -72,14 +72,9 @@ export function isPlainVolume(volume: AnyVolume): volume is Volume {
   return volume.manifest.format === 1;
 }
 
-/** What the daemon says of a sealed volume until it serves them (populate and flush through the chunk store). */
-export function sealedNotServed(name: string): string {
-  return `volume '${name}' is sealed: sealed volumes are not served by the daemon yet (export and import work offline)`;
-}
-
-/** The volume as a plain one; a sealed volume is refused with `refusal(name)` (the volume is left open). */
-export function requirePlainVolume(volume: AnyVolume, refusal: (name: string) => string = sealedNotServed): Volume {
-  if (!isPlainVolume(volume)) throw new VbdError(refusal(volume.manifest.name));
+/** The volume as a plain one; a sealed volume is refused (the volume is left open). */
+export function requirePlainVolume(volume: AnyVolume): Volume {
+  if (!isPlainVolume(volume)) throw new VbdError(`volume '${volume.manifest.name}' is sealed: this needs a plain volume`);
   return volume;
 }
 

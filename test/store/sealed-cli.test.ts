@@ -352,14 +352,6 @@ describe('sealed volumes through the CLI', () => {
     expect(exported(v).equals(again)).toBe(true);
   });
 
-  it('the daemon refuses a sealed volume with one line, before anything (start as the owner, recover as root)', () => {
-    const v = sealedVolume({ size: 128 * 1024, files: 2, chunk: 4096 });
-    const before = treeHash(v.dir);
-    expectRefusal(v.run(['start', v.dir, '--foreground']), /^vbd-shadow: volume 'vault' is sealed: sealed volumes are not served by the daemon yet \(export and import work offline\)\n$/);
-    if (IS_ROOT) expectRefusal(cli(['recover', v.dir]), /sealed volumes are not served by the daemon yet/);
-    expect(treeHash(v.dir)).toBe(before);
-  });
-
   it('init --sealed refuses bad --spare values and --spare without --sealed', () => {
     const h = homeOf();
     const key = h.put('k', 'x\n');

@@ -1,0 +1,190 @@
+// Root's record of each sealed volume's epochs, on this machine: /var/lib/vbd-shadow/UID/UUID.json
+// (root's; 0644 — epoch numbers are no secret, and offline commands may read them).
+//
+// The files alone cannot tell an old state from the current one: a copy of every file taken
+// earlier decodes, authenticated, to an older epoch. Root remembers the last epoch it committed
+// and refuses files that decode to an earlier one (unless the owner says she moved the volume
+// or restored it on purpose). It also remembers how far epochs may have been used, so a
+// commit after a rollback never seals a slot under an epoch that sealed something else before:
+// `reservedEpoch` runs ahead of the store's own reservation, and is written before the store
+// can reach it.
+//
+// Records are keyed by the owner's uid and the volume's UUID (authenticated by the key wrap),
+// never by a name she picked; the identity of the directory is kept inside, so a sealed volume
+// whose manifest was swapped for a plain one in the same directory is recognised.
+
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, unlinkSync, writeSync, constants as fsc, fchmodSync } from 'node:fs';
+import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { checkRootOwnedPath } from './runtime.js';
+
+export const STATE_DIR = '/var/lib/vbd-shadow';
+/** How far the recorded reservation runs ahead of the store's (epochs are 64-bit: skipping costs nothing). */
+const RESERVE_AHEAD = 1024;
+/** Renewed once fewer epochs than this are left in the recorded reservation (a commit takes one or two). */
+const RESERVE_LOW = 64;
+
+export interface EpochRecord {
+  uuid: string;
+  /** The last epoch a commit of this volume made durable here. */
+  committedEpoch: number;
+  /** Epochs up to this may have been used by a commit (the store's epoch floor at the next open). */
+  reservedEpoch: number;
+  /** identityKey() of the directory it was served from, and the path, for messages. */
+  identity: string;
+  dir: string;
+  at: string;
+}
+
+function ownerDir(uid: number): string {
+  return `${STATE_DIR}/${uid}`;
+}
+
+export function epochRecordPath(uid: number, uuid: string): string {
+  if (!/^[0-9a-f]{32}$/.test(uuid)) throw new VbdError(`internal: '${uuid}' is not a volume UUID`);
+  return `${ownerDir(uid)}/${uuid}.json`;
+}
+
+function parseRecord(text: string, path: string): EpochRecord {
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch (err) {
+    throw failure(`root's epoch record ${path} is not valid JSON (damaged?); remove it to start anew`, err);
+  }
+  const r = v as Partial<Record<keyof EpochRecord, unknown>>;
+  const count = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
+  if (typeof v !== 'object' || v === null || typeof r.uuid !== 'string' || !count(r.committedEpoch) || !count(r.reservedEpoch) ||
+    typeof r.identity !== 'string' || typeof r.dir !== 'string' || typeof r.at !== 'string') {
+    throw new VbdError(`root's epoch record ${path} is damaged (a field is missing or of the wrong type); remove it to start anew`);
+  }
+  return { uuid: r.uuid, committedEpoch: r.committedEpoch, reservedEpoch: r.reservedEpoch, identity: r.identity, dir: r.dir, at: r.at };
+}
+
+export function readEpochRecord(uid: number, uuid: string): EpochRecord | undefined {
+  const path = epochRecordPath(uid, uuid);
+  try {
+    const fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW);
+    try {
+      return parseRecord(readFileSync(fd, 'utf8'), path);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return undefined;
+    throw err instanceof VbdError ? err : failure(`cannot read root's epoch record ${path}`, err);
+  }
+}
+
+/** The records of sealed volumes served from this directory (identityKey), whatever their UUID. */
+export function recordsOfDirectory(uid: number, identity: string): EpochRecord[] {
+  let names: string[];
+  try {
+    names = readdirSync(ownerDir(uid));
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return [];
+    throw failure(`cannot list ${ownerDir(uid)}`, err);
+  }
+  return names
+    .filter((name) => /^[0-9a-f]{32}\.json$/.test(name))
+    .map((name) => readEpochRecord(uid, name.slice(0, 32)))
+    .filter((r): r is EpochRecord => r !== undefined && r.identity === identity);
+}
+
+/** Removes the record of a volume (its directory now holds a plain volume, accepted by the owner). */
+export function forgetEpochRecord(uid: number, uuid: string): void {
+  try {
+    unlinkSync(epochRecordPath(uid, uuid));
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT') throw failure(`cannot remove root's epoch record ${epochRecordPath(uid, uuid)}`, err);
+  }
+}
+
+/** Writes a record durably: a new file, fsync, rename over the old one, fsync of the directory. */
+export function writeEpochRecord(uid: number, record: EpochRecord): void {
+  const dir = ownerDir(uid);
+  const path = epochRecordPath(uid, record.uuid);
+  try {
+    mkdirSync(STATE_DIR, { recursive: true, mode: 0o755 });
+    mkdirSync(dir, { mode: 0o755 });
+  } catch (err) {
+    if (errnoCode(err) !== 'EEXIST') throw failure(`cannot create ${dir}`, err);
+  }
+  checkRootOwnedPath(dir);
+  const temp = `${path}.new`;
+  let fd: number;
+  try {
+    fd = openSync(temp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_TRUNC | fsc.O_NOFOLLOW, 0o644);
+  } catch (err) {
+    throw failure(`cannot write root's epoch record ${temp}`, err);
+  }
+  try {
+    fchmodSync(fd, 0o644);
+    writeSync(fd, `${JSON.stringify(record, null, 2)}\n`);
+    fsyncSync(fd);
+  } catch (err) {
+    throw failure(`cannot write root's epoch record ${temp}`, err);
+  } finally {
+    closeSync(fd);
+  }
+  try {
+    renameSync(temp, path);
+    const dirFd = openSync(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+    try {
+      fsyncSync(dirFd);
+    } finally {
+      closeSync(dirFd);
+    }
+  } catch (err) {
+    throw failure(`cannot put root's epoch record in place at ${path}`, err);
+  }
+}
+
+/** What the files decode to against root's record: fine, or rolled back (refused unless accepted). */
+export function rollbackRefusal(name: string, record: EpochRecord | undefined, filesEpoch: number): string | undefined {
+  if (record === undefined || filesEpoch >= record.committedEpoch) return undefined;
+  return `volume '${name}': its files decode to epoch ${filesEpoch}, but epoch ${record.committedEpoch} was committed here (${record.at}, from ${record.dir}): ` +
+    `the files were put back from an older copy (rolled back); nothing was exposed or written. If that is what you meant (restored on purpose, or the volume came from another machine), start it with --accept-rollback`;
+}
+
+/**
+ * Keeps root's record in step with one sealed volume while it is served: `opened` after the
+ * store is open, `committed` after each durable commit. Each write happens before the store
+ * could take an epoch past the recorded reservation.
+ */
+export class EpochKeeper {
+  #record: EpochRecord;
+
+  constructor(
+    private readonly uid: number,
+    base: Omit<EpochRecord, 'committedEpoch' | 'reservedEpoch' | 'at'>,
+    previous: EpochRecord | undefined,
+  ) {
+    this.#record = { ...base, committedEpoch: previous?.committedEpoch ?? 0, reservedEpoch: previous?.reservedEpoch ?? 0, at: previous?.at ?? '' };
+  }
+
+  get record(): EpochRecord {
+    return this.#record;
+  }
+
+  /** The store is open at `epoch`, its own reservation at `reserved`. */
+  opened(epoch: number, reserved: number): void {
+    this.#write(epoch, reserved, true);
+  }
+
+  committed(epoch: number, reserved: number): void {
+    this.#write(epoch, reserved, false);
+  }
+
+  #write(epoch: number, reserved: number, always: boolean): void {
+    const renew = reserved + RESERVE_LOW > this.#record.reservedEpoch;
+    const next: EpochRecord = {
+      ...this.#record,
+      committedEpoch: epoch,
+      reservedEpoch: renew ? Math.max(this.#record.reservedEpoch, reserved) + RESERVE_AHEAD : this.#record.reservedEpoch,
+      at: new Date().toISOString(),
+    };
+    if (!always && !renew && next.committedEpoch === this.#record.committedEpoch) return;
+    writeEpochRecord(this.uid, next);
+    this.#record = next;
+  }
+}

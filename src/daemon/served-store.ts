@@ -1,0 +1,68 @@
+// The chunk store a session (or a recovery) serves, opened after the daemon's lock: a sealed
+// volume unlocked and checked against root's record of its epoch before anything is written
+// (src/daemon/epoch-record.ts), a plain one against the record of a sealed volume that lived in
+// the same directory.
+
+import { VbdError } from '../common/errors.js';
+import { openChunkStore, type ChunkStore } from '../store/chunk-store.js';
+import { identityKey, isSealedVolume, type AnyVolume } from '../volume/volume.js';
+import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal } from './epoch-record.js';
+import type { DaemonStatus } from './runtime.js';
+
+/** The chunk store a session moves chunks through, and (sealed) root's record of its epochs. */
+export interface ServedStore {
+  store: ChunkStore;
+  epochs: EpochKeeper | undefined;
+}
+
+export interface StoreContext {
+  volume: AnyVolume;
+  log: (line: string) => void;
+  setStatus: (change: Partial<DaemonStatus>) => void;
+}
+
+/**
+ * Opens the volume's chunk store for a session (after the lock: a sealed store may complete an
+ * interrupted commit). A sealed volume is checked against root's record of its epoch before
+ * anything is written; a plain one against records of a sealed volume in the same directory
+ * (a manifest swapped for a plain one would make the daemon write plaintext).
+ */
+/** `keepRecord`: root keeps the epoch record up to date (the daemon; root's recover); else it is only checked. */
+export async function openServedStore(ctx: StoreContext, secret: Buffer | undefined, acceptRollback: boolean, keepRecord = true): Promise<ServedStore> {
+  const { volume, log } = ctx;
+  const { uid } = volume.owner;
+  const name = volume.manifest.name;
+  if (!isSealedVolume(volume)) {
+    for (const record of recordsOfDirectory(uid, identityKey(volume.identity))) {
+      if (!acceptRollback) {
+        throw new VbdError(`volume '${name}' has a plain manifest, but this directory held sealed volume ${record.uuid} (epoch ${record.committedEpoch}, ${record.at}): ` +
+          `its manifest was replaced, which would make the daemon write plaintext; nothing was exposed or written. If you replaced it on purpose, start it with --accept-rollback`);
+      }
+      if (keepRecord) forgetEpochRecord(uid, record.uuid);
+      log(`--accept-rollback: this directory held sealed volume ${record.uuid}; serving it as the plain volume it is now, root's record of the sealed one removed`);
+    }
+    return { store: await openChunkStore(volume, { writable: true, secret }), epochs: undefined };
+  }
+  const uuid = volume.manifest.sealed.uuid;
+  const record = readEpochRecord(uid, uuid);
+  const store = await openChunkStore(volume, {
+    writable: true, secret, epochFloor: record?.reservedEpoch,
+    acceptEpoch: (epoch) => {
+      const refusal = rollbackRefusal(name, record, epoch);
+      if (refusal === undefined) return;
+      if (!acceptRollback) throw new VbdError(refusal);
+      log(`--accept-rollback: serving the files at epoch ${epoch} although epoch ${record?.committedEpoch} was committed here; root's record now follows them (new commits take epochs above ${record?.reservedEpoch})`);
+    },
+  });
+  try {
+    for (const notice of store.notices) log(`NOTICE: ${notice}`);
+    ctx.setStatus({ notices: [...store.notices] });
+    if (!keepRecord) return { store, epochs: undefined };
+    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), dir: volume.dir }, record);
+    epochs.opened(store.epoch ?? 0, store.reservedEpoch ?? 0);
+    return { store, epochs };
+  } catch (err) {
+    store.close();
+    throw err;
+  }
+}
