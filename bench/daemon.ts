@@ -22,12 +22,21 @@ export function cli(args: string[]): string {
 }
 
 export async function startBenchDaemon(name: string, args: string[]): Promise<BenchDaemon> {
-  const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground', '--interval', '1h', '--max-dirty', '64G'], { stdio: ['ignore', 'ignore', 'inherit'] });
-  const exited = new Promise((r) => child.once('exit', r));
+  const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground', '--interval', '1h', '--max-dirty', '64G'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // Its stderr goes on to ours; the last of it names why a daemon that exits early refused.
+  let errTail = '';
+  child.stderr?.on('data', (b: Buffer) => {
+    process.stderr.write(b);
+    errTail = (errTail + b.toString()).slice(-2000);
+  });
+  const exited = new Promise((r) => child.once('close', r)); // after its stderr is read
   for (;;) {
     const s = readStatus(name);
     if (s?.pid === child.pid && s?.state === 'live') break;
-    if (child.exitCode !== null) throw new Error(`daemon for ${name} exited ${child.exitCode}`);
+    if (child.exitCode !== null || child.signalCode !== null) {
+      await exited;
+      throw new Error(`daemon for ${name} exited ${child.exitCode ?? child.signalCode}: ${errTail.trim().split('\n').pop() ?? ''}`);
+    }
     await new Promise((r) => setTimeout(r, 50));
   }
   const status = (): DaemonStatus => {

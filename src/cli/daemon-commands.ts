@@ -27,7 +27,7 @@ import {
 } from '../daemon/runtime.js';
 import { MANIFEST_NAME } from '../volume/manifest.js';
 import { closeVolume, identityKey, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
-import { openServedStore } from '../daemon/served-store.js';
+import { checkNotStripped, openServedStore } from '../daemon/served-store.js';
 import type { SealedCommit } from '../flush/engine.js';
 import { secretFor } from './key-input.js';
 
@@ -246,7 +246,7 @@ function printStatus(s: DaemonStatus): void {
   if (sealed !== undefined) {
     console.log(`  sealed   epoch ${sealed.epoch}; ${sealed.seals} slots sealed under key generation ${sealed.keyGeneration} (re-key due at ${sealed.rekeyAt}); ${sealed.freeSlots} free slots`);
     const path = f?.sealed;
-    if (path !== undefined) console.log(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}`);
+    if (path !== undefined) console.log(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map`);
   }
   for (const notice of s.notices ?? []) console.log(`  notice   ${notice}`);
   if ((s.damagedChunks ?? []).length > 0) console.log(`  damaged  served as zeros: ${(s.damagedChunks ?? []).map((d) => `chunk ${d.chunk} ('${d.name}' at ${d.offset})`).join(', ')}`);
@@ -330,7 +330,7 @@ export function registerDaemonCommands(program: Command): void {
     .description('after a crash: settle an interrupted flush (plain: its journal; sealed: complete an interrupted commit, check every map copy), and (root) write a leftover RAM image back into the files')
     .argument('<dir>', 'volume directory')
     .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image); sealed volume: the passphrase')
-    .option('--accept-rollback', 'sealed: accept files that decode to an older epoch than this machine committed')
+    .option('--accept-rollback', 'sealed: accept files that decode to an older epoch than this machine committed (and a plain manifest where a sealed volume was)')
     .action(async (dir: string, o: { keyFile?: string; acceptRollback?: boolean }) => {
       const volume = openServedVolume(dir);
       const { name } = volume.manifest;
@@ -342,6 +342,7 @@ export function registerDaemonCommands(program: Command): void {
         const current = readStatusAt(paths);
         if (current !== undefined && daemonRunning(current)) throw new VbdError(`volume '${name}' is live (pid ${current.pid}); stop it first`);
         let settled = 'empty';
+        checkNotStripped({ volume, log: say, setStatus: () => undefined }, o.acceptRollback === true, process.geteuid?.() === 0);
         if (isPlainVolume(volume)) {
           journalFd = openJournal(volume);
           settled = await settleJournal(volume, journalFd, say);

@@ -6,8 +6,9 @@ import { VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
 import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
-import { describeDamaged, exportImage, importImage } from '../image/offline.js';
-import { openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
+import { exportImage, importImage } from '../image/offline.js';
+import { describeDamaged, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
+import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
 import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
 import { initSealedVolume, initVolume, writeManifest, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
@@ -79,10 +80,16 @@ async function withStore(dir: string, keyFile: string | undefined, writable: boo
     }
     if (isPlainVolume(volume) && journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
-    const store = await openChunkStore(volume, { writable, secret });
+    // Root's record of a sealed volume's epochs (readable by all): a write takes epochs above any
+    // this machine may have used, and files older than the last commit here are said to be so.
+    const record = isSealedVolume(volume) ? readEpochRecord(volume.owner.uid, volume.manifest.sealed.uuid) : undefined;
+    const store = await openChunkStore(volume, { writable, secret, epochFloor: record?.reservedEpoch });
     secret?.fill(0);
     try {
       printNotices(store);
+      if (record !== undefined && isRolledBack(record, store.epoch ?? 0)) {
+        process.stderr.write(`vbd-shadow: warning: the files decode to epoch ${store.epoch}, older than epoch ${record.committedEpoch} committed here (${record.at}): restored from an older copy? 'start' refuses them without --accept-rollback\n`);
+      }
       work(store, volume);
     } finally {
       store.close();

@@ -17,7 +17,7 @@ import { openJournal } from '../flush/journal.js';
 import { closeMountPoint, openMountPoint, type MountPoint } from '../device/mount.js';
 import { checkLockable } from '../shadow/image.js';
 import { closeVolume, identityKey, isPlainVolume, isSealedVolume, type AnyVolume } from '../volume/volume.js';
-import { openServedStore, type ServedStore } from './served-store.js';
+import { checkNotStripped, openServedStore, type ServedStore } from './served-store.js';
 import type { Log } from './log.js';
 import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonLock, type DaemonStatus } from './runtime.js';
 import { serveSession, type SessionContext, type SessionOptions } from './session.js';
@@ -179,11 +179,6 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     lock = acquireLock(paths, manifest.name);
     if (o.mount !== undefined) mountPoint = openMountPoint(o.mount, owner);
     const sessionOptions: SessionOptions = { ...o, mountPoint };
-    // A plain volume's flushes go through its journal; a sealed one commits copy-on-write.
-    if (isPlainVolume(volume)) {
-      journalFd = openJournal(volume);
-      ctx.journalFd = journalFd;
-    }
     status = {
       name: manifest.name, volumeDir: volume.dir, identity: identityKey(volume.identity), state: 'starting', pid: process.pid, owner, canary: o.canary,
       deviceSize: manifest.deviceSize, chunkSize: manifest.chunkSize, layout: manifest.layout.kind, sealedVolume: isSealedVolume(volume), intervalMs: o.intervalMs,
@@ -191,7 +186,13 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     };
     ctx.setStatus({});
     log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${isSealedVolume(volume) ? 'sealed, ' : ''}${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`);
-    if (isPlainVolume(volume) && journalFd !== undefined) await settleJournal(volume, journalFd, log);
+    checkNotStripped(ctx, o.acceptRollback, true);
+    // A plain volume's flushes go through its journal; a sealed one commits copy-on-write.
+    if (isPlainVolume(volume)) {
+      journalFd = openJournal(volume);
+      ctx.journalFd = journalFd;
+      await settleJournal(volume, journalFd, log);
+    }
 
     const control = paths.controlFifo;
     createFifo(control, owner);

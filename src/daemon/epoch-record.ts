@@ -15,6 +15,7 @@
 
 import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, unlinkSync, writeSync, constants as fsc, fchmodSync } from 'node:fs';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { identityKey, type VolumeIdentity } from '../volume/volume.js';
 import { checkRootOwnedPath } from './runtime.js';
 
 export const STATE_DIR = '/var/lib/vbd-shadow';
@@ -29,8 +30,9 @@ export interface EpochRecord {
   committedEpoch: number;
   /** Epochs up to this may have been used by a commit (the store's epoch floor at the next open). */
   reservedEpoch: number;
-  /** identityKey() of the directory it was served from, and the path, for messages. */
+  /** identityKey() of the directory it was served from and that directory's birth time (ns): a new directory on a reused inode is another one. The path is for messages. */
   identity: string;
+  bornNs: string;
   dir: string;
   at: string;
 }
@@ -54,10 +56,10 @@ function parseRecord(text: string, path: string): EpochRecord {
   const r = v as Partial<Record<keyof EpochRecord, unknown>>;
   const count = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
   if (typeof v !== 'object' || v === null || typeof r.uuid !== 'string' || !count(r.committedEpoch) || !count(r.reservedEpoch) ||
-    typeof r.identity !== 'string' || typeof r.dir !== 'string' || typeof r.at !== 'string') {
+    typeof r.identity !== 'string' || typeof r.bornNs !== 'string' || typeof r.dir !== 'string' || typeof r.at !== 'string') {
     throw new VbdError(`root's epoch record ${path} is damaged (a field is missing or of the wrong type); remove it to start anew`);
   }
-  return { uuid: r.uuid, committedEpoch: r.committedEpoch, reservedEpoch: r.reservedEpoch, identity: r.identity, dir: r.dir, at: r.at };
+  return { uuid: r.uuid, committedEpoch: r.committedEpoch, reservedEpoch: r.reservedEpoch, identity: r.identity, bornNs: r.bornNs, dir: r.dir, at: r.at };
 }
 
 export function readEpochRecord(uid: number, uuid: string): EpochRecord | undefined {
@@ -75,8 +77,8 @@ export function readEpochRecord(uid: number, uuid: string): EpochRecord | undefi
   }
 }
 
-/** The records of sealed volumes served from this directory (identityKey), whatever their UUID. */
-export function recordsOfDirectory(uid: number, identity: string): EpochRecord[] {
+/** The records of sealed volumes served from this very directory, whatever their UUID. */
+export function recordsOfDirectory(uid: number, identity: VolumeIdentity): EpochRecord[] {
   let names: string[];
   try {
     names = readdirSync(ownerDir(uid));
@@ -84,10 +86,17 @@ export function recordsOfDirectory(uid: number, identity: string): EpochRecord[]
     if (errnoCode(err) === 'ENOENT') return [];
     throw failure(`cannot list ${ownerDir(uid)}`, err);
   }
-  return names
-    .filter((name) => /^[0-9a-f]{32}\.json$/.test(name))
-    .map((name) => readEpochRecord(uid, name.slice(0, 32)))
-    .filter((r): r is EpochRecord => r !== undefined && r.identity === identity);
+  const records: EpochRecord[] = [];
+  for (const name of names.filter((n) => /^[0-9a-f]{32}\.json$/.test(n))) {
+    let record: EpochRecord | undefined;
+    try {
+      record = readEpochRecord(uid, name.slice(0, 32));
+    } catch {
+      continue; // another volume's damaged record is that volume's problem, met when it starts
+    }
+    if (record !== undefined && record.identity === identityKey(identity) && record.bornNs === String(identity.bornNs)) records.push(record);
+  }
+  return records;
 }
 
 /** Removes the record of a volume (its directory now holds a plain volume, accepted by the owner). */
@@ -139,9 +148,14 @@ export function writeEpochRecord(uid: number, record: EpochRecord): void {
   }
 }
 
+/** Files that decode to an epoch before the last one committed here were put back from an older copy. */
+export function isRolledBack(record: EpochRecord, filesEpoch: number): boolean {
+  return filesEpoch < record.committedEpoch;
+}
+
 /** What the files decode to against root's record: fine, or rolled back (refused unless accepted). */
 export function rollbackRefusal(name: string, record: EpochRecord | undefined, filesEpoch: number): string | undefined {
-  if (record === undefined || filesEpoch >= record.committedEpoch) return undefined;
+  if (record === undefined || !isRolledBack(record, filesEpoch)) return undefined;
   return `volume '${name}': its files decode to epoch ${filesEpoch}, but epoch ${record.committedEpoch} was committed here (${record.at}, from ${record.dir}): ` +
     `the files were put back from an older copy (rolled back); nothing was exposed or written. If that is what you meant (restored on purpose, or the volume came from another machine), start it with --accept-rollback`;
 }

@@ -83,9 +83,11 @@ export interface FlushReport {
   timings?: Record<string, number> | undefined;
   /**
    * Sealed: the epoch committed, and which path the chunks took: straight into free slots
-   * (copy-on-write), or — more changed chunks than free slots — through the overflow journal.
+   * (copy-on-write), or — more changed chunks than free slots — through the overflow journal;
+   * and the bytes the commit wrote to the map file (its log record or checkpoint, and the
+   * reservation), apart from `bytesWritten` (the slots).
    */
-  sealed?: { epoch: number; inFreeSlots: number; throughJournal: number };
+  sealed?: { epoch: number; inFreeSlots: number; throughJournal: number; mapBytes: number };
 }
 
 /** The latest flush check, idle or not (an idle check does no scan and no I/O). */

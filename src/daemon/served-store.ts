@@ -24,23 +24,34 @@ export interface StoreContext {
 /**
  * Opens the volume's chunk store for a session (after the lock: a sealed store may complete an
  * interrupted commit). A sealed volume is checked against root's record of its epoch before
- * anything is written; a plain one against records of a sealed volume in the same directory
- * (a manifest swapped for a plain one would make the daemon write plaintext).
+ * anything is written (a plain one was checked by checkNotStripped before its journal opened).
  */
+/**
+ * A plain volume in a directory that held a sealed one (its record names this very directory):
+ * a manifest stripped of its `sealed` object would make the daemon write plaintext. Refused
+ * before anything is written (the plain journal included), unless the owner accepts it; then
+ * root forgets the sealed volume (`forget`: root's own run).
+ */
+export function checkNotStripped(ctx: StoreContext, acceptRollback: boolean, forget: boolean): void {
+  const { volume, log } = ctx;
+  if (isSealedVolume(volume)) return;
+  const { uid } = volume.owner;
+  for (const record of recordsOfDirectory(uid, volume.identity)) {
+    if (!acceptRollback) {
+      throw new VbdError(`volume '${volume.manifest.name}' has a plain manifest, but this directory held sealed volume ${record.uuid} (epoch ${record.committedEpoch}, ${record.at}): ` +
+        `its manifest was replaced, which would make the daemon write plaintext; nothing was exposed or written. If you replaced it on purpose, start it with --accept-rollback`);
+    }
+    if (forget) forgetEpochRecord(uid, record.uuid);
+    log(`--accept-rollback: this directory held sealed volume ${record.uuid}; serving it as the plain volume it is now${forget ? ", root's record of the sealed one removed" : ''}`);
+  }
+}
+
 /** `keepRecord`: root keeps the epoch record up to date (the daemon; root's recover); else it is only checked. */
 export async function openServedStore(ctx: StoreContext, secret: Buffer | undefined, acceptRollback: boolean, keepRecord = true): Promise<ServedStore> {
   const { volume, log } = ctx;
   const { uid } = volume.owner;
   const name = volume.manifest.name;
   if (!isSealedVolume(volume)) {
-    for (const record of recordsOfDirectory(uid, identityKey(volume.identity))) {
-      if (!acceptRollback) {
-        throw new VbdError(`volume '${name}' has a plain manifest, but this directory held sealed volume ${record.uuid} (epoch ${record.committedEpoch}, ${record.at}): ` +
-          `its manifest was replaced, which would make the daemon write plaintext; nothing was exposed or written. If you replaced it on purpose, start it with --accept-rollback`);
-      }
-      if (keepRecord) forgetEpochRecord(uid, record.uuid);
-      log(`--accept-rollback: this directory held sealed volume ${record.uuid}; serving it as the plain volume it is now, root's record of the sealed one removed`);
-    }
     return { store: await openChunkStore(volume, { writable: true, secret }), epochs: undefined };
   }
   const uuid = volume.manifest.sealed.uuid;
@@ -58,7 +69,7 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
     for (const notice of store.notices) log(`NOTICE: ${notice}`);
     ctx.setStatus({ notices: [...store.notices] });
     if (!keepRecord) return { store, epochs: undefined };
-    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), dir: volume.dir }, record);
+    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record);
     epochs.opened(store.epoch ?? 0, store.reservedEpoch ?? 0);
     return { store, epochs };
   } catch (err) {

@@ -15,7 +15,7 @@ import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../
 import { FlushEngine, type FlushResult, type SealedCommit } from '../flush/engine.js';
 import { ExternalChangeWatcher } from '../flush/external.js';
 import { createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
-import type { DamagedChunk } from '../store/chunk-store.js';
+import { listDamaged, type DamagedChunk } from '../store/chunk-store.js';
 import type { AnyVolume, Owner } from '../volume/volume.js';
 import { CleanupStack } from './cleanup.js';
 import type { ServedStore } from './served-store.js';
@@ -76,13 +76,13 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ state: 'populating', image: image.path });
     const started = performance.now();
     const progress = startProgress('populate', manifest.deviceSize);
-    const damaged = store.fill(image, { damaged: 'zero' }, (n) => progress.advance(n));
+    const damaged = await store.fill(image, { damaged: 'zero' }, (n) => progress.advance(n));
     progress.done();
     const populateMs = Math.round(performance.now() - started);
     if (damaged.length > 0) {
       // Nothing is exposed until the owner decides: a refusal, or --zero-damaged.
       if (!o.zeroDamaged) throw new VbdError(damagedRefusal(manifest.name, damaged));
-      log(`--zero-damaged: ${damaged.length} chunks fail authentication and are served as zeros: ${describeDamaged(damaged)}`);
+      log(`--zero-damaged: ${damaged.length} chunks fail authentication and are served as zeros: ${listDamaged(damaged, MAX_LISTED_DAMAGED)}`);
       setStatus({ damagedChunks: damaged.slice(0, MAX_LISTED_DAMAGED) });
     }
     log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms${store.kind === 'sealed' ? ` (sealed, epoch ${store.epoch})` : ''}`);
@@ -178,14 +178,8 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
 
 const MAX_LISTED_DAMAGED = 20;
 
-/** The first damaged chunks, each with its file, offset and epoch (the rest counted). */
-function describeDamaged(damaged: readonly DamagedChunk[]): string {
-  const listed = damaged.slice(0, 5).map((d) => `chunk ${d.chunk} ('${d.name}' at offset ${d.offset}, epoch ${d.epoch})`);
-  return `${listed.join(', ')}${damaged.length > 5 ? ` and ${damaged.length - 5} more` : ''}`;
-}
-
 function damagedRefusal(name: string, damaged: readonly DamagedChunk[]): string {
-  return `volume '${name}': ${damaged.length} slots fail authentication (tampered with or damaged): ${describeDamaged(damaged)}; nothing was exposed or written. ` +
+  return `volume '${name}': ${damaged.length} slots fail authentication (corrupted, tampered with, or an old or misplaced slot): ${listDamaged(damaged)}; nothing was exposed or written. ` +
     `To serve the volume with those chunks zeroed, start it with --zero-damaged (the next flush seals them anew)`;
 }
 

@@ -299,7 +299,7 @@ export class FlushEngine {
       this.lastFailed = false;
       if (this.staging.length * STAGING_BLOCK > STAGING_KEEP) this.staging = [];
       const durationMs = performance.now() - started;
-      const sealedReport = sealed === undefined ? {} : { sealed: { epoch: sealed.epoch, inFreeSlots: sealed.inFreeSlots, throughJournal: sealed.throughJournal } };
+      const sealedReport = sealed === undefined ? {} : { sealed: { epoch: sealed.epoch, inFreeSlots: sealed.inFreeSlots, throughJournal: sealed.throughJournal, mapBytes: sealed.mapBytes } };
       return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: staged.size, timings: t, ...sealedReport };
     } catch (err) {
       this.lastFailed = true;

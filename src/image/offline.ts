@@ -5,12 +5,11 @@
 import { closeSync, fstatSync, fsyncSync, openSync, readSync, renameSync, unlinkSync, writeSync, constants as fsc } from 'node:fs';
 import { VbdError, failure } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
-import type { ChunkStore, CommitReport, DamagedChunk } from '../store/chunk-store.js';
+import { listDamaged, type ChunkStore, type CommitReport, type DamagedChunk } from '../store/chunk-store.js';
 import { windows } from './transfer.js';
 
 const WINDOW_BYTES = 64 * 2 ** 20;
 /** Damaged chunks named in a refusal; the rest are counted. */
-const NAMED_DAMAGED = 5;
 
 function writeAll(fd: number, buf: Uint8Array, length: number, what: string): void {
   let done = 0;
@@ -33,10 +32,6 @@ function readAll(fd: number, buf: Uint8Array, length: number, what: string): voi
 }
 
 /** "chunk 3 (file002 at offset 65564, epoch 2)". */
-export function describeDamaged(d: DamagedChunk): string {
-  return `chunk ${d.chunk} (${d.name} at offset ${d.offset}, epoch ${d.epoch})`;
-}
-
 export interface ExportOptions {
   /** Write zeros for chunks whose slot fails authentication (and list them) instead of refusing. */
   zeroDamaged?: boolean;
@@ -77,9 +72,7 @@ export function exportImage(store: ChunkStore, outPath: string, options: ExportO
       progress.advance((end - first) * chunkSize);
     }
     if (damaged.length > 0 && options.zeroDamaged !== true) {
-      const named = damaged.slice(0, NAMED_DAMAGED).map(describeDamaged).join(', ');
-      const more = damaged.length > NAMED_DAMAGED ? ` and ${damaged.length - NAMED_DAMAGED} more` : '';
-      throw new VbdError(`export refused: ${damaged.length} chunk${damaged.length === 1 ? '' : 's'} fail${damaged.length === 1 ? 's' : ''} authentication (corrupted, tampered with, or an old or misplaced slot): ${named}${more}; nothing was written (--zero-damaged exports them as zeros)`);
+      throw new VbdError(`export refused: ${damaged.length} chunk${damaged.length === 1 ? '' : 's'} fail${damaged.length === 1 ? 's' : ''} authentication (corrupted, tampered with, or an old or misplaced slot): ${listDamaged(damaged)}; nothing was written (--zero-damaged exports them as zeros)`);
     }
     fsyncSync(out);
     closeSync(out);

@@ -38,6 +38,17 @@ export interface DamagedChunk {
   epoch: number;
 }
 
+/** One damaged chunk, for messages: `chunk 77 (file003 at offset 123456, epoch 3)`. */
+export function describeDamaged(d: DamagedChunk): string {
+  return `chunk ${d.chunk} (${d.name} at offset ${d.offset}, epoch ${d.epoch})`;
+}
+
+/** The first few damaged chunks named, the rest counted. */
+export function listDamaged(damaged: readonly DamagedChunk[], named = 5): string {
+  const more = damaged.length > named ? ` and ${damaged.length - named} more` : '';
+  return `${damaged.slice(0, named).map(describeDamaged).join(', ')}${more}`;
+}
+
 export interface ReadOptions {
   /**
    * What a slot that fails authentication does: `throw` (default) a SlotAuthError naming file,
@@ -57,6 +68,11 @@ export type CommitReport =
       inFreeSlots: number;
       /** Chunks that did not fit into free slots: sealed into the overflow journal, then put in place. */
       throughJournal: number;
+      /**
+       * Bytes this commit wrote to the map file: its epoch reservation and the map log record of
+       * what changed (O(chunks)) or, when the log is full, a whole checkpoint copy (O(volume)).
+       */
+      mapBytes: number;
     };
 
 /** One write: stage chunks with `write`, then `commit` (or `abort`). */
@@ -100,8 +116,8 @@ export interface ChunkStore {
   locate(chunk: number): ChunkPlace;
   /** Every chunk, in the order writes go fastest: plain — file order (runs stream); sealed — ascending (what `begin` takes). */
   writeOrder(): Uint32Array;
-  /** Fills the RAM image with every chunk (populate); returns the damaged ones (with `damaged: 'zero'`). */
-  fill(image: ShadowImage, options?: ReadOptions, progress?: (bytes: number) => void): DamagedChunk[];
+  /** Fills the RAM image with every chunk (populate); resolves with the damaged ones (with `damaged: 'zero'`). */
+  fill(image: ShadowImage, options?: ReadOptions, progress?: (bytes: number) => void): Promise<DamagedChunk[]>;
   /** Reads chunks [first, end) into `into` (into[0] = first byte of chunk `first`); returns the damaged ones (with `damaged: 'zero'`). */
   read(first: number, end: number, into: Buffer, options?: ReadOptions): DamagedChunk[];
   /**
@@ -163,11 +179,11 @@ class PlainStore implements ChunkStore {
     return fileOrder(this.table, this.chunkSize, this.volume.manifest.files.map((f) => f.size));
   }
 
-  fill(image: ShadowImage, _options?: ReadOptions, progress?: (bytes: number) => void): DamagedChunk[] {
+  fill(image: ShadowImage, _options?: ReadOptions, progress?: (bytes: number) => void): Promise<DamagedChunk[]> {
     // One preadv per run of consecutive file bytes, straight into the mapping, in file order.
     const io = { image, table: this.table, chunkSize: this.chunkSize, fds: this.volume.fds, name: this.#name };
     transferImage('read', io, this.volume.manifest.files.map((f) => f.size), progress);
-    return [];
+    return Promise.resolve([]);
   }
 
   read(first: number, end: number, into: Buffer): DamagedChunk[] {

@@ -2,25 +2,28 @@
 // write epoch and key generation, plus the nonce budget of the key generation new slots are
 // sealed under. It lives in the map file of the volume directory:
 //
-//   [reservation page: record 0 at 0, record 1 at 512] [map copy A] [map copy B]
+//   [reservation page: record 0 at 0, record 1 at 512] [map copy A] [map copy B] [map log]
 //
-// Each copy is the whole map, sealed with AES-256-GCM under the map key; its cleartext header
-// (epoch, counts) is authenticated with it. A commit writes the copy that does not hold the
-// committed map, so a torn or lost write leaves the other one; the newer valid copy wins and
-// using the older because the newer fails is reported. The reservation records say which epochs
-// and how many seals a commit under way may have used, so neither is ever used twice, even
-// after a crash (they are written, and synced, before the first slot of a commit).
+// Each copy (a checkpoint) is the whole map, sealed with AES-256-GCM under the map key; its
+// cleartext header (epoch, counts) is authenticated with it. A checkpoint is written into the copy
+// that does not hold the current one, so a torn or lost write leaves the other; the newer valid
+// copy wins and using the older because the newer fails is reported. Between checkpoints, commits
+// append sealed records of what changed to the map log (src/store/map-log.ts). The reservation
+// records say which epochs and how many seals a commit under way may have used, so neither is
+// ever used twice, even after a crash (they are written, and synced, before the first slot of a
+// commit).
 //
 // Pure format + positioned I/O on an fd the caller opened: no paths here.
 
-import { readExactly } from '../common/fd.js';
+import { readExactly, readFully } from '../common/fd.js';
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { fdatasyncSync, writeSync } from 'node:fs';
 import { VbdError, failure } from '../common/errors.js';
 import { wipe } from './keys.js';
 import { NONCE_BYTES, TAG_BYTES, type NonceBudgetState } from './slot.js';
 
-export const MAP_FORMAT_VERSION = 1;
+/** 2: checkpoints and a log of deltas (1 wrote the whole map at every commit; not read any more). */
+export const MAP_FORMAT_VERSION = 2;
 export const MAP_MAGIC = Buffer.from('VBDSMAP\0', 'ascii');
 export const RESERVE_MAGIC = Buffer.from('VBDSRSV\0', 'ascii');
 export const MAP_AD_LABEL = 'vbd-shadow/map';
@@ -82,9 +85,23 @@ export function mapRegionBytes(chunkCount: number): number {
   return Math.ceil((MAP_HEADER_BYTES + mapPayloadBytes(chunkCount)) / MAP_PAGE) * MAP_PAGE;
 }
 
-/** The map file's size: the reservation page and two copies. */
-export function mapFileBytes(chunkCount: number): number {
+/**
+ * Bytes of the map log's region: as large as one copy, so that the records between two
+ * checkpoints never add up to more than a checkpoint costs (a commit writes at most twice its
+ * delta, amortised).
+ */
+export function logRegionBytes(chunkCount: number): number {
+  return mapRegionBytes(chunkCount);
+}
+
+/** Where the map log's region starts: after the two copies. */
+export function logOffset(chunkCount: number): number {
   return MAP_PAGE + 2 * mapRegionBytes(chunkCount);
+}
+
+/** The map file's size: the reservation page, two copies and the log. */
+export function mapFileBytes(chunkCount: number): number {
+  return logOffset(chunkCount) + logRegionBytes(chunkCount);
 }
 
 export function regionOffset(chunkCount: number, region: Region): number {
@@ -132,7 +149,7 @@ export function pendingChunks(m: PositionMap): Uint32Array {
   return out;
 }
 
-function label(text: string): Buffer {
+export function label(text: string): Buffer {
   return Buffer.from(`${text}\0`, 'ascii');
 }
 
@@ -140,14 +157,17 @@ function mapAD(key: MapKey, headerStart: Buffer): Buffer {
   return Buffer.concat([label(MAP_AD_LABEL), key.uuid, headerStart]);
 }
 
-/** A map copy that cannot be used, and why. */
+/** Why a sealed map copy or map log record fails its tag: what cannot be told apart. */
+export const AUTH_FAILURE = 'fails authentication (corrupted, tampered with, torn by a crash, or of another volume)';
+
+/** A map copy (or map log record) that cannot be used, and why. */
 export class MapCopyError extends VbdError {}
 
-function u64(buf: Buffer, at: number, value: number): void {
+export function u64(buf: Buffer, at: number, value: number): void {
   buf.writeBigUInt64BE(BigInt(value), at);
 }
 
-function readU64(buf: Buffer, at: number, what: string): number {
+export function readU64(buf: Buffer, at: number, what: string): number {
   const v = buf.readBigUInt64BE(at);
   if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new MapCopyError(`${what} ${v} is out of range`);
   return Number(v);
@@ -214,7 +234,7 @@ export function openPositionMap(region: Buffer, key: MapKey, chunkCount: number,
     try {
       decipher.final();
     } catch {
-      throw new MapCopyError('fails authentication (corrupted, tampered with, torn by a crash, or of another volume)');
+      throw new MapCopyError(AUTH_FAILURE);
     }
     const m = newPositionMap(n, slots);
     m.epoch = epoch;
@@ -247,7 +267,7 @@ export function openPositionMap(region: Buffer, key: MapKey, chunkCount: number,
   }
 }
 
-function readAt(fd: number, length: number, position: number, what: string): Buffer {
+export function readAt(fd: number, length: number, position: number, what: string): Buffer {
   const buf = Buffer.alloc(length);
   readExactly(fd, buf, length, position, what);
   return buf;
@@ -324,21 +344,47 @@ export function loadPositionMap(fd: number, fileName: string, key: MapKey, chunk
   } else {
     region = ma !== undefined ? 0 : 1;
   }
-  const used = states[region] as CopyState;
-  const other = states[1 - region] as CopyState;
   const map = (region === 0 ? ma : mb) as PositionMap;
   const loaded: LoadedMap = { map, region, copies: [a, b] };
-  if (other.problem !== undefined) {
-    loaded.fallback = `${other.name} ${other.problem}; using ${used.name}, epoch ${map.epoch} (if the failed copy held a later commit, that commit is lost)`;
-  }
+  const fallback = fallbackNotice(loaded, map.epoch, false);
+  if (fallback !== undefined) loaded.fallback = fallback;
   return loaded;
 }
 
-/** Writes `m` as the copy in `region` and makes it durable (fdatasync). */
-export function writePositionMap(fd: number, fileName: string, key: MapKey, m: PositionMap, region: Region): void {
+/**
+ * The sentence that reports using one copy because the other fails (undefined when it does not),
+ * naming the epoch the files decode to (`epoch`: the copy's own, or the end of its map log).
+ */
+export function fallbackNotice(loaded: LoadedMap, epoch: number, withLog: boolean): string | undefined {
+  const used = loaded.copies[loaded.region];
+  const other = loaded.copies[loaded.region === 0 ? 1 : 0];
+  if (other.problem === undefined) return undefined;
+  return `${other.name} ${other.problem}; using ${used.name}${withLog ? ' and the map log after it' : ''}, epoch ${epoch} (if the failed copy held a later commit, that commit is lost)`;
+}
+
+/** Writes `m` as the copy in `region` and makes it durable (fdatasync); returns the bytes written. */
+export function writePositionMap(fd: number, fileName: string, key: MapKey, m: PositionMap, region: Region): number {
   const sealed = sealPositionMap(m, key);
   writeAt(fd, sealed, regionOffset(m.chunkCount, region), `${fileName} (map ${COPY_NAMES[region]})`);
   datasync(fd, fileName);
+  return sealed.length;
+}
+
+/**
+ * Refuses, with one line, a map file written in another map format, before its size or its copies
+ * are judged (a format-1 file has no log, so it would otherwise read as truncated or damaged).
+ * Either copy's header tells: a copy with our magic and another version.
+ */
+export function checkMapFormat(fd: number, fileName: string, chunkCount: number): void {
+  for (const region of [0, 1] as const) {
+    const offset = MAP_PAGE + region * mapRegionBytes(chunkCount);
+    const head = readFully(fd, 12, offset);
+    if (head === undefined || !head.subarray(0, 8).equals(MAP_MAGIC)) continue;
+    const version = head.readUInt32BE(8);
+    if (version !== MAP_FORMAT_VERSION) {
+      throw new VbdError(`${fileName} is position map format ${version} (map ${COPY_NAMES[region]} at offset ${offset}); this version of vbd-shadow reads only format ${MAP_FORMAT_VERSION} (the sealed format is not stable yet: export the volume with the version that wrote it, then init and import); nothing was read or written`);
+    }
+  }
 }
 
 function reserveAD(key: MapKey): Buffer {

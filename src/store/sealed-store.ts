@@ -6,7 +6,8 @@
 // the buffer. A write is copy-on-write:
 //
 //   reserve (epoch, seal count; fdatasync)  →  seal the chunks into free slots (fdatasync)
-//   →  the new map into the other copy (fdatasync): committed.
+//   →  a map log record of what changed, or a whole checkpoint copy (src/store/map-log.ts;
+//      fdatasync): committed.
 //
 // A write of more chunks than there are free slots seals the chunks that do not fit into the
 // overflow journal; the map that commits them marks them pending (their final slot is their own
@@ -22,7 +23,6 @@ import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
 import { keyedPermutation } from '../layouts/keyed.js';
 import { chunkSlots, placeSlot, type Slots } from '../layouts/layout.js';
-import { windows } from '../image/transfer.js';
 import type { ShadowImage } from '../shadow/image.js';
 import { availableMemory } from '../sys/memory.js';
 import type { SealedManifest } from '../volume/manifest.js';
@@ -30,16 +30,16 @@ import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, ty
 import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, ReadOptions, SealedState, StoreWrite } from './chunk-store.js';
 import type { VolumeKeys } from './keys.js';
 import {
-  clearPending, clonePositionMap, datasync, loadPositionMap, loadReservation, mapFileBytes, newPositionMap, pendingChunks,
-  setPending, writeAt, writePositionMap, writeReservation, type MapKey, type PositionMap, type Region, type Reservation,
+  RESERVE_RECORD_BYTES, checkMapFormat, clearPending, clonePositionMap, datasync, loadReservation, mapFileBytes, newPositionMap,
+  pendingChunks, setPending, writeAt, writePositionMap, writeReservation, type MapKey, type PositionMap, type Region, type Reservation,
 } from './map.js';
+import { MapCommitter, loadMapState } from './map-log.js';
 import { unlockSealedManifest } from './sealed-manifest.js';
 import { NonceBudget, SlotAuthError, SlotSealer, openChunk, slotSize, type NonceBudgetState } from './slot.js';
+import { openSlotsInto, type SlotSource } from './slot-workers.js';
 
 /** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
 const RUN_BYTES = 8 * 2 ** 20;
-/** Populate reads this much of the image per call (progress is reported in these steps). */
-const FILL_BYTES = 64 * 2 ** 20;
 const NONE = 0xffffffff;
 /** A chunk planned through the journal, before its rank is known. */
 const OVERFLOW = -2;
@@ -56,9 +56,9 @@ export function slotsOf(manifest: Pick<SealedManifest, 'chunkSize' | 'files'>): 
   return chunkSlots({ chunkSize: size, fileSizes: manifest.files.map((f) => f.size), deviceSize: 0, chunkCount: 0 });
 }
 
-/** Bytes a sealed volume of this shape needs in memory to be opened and written (maps, plans, buffers). */
+/** Bytes a sealed volume of this shape needs in memory to be opened and written (maps, map log, plans, buffers). */
 export function sealedStoreBytes(chunks: number, slots: number): number {
-  return chunks * (2 * 16 + 2 * 17 + 9 + 8) + slots + 4 * RUN_BYTES;
+  return chunks * (2 * 16 + 2 * 17 + 9 + 8 + 16) + 5 * slots + 4 * RUN_BYTES;
 }
 
 function checkMemory(name: string, chunks: number, slots: number): void {
@@ -117,7 +117,7 @@ class SealedStore implements ChunkStore {
   readonly #slots: Slots;
   readonly #generation: number;
   #committed: PositionMap;
-  #region: Region;
+  readonly #mapCommitter: MapCommitter;
   #reservation: { reservation: Reservation; index: Region } | undefined;
   #writeBlocked: string | undefined;
   #nextEpoch: number;
@@ -139,13 +139,14 @@ class SealedStore implements ChunkStore {
     this.#slots = slotsOf(m);
     this.#generation = m.sealed.keyGeneration;
 
+    checkMapFormat(mapFd, MAP_NAME, this.chunkCount);
     const size = fstatSync(mapFd).size;
     const expected = mapFileBytes(this.chunkCount);
     if (size !== expected) throw new VbdError(`position map ${MAP_NAME} is ${size} bytes, a volume of ${this.chunkCount} chunks has one of ${expected} (truncated or replaced?); nothing was read or written`);
-    const loaded = loadPositionMap(mapFd, MAP_NAME, this.#mapKey, this.chunkCount, this.#slots.total);
+    const loaded = loadMapState(mapFd, MAP_NAME, this.#mapKey, this.chunkCount, this.#slots.total);
     this.#committed = loaded.map;
-    this.#region = loaded.region;
-    if (loaded.fallback !== undefined) this.notices.push(loaded.fallback);
+    this.#mapCommitter = new MapCommitter(mapFd, MAP_NAME, this.#mapKey, loaded);
+    this.notices.push(...loaded.notices);
 
     const res = loadReservation(mapFd, MAP_NAME, this.#mapKey);
     this.notices.push(...res.problems);
@@ -276,17 +277,25 @@ class SealedStore implements ChunkStore {
     return order;
   }
 
-  fill(image: ShadowImage, options: ReadOptions = {}, progress?: (bytes: number) => void): DamagedChunk[] {
-    const damaged: DamagedChunk[] = [];
-    const C = this.chunkSize;
-    for (const window of image.windows) {
-      const first = window.offset / C;
-      const end = first + window.length / C;
-      for (const part of windows(end - first, C, FILL_BYTES)) {
-        const into = window.view.subarray(part.first * C, part.end * C);
-        damaged.push(...this.read(first + part.first, first + part.end, into, options));
-        progress?.(into.length);
-      }
+  /** Opens every slot into the image on worker threads (src/store/slot-workers.ts). */
+  async fill(image: ShadowImage, options: ReadOptions = {}, progress?: (bytes: number) => void): Promise<DamagedChunk[]> {
+    const m = this.#committed;
+    const keys = new Map<number, Buffer>();
+    for (const generation of new Set(m.generation)) keys.set(generation, this.#keys.slotKey(generation).key);
+    const source = (chunk: number): SlotSource => {
+      const p = this.#placeOf(chunk);
+      return { fd: p.fd, name: p.name, offset: p.offset, epoch: m.epochs[chunk] ?? 0, generation: m.generation[chunk] ?? 0 };
+    };
+    const failed = await openSlotsInto({
+      imageFd: image.fd, chunkSize: this.chunkSize, slotBytes: this.#slotBytes, chunkCount: this.chunkCount, uuid: this.#keys.uuid, keys, source, progress,
+    });
+    const damaged = failed.map((chunk): DamagedChunk => {
+      const s = source(chunk);
+      return { chunk, name: s.name, offset: s.offset, epoch: s.epoch };
+    });
+    const first = damaged[0];
+    if (first !== undefined && options.damaged !== 'zero') {
+      throw new SlotAuthError(first.chunk, first.epoch, m.generation[first.chunk] ?? 0, { file: first.name, offset: first.offset });
     }
     return damaged;
   }
@@ -362,11 +371,16 @@ class SealedStore implements ChunkStore {
     return first;
   }
 
-  #commitMap(next: PositionMap): void {
-    const region: Region = this.#region === 0 ? 1 : 0;
-    writePositionMap(this.#mapFd, MAP_NAME, this.#mapKey, next, region);
+  /** The commit point: `next` becomes the map the files decode to. Returns the map bytes written. */
+  #commitMap(next: PositionMap): number {
+    const bytes = this.#mapCommitter.commit(this.#committed, next);
     this.#committed = next;
-    this.#region = region;
+    return bytes;
+  }
+
+  /** For tests: the checkpoint copy in use, its epoch, and where the map log ends. */
+  get mapPlace(): MapCommitter['place'] {
+    return this.#mapCommitter.place;
   }
 
   #removeJournal(): void {
@@ -382,8 +396,8 @@ class SealedStore implements ChunkStore {
     }
   }
 
-  /** Copies the pending chunks from the journal into their slots, commits a map without them at `clearEpoch`, removes the journal. */
-  #completeJournal(clearEpoch: number): void {
+  /** Copies the pending chunks from the journal into their slots, commits a map without them at `clearEpoch`, removes the journal; returns the map bytes written. */
+  #completeJournal(clearEpoch: number): number {
     const m = this.#committed;
     const S = this.#slotBytes;
     const j = this.#journal;
@@ -415,10 +429,11 @@ class SealedStore implements ChunkStore {
     clearPending(cleared);
     cleared.epoch = clearEpoch;
     cleared.budget = this.#budget.state;
-    this.#commitMap(cleared);
+    const mapBytes = this.#commitMap(cleared);
     if (j !== undefined) closeSync(j.fd);
     this.#journal = undefined;
     this.#removeJournal();
+    return mapBytes;
   }
 
   begin(chunks: 'all' | Uint32Array): StoreWrite {
@@ -462,7 +477,7 @@ class SealedStore implements ChunkStore {
     if (overflow > 0) journalFd = this.#createJournal(epoch, overflow);
     this.#active = true;
     return new SealedWrite(this, {
-      epoch, dest, viaJournal, journalFd, planned: k, inFree, overflow,
+      epoch, dest, viaJournal, journalFd, planned: k, inFree, overflow, mapBytes: RESERVE_RECORD_BYTES,
       sealer: new SlotSealer(this.#keys.slotKey(this.#budget.generation), this.#budget),
     });
   }
@@ -520,14 +535,16 @@ class SealedStore implements ChunkStore {
       }
       next.epoch = plan.epoch;
       next.budget = this.#budget.state;
-      this.#commitMap(next); // the commit point
+      plan.mapBytes += this.#commitMap(next); // the commit point
       if (plan.journalFd !== undefined) {
         const index = plan.viaJournal ?? new Int32Array(0);
         this.#journal = { fd: plan.journalFd, index };
         plan.journalFd = undefined;
-        this.#completeJournal(plan.epoch + 1);
+        plan.mapBytes += this.#completeJournal(plan.epoch + 1);
       }
-      return { kind: 'sealed', epoch: this.#committed.epoch, chunks: plan.planned, inFreeSlots: plan.inFree, throughJournal: plan.overflow };
+      return {
+        kind: 'sealed', epoch: this.#committed.epoch, chunks: plan.planned, inFreeSlots: plan.inFree, throughJournal: plan.overflow, mapBytes: plan.mapBytes,
+      };
     } finally {
       this.#active = false;
       // Never removed here: once the map write was tried, the journal may be what the files need.
@@ -568,6 +585,8 @@ interface WritePlan {
   planned: number;
   inFree: number;
   overflow: number;
+  /** Bytes written to the map file so far: the epoch reservation, then the map record or checkpoint(s). */
+  mapBytes: number;
   sealer: SlotSealer;
 }
 

@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MANIFEST_NAME } from '../../src/volume/manifest.js';
 import { MAP_NAME, SEALED_JOURNAL_NAME } from '../../src/volume/volume.js';
-import { mapRegionBytes, regionOffset, MAP_HEADER_BYTES } from '../../src/store/map.js';
+import { logOffset, mapRegionBytes, regionOffset, MAP_HEADER_BYTES } from '../../src/store/map.js';
+import { logRecordBytes } from '../../src/store/map-log.js';
 import { slotSize } from '../../src/store/slot.js';
 import type { ChunkPlace } from '../../src/store/chunk-store.js';
 import { cli, sha256, treeHash, type CliResult } from '../helpers/cli.js';
@@ -286,13 +287,15 @@ describe('sealed volumes through the CLI', () => {
     expect(treeHash(v.home)).toBe(before);
   });
 
-  it('a corrupted map copy: export falls back to the other copy and says so', () => {
+  it('a damaged map log record or map copy: export decodes the epoch before it and says so', () => {
     const v = sealedVolume({ size: 256 * 1024, files: 2, chunk: 4096, spare: '100%' });
     const one = randomBytes(256 * 1024);
     const two = randomBytes(256 * 1024);
-    expect(v.importImage(one).status).toBe(0); // map A, epoch 3
-    expect(v.importImage(two).status).toBe(0); // map B, epoch 4
     const chunks = 64;
+    // init: map A at epoch 1, map B at epoch 2 (the checkpoint the log builds on); each import
+    // appends one record of its 64 entries: epoch 3, then epoch 4.
+    expect(v.importImage(one).status).toBe(0);
+    expect(v.importImage(two).status).toBe(0);
     const mapPath = join(v.dir, MAP_NAME);
     const flip = (offset: number): void => {
       const map = readFileSync(mapPath);
@@ -302,19 +305,39 @@ describe('sealed volumes through the CLI', () => {
     const a = regionOffset(chunks, 0);
     const b = regionOffset(chunks, 1);
     expect(b - a).toBe(mapRegionBytes(chunks));
+    const log = logOffset(chunks);
+    const second = log + logRecordBytes(chunks, 0);
+    const auth = 'fails authentication (corrupted, tampered with, torn by a crash, or of another volume)';
+    /** Export says `warning`, then gives `expected`, or (undefined) refuses: that older epoch's slots were reused since. */
+    const warned = (expected: Buffer | undefined, warning: string): void => {
+      const { r, image } = v.exportImage();
+      if (expected === undefined) {
+        expect(r.status).not.toBe(0);
+        expect(r.stderr).toMatch(/^vbd-shadow: warning: [^\n]+\nvbd-shadow: export refused: 64 chunks fail authentication [^\n]+\n$/);
+      } else {
+        expect(r.status, r.stderr).toBe(0);
+        expect(image?.equals(expected)).toBe(true);
+      }
+      expect(r.stderr.split('\n')[0]).toBe(`vbd-shadow: warning: ${warning}`);
+    };
 
-    flip(b + MAP_HEADER_BYTES + 7); // B holds the newest commit
-    const { r, image } = v.exportImage();
-    expect(r.status, r.stderr).toBe(0);
-    expect(r.stderr).toBe(`vbd-shadow: warning: map B (${MAP_NAME} at offset ${b}) fails authentication (corrupted, tampered with, torn by a crash, or of another volume); using map A (${MAP_NAME} at offset ${a}), epoch 3 (if the failed copy held a later commit, that commit is lost)\n`);
-    expect(image?.equals(one)).toBe(true);
-    flip(b + MAP_HEADER_BYTES + 7);
+    flip(second + 100); // the last record: that commit did not happen
+    warned(one, `the last map log record (${MAP_NAME} at offset ${second}, epoch 4) ${auth}: the commit it holds did not happen; the files decode to epoch 3`);
+    flip(second + 100);
     expect(exported(v).equals(two)).toBe(true);
 
-    flip(a + 30); // A, older: B still wins, and A's damage is said
-    const second = v.exportImage();
-    expect(second.r.stderr).toMatch(/^vbd-shadow: warning: map A \(vbd-shadow.map at offset 4096\) fails authentication .*; using map B .*, epoch 4/);
-    expect(second.image?.equals(two)).toBe(true);
+    // A middle record: it and every record after it are not applied, and that is said. Epoch 2's
+    // slots were the free ones epoch 4 wrote (full imports, 100% spare), so nothing is exposed.
+    flip(log + 100);
+    warned(undefined, `map log record (${MAP_NAME} at offset ${log}, epoch 3) ${auth}; it and 1 later record of the log are not applied (a crash tears only the last record: the log was damaged or tampered with); the files decode to epoch 2`);
+    flip(log + 100);
+
+    flip(b + MAP_HEADER_BYTES + 7); // the checkpoint the log builds on: the older copy, without that log (slots reused: refused)
+    warned(undefined, `map B (${MAP_NAME} at offset ${b}) ${auth}; using map A (${MAP_NAME} at offset ${a}), epoch 1 (if the failed copy held a later commit, that commit is lost)`);
+    flip(b + MAP_HEADER_BYTES + 7);
+
+    flip(a + 30); // the older copy: B and its log still win, and A's damage is said
+    warned(two, `map A (${MAP_NAME} at offset ${a}) ${auth}; using map B (${MAP_NAME} at offset ${b}) and the map log after it, epoch 4 (if the failed copy held a later commit, that commit is lost)`);
     flip(b + 100);
     expectRefusal(v.exportImage().r, /no valid position map: map A .* fails authentication.*; map B .* fails authentication/);
   });
