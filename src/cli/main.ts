@@ -1,12 +1,15 @@
 // The CLI's top level: commander wiring, and the only place that turns errors into exit codes.
 
 import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Command, CommanderError } from 'commander';
 import { VbdError, errnoCode, kindOf, type ErrorKind } from '../common/errors.js';
 import { escapeText } from '../common/escape.js';
 import { EXIT, EXIT_SUMMARY, type ExitStatus } from '../common/exit-codes.js';
 import { registerDaemonCommands } from './daemon-commands.js';
 import { registerOfflineCommands } from './offline-commands.js';
+import { registerSetupCommands } from './setup-commands.js';
 
 /** The exit status of each kind of error; a new kind without a status does not compile. */
 const EXIT_OF: Record<ErrorKind, ExitStatus> = {
@@ -24,14 +27,22 @@ const EXIT_OF: Record<ErrorKind, ExitStatus> = {
 /** Commands that run on when stdout goes away: their data matters more than their log lines. */
 const LONG_LIVED = new Set(['start', 'agent']);
 
-/** The version in the package's own package.json (dist/src/cli/ → the package root). */
+/** The version in the package's own package.json: the nearest one above this file (dist/src/cli/ or src/cli/). */
 function packageVersion(): string {
-  const text = readFileSync(new URL('../../../package.json', import.meta.url), 'utf8');
-  const version: unknown = (JSON.parse(text) as { version?: unknown }).version;
-  return typeof version === 'string' ? version : 'unknown';
+  for (let dir = dirname(fileURLToPath(import.meta.url)); dir !== dirname(dir); dir = dirname(dir)) {
+    let text: string;
+    try {
+      text = readFileSync(join(dir, 'package.json'), 'utf8');
+    } catch {
+      continue;
+    }
+    const pkg = JSON.parse(text) as { name?: unknown; version?: unknown };
+    if (pkg.name === 'vbd-shadow' && typeof pkg.version === 'string') return pkg.version;
+  }
+  return 'unknown';
 }
 
-function buildProgram(): Command {
+export function buildProgram(): Command {
   const program = new Command('vbd-shadow')
     .description('A RAM-speed Linux block device whose data lives in many files, placed by a layout of your choice.')
     .version(packageVersion())
@@ -40,6 +51,7 @@ function buildProgram(): Command {
     .configureOutput({ outputError: (text, write) => write(`vbd-shadow: ${text.replace(/^error: /, '')}`) });
   registerOfflineCommands(program);
   registerDaemonCommands(program);
+  registerSetupCommands(program);
   const width = Math.max(...EXIT_SUMMARY.map(([status]) => String(status).length));
   program.addHelpText('after', `
 Examples:
