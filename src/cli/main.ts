@@ -73,26 +73,29 @@ Manual: man 8 vbd-shadow`);
 /**
  * A closed stdout (`vbd-shadow status | head -1`) ends a command quietly with EXIT.stdoutClosed,
  * as SIGPIPE ends a C program; Node ignores SIGPIPE and reports EPIPE as an error event instead.
- * The daemon and the agent keep running: they lose log lines, never data.
  */
-function quietOnClosedStdout(current: () => string | undefined): void {
+function quietOnClosedStdout(): void {
   process.stdout.on('error', (err) => {
     const code = errnoCode(err);
-    if (code === 'EPIPE' && LONG_LIVED.has(current() ?? '')) return;
     if (code !== 'EPIPE') process.stderr.write(`vbd-shadow: cannot write to standard output: ${err.message}\n`);
     process.exit(code === 'EPIPE' ? EXIT.stdoutClosed : EXIT.io);
   });
 }
 
+/**
+ * The daemon and the agent run on when stdout goes away (they lose log lines, never data), and
+ * their stdout is left exactly as it was handed over (the daemon's log writes to fd 1 itself).
+ */
+function isLongLived(argv: readonly string[]): boolean {
+  const args = argv.slice(2);
+  const command = args.find((a) => !a.startsWith('-'));
+  return LONG_LIVED.has(command ?? '') && !args.some((a) => a === '-h' || a === '--help');
+}
+
 export async function main(argv: string[]): Promise<number> {
-  let command: string | undefined;
-  quietOnClosedStdout(() => command);
+  if (!isLongLived(argv)) quietOnClosedStdout();
   try {
-    const program = buildProgram();
-    program.hook('preAction', (_root, action) => {
-      command = action.name();
-    });
-    await program.parseAsync(argv);
+    await buildProgram().parseAsync(argv);
     // A command that ends with a code of its own (the daemon, the agent) set process.exitCode.
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {

@@ -114,6 +114,12 @@ describe('exit statuses', () => {
     }
     // Whether head closed the pipe before the one write is a race; both ends are quiet.
     expect([...statuses].every((s) => s === EXIT.ok || s === EXIT.stdoutClosed)).toBe(true);
+    // The help of the long-lived commands (whose own stdout is left alone) too.
+    for (const command of ['start', 'agent']) {
+      const r = pipeInto([command, '--help'], 'head -1');
+      expect(r.stderr).toBe('');
+      expect([EXIT.ok, EXIT.stdoutClosed]).toContain(r.status);
+    }
   });
 
   it(`${EXIT.stdoutClosed}: an export larger than the pipe, read by head -c 1, ends quietly with ${EXIT.stdoutClosed}`, () => {
