@@ -299,7 +299,7 @@ export function registerDaemonCommands(program: Command): void {
     .command('agent')
     .description('(the volume owner) the canary of a login session: the volume lives while this runs; logout or Ctrl-C writes everything back and frees the RAM')
     .argument('<volume>', 'volume directory or name')
-    .option('--key-file <file>', `keyed layout: the secret (default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
+    .option('--key-file <file>', `keyed layout: the secret (- = standard input; default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
     .action(async (target: string, o: { keyFile?: string }) => {
       const { name, paths, layout } = resolveTarget(target);
       const uid = process.getuid?.() ?? -1;
@@ -325,7 +325,7 @@ export function registerDaemonCommands(program: Command): void {
     .command('recover')
     .description('after a crash: settle an interrupted flush, and (root) write a leftover RAM image back into the files')
     .argument('<dir>', 'volume directory')
-    .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image)')
+    .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image; - = standard input)')
     .action(async (dir: string, o: { keyFile?: string }) => {
       const volume = openServedVolume(dir);
       const { name } = volume.manifest;
