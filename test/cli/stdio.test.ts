@@ -90,6 +90,33 @@ describe('- for standard input and output', () => {
     expect(r.stderr).toMatch(/^exported epoch \d+: 128 chunks verified\n$/);
   });
 
+  it('sealed: export - of a volume with damaged slots fails with the I/O status before writing them, unless --zero-damaged', () => {
+    const scratch = tempDir();
+    const dir = join(scratch, 'vol');
+    const pass = keyFile(scratch, 'sealed passphrase');
+    cliOk(['init', dir, ...SHAPE, '--sealed', '--key-file', pass]);
+    const image = randomBytes(SIZE);
+    expect(cli(['import', dir, '-', '--key-file', pass], { input: image }).status).toBe(0);
+    // One flipped byte in every slot of the first file: some of them hold chunks.
+    const file = join(dir, 'file001');
+    const bytes = readFileSync(file);
+    const slot = 4096 + 28;
+    for (let at = 100; at < bytes.length; at += slot) bytes[at] = (bytes[at] ?? 0) ^ 0xff;
+    writeFileSync(file, bytes);
+    const refused = cliBytes(['export', dir, '-', '--key-file', pass]);
+    expect(refused.stderr).toMatch(/^vbd-shadow: export refused: \d+ chunks? fails? authentication .*standard output got the image only up to chunk 0 \(byte 0\): incomplete/);
+    expect(refused.status).toBe(EXIT.io);
+    expect(refused.stdout.length).toBe(0);
+    const zeroed = cliBytes(['export', dir, '-', '--key-file', pass, '--zero-damaged']);
+    expect(zeroed.status, zeroed.stderr).toBe(0);
+    expect(zeroed.stdout.length).toBe(SIZE);
+    const damaged = [...zeroed.stderr.matchAll(/^zeroed damaged chunk (\d+) /gm)].map((m) => Number(m[1]));
+    expect(damaged.length).toBeGreaterThan(0);
+    for (const chunk of damaged) expect(zeroed.stdout.subarray(chunk * 4096, (chunk + 1) * 4096).equals(Buffer.alloc(4096))).toBe(true);
+    const first = damaged[0] ?? 0;
+    expect(sha256(zeroed.stdout.subarray(0, first * 4096))).toBe(sha256(image.subarray(0, first * 4096)));
+  });
+
   it('export - to a terminal and import - from a terminal are refused', () => {
     const scratch = tempDir();
     const dir = join(scratch, 'vol');

@@ -28,9 +28,10 @@ const vbd = (args: string[], env?: NodeJS.ProcessEnv): SpawnSyncReturns<string> 
 beforeAll(() => {
   work = mkdtempSync(join(tmpdir(), 'vbd-pkg-'));
   chmodSync(work, 0o755); // the agent unit runs as users: the installation must be readable by all
-  // This tree as a clone would hold it (tracked and new files, nothing ignored: no dist/, no node_modules/).
+  // This tree as a clone would hold it (tracked and new files, nothing ignored: no dist/; node_modules
+  // is linked, not installed again — in a worktree it is itself a link, which .gitignore's node_modules/ misses).
   const clone = join(work, 'clone');
-  const files = run('git', ['ls-files', '-co', '--exclude-standard', '-z'], SOURCE).stdout.split('\0').filter((f) => f !== '' && existsSync(join(SOURCE, f)));
+  const files = run('git', ['ls-files', '-co', '--exclude-standard', '-z'], SOURCE).stdout.split('\0').filter((f) => f !== '' && f !== 'node_modules' && existsSync(join(SOURCE, f)));
   for (const f of files) cpSync(join(SOURCE, f), join(clone, f));
   symlinkSync(realpathSync(join(SOURCE, 'node_modules')), join(clone, 'node_modules'));
   mkdirSync(join(work, 'out'));
