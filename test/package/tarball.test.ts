@@ -69,7 +69,10 @@ describe('the packed tarball', () => {
     expect(vbd(['--version']).stdout).toBe(`${(JSON.parse(readFileSync(join(SOURCE, 'package.json'), 'utf8')) as { version: string }).version}\n`);
     const env = { ...process.env, MANPATH: join(prefix, 'share', 'man') };
     const where = run('man', ['-w', 'vbd-shadow'], undefined, env);
-    expect(where.stdout.trim()).toBe(join(prefix, 'share', 'man', 'man8', 'vbd-shadow.8'));
+    // npm links the page into PREFIX/share/man/man8; man names the file the link leads to.
+    const link = join(prefix, 'share', 'man', 'man8', 'vbd-shadow.8');
+    expect(realpathSync(where.stdout.trim())).toBe(realpathSync(link));
+    expect(realpathSync(link)).toBe(join(realpathSync(prefix), 'lib', 'node_modules', 'vbd-shadow', 'man', 'vbd-shadow.8'));
     const page = run('man', ['-P', 'cat', '8', 'vbd-shadow'], undefined, { ...env, MANWIDTH: '100' });
     expect(page.status).toBe(0);
     expect(page.stdout).toMatch(/EXIT STATUS/);
