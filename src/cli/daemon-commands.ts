@@ -14,10 +14,10 @@ import { openJournal } from '../flush/journal.js';
 import { isTmpfsMounted } from '../shadow/image.js';
 import { Option, type Command } from 'commander';
 import { sleep } from '../common/fd.js';
-import { VbdError, failure } from '../common/errors.js';
+import { BusyError, NotFoundError, UsageError, VbdError, failure } from '../common/errors.js';
 import { parseDuration } from '../common/duration.js';
 import { formatSize, parseSize } from '../common/size.js';
-import { parseMkfsType } from '../device/mkfs.js';
+import { MKFS_TYPES, parseMkfsType } from '../device/mkfs.js';
 import { requireRoot, runDaemon, type CanaryMode } from '../daemon/daemon.js';
 import { createLog } from '../daemon/log.js';
 import { recoverLeftover } from '../daemon/recover.js';
@@ -123,7 +123,8 @@ function checkStartOptions(o: StartOptions): void {
   parseDuration(o.interval, '--interval');
   if (o.maxDirty !== undefined) parseSize(o.maxDirty, '--max-dirty');
   if (o.mkfs !== undefined) parseMkfsType(o.mkfs);
-  if (o.rawAccess === true && o.mount === undefined) throw new VbdError('--raw-access only matters with --mount (without it the owner always gets the device node)');
+  if (o.canary === 'wait' && o.keyFile !== undefined) throw new UsageError('--key-file with --canary wait: the key comes from the owner\'s agent (its --key-file or ~/.config/vbd-shadow/NAME.key)');
+  if (o.rawAccess === true && o.mount === undefined) throw new UsageError('--raw-access only matters with --mount (without it the owner always gets the device node)');
 }
 
 async function startForeground(volume: AnyVolume, canary: CanaryMode, o: StartOptions): Promise<number> {
@@ -171,7 +172,7 @@ async function startBackground(volume: AnyVolume, o: StartOptions): Promise<numb
   try {
     paths = runtimePaths(volume.identity);
     const current = readStatusAt(paths);
-    if (current !== undefined && daemonRunning(current)) throw new VbdError(`volume '${current.name}' is already served by pid ${current.pid}`);
+    if (current !== undefined && daemonRunning(current)) throw new BusyError(`volume '${current.name}' is already served by pid ${current.pid}`);
     secret = await secretFor(volume.manifest, o.keyFile);
     logPath = logPathOf(volume);
   } finally {
@@ -210,7 +211,7 @@ async function startBackground(volume: AnyVolume, o: StartOptions): Promise<numb
 /** The daemon serving a volume named on the command line (`live`: with its device attached). */
 function runningDaemon(target: string, need: 'running' | 'live'): { name: string; pid: number; paths: RuntimePaths } {
   const { name, paths, status } = resolveTarget(target);
-  if (status === undefined || !daemonRunning(status) || (need === 'live' && status.state !== 'live')) throw new VbdError(`volume '${name}' is not live`);
+  if (status === undefined || !daemonRunning(status) || (need === 'live' && status.state !== 'live')) throw new NotFoundError(`volume '${name}' is not live`);
   return { name, pid: status.pid, paths };
 }
 
@@ -261,13 +262,13 @@ export function registerDaemonCommands(program: Command): void {
     .description('(root) serve a volume: RAM image, a loop device of its own (/dev/vbd-shadow/USER/NAME), optional mkfs and mount on a directory the owner owns')
     .argument('<dir>', 'volume directory')
     .option('--mount <dir>', 'mount the device here (nosuid,nodev), for the volume owner')
-    .option('--mkfs <type>', 'format on first use (only a never-written, all-zero device): ext4, ext3, ext2, xfs, btrfs')
+    .addOption(new Option('--mkfs <type>', 'format on first use (only a never-written, all-zero device)').choices(MKFS_TYPES))
     .option('--raw-access', 'with --mount: give the owner the raw device node too (she could then rewrite the mounted filesystem under the kernel; see SECURITY.md)')
     .option('--interval <duration>', 'periodic writeback interval', '30s')
     .option('--max-dirty <size>', 'flush early once this much was written since the last flush (bounds what a crash can lose); default 256M, for a sealed volume at most half its free slots')
-    .option('--canary <mode>', 'what ends a session: spawn = start the owner\'s agent here and serve while it lives (default on a terminal under sudo); wait = wait for the owner\'s agent, serve while it lives, then wait again (the systemd unit); none = the daemon\'s own lifetime (default otherwise)')
+    .addOption(new Option('--canary <mode>', 'what ends a session: spawn = start the owner\'s agent here and serve while it lives (default on a terminal under sudo); wait = wait for the owner\'s agent, serve while it lives, then wait again (the systemd unit); none = the daemon\'s own lifetime (default otherwise)').choices(['spawn', 'wait', 'none']))
     .option('--foreground', 'stay in the foreground and log to stdout (Ctrl-C / SIGTERM tears down); implied by --canary spawn|wait')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed volume: the passphrase (else asked on the terminal)')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed volume: the passphrase (- = standard input; else asked on the terminal)')
     .option('--accept-rollback', 'sealed: serve files that decode to an older epoch than this machine committed (a volume moved between machines, or restored from a backup on purpose); also a plain manifest where a sealed volume was')
     .option('--zero-damaged', 'sealed: serve the volume even though some slots fail authentication, with those chunks zeroed (listed in the log and status; the next flush seals them anew)')
     .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
@@ -303,7 +304,7 @@ export function registerDaemonCommands(program: Command): void {
     .command('agent')
     .description('(the volume owner) the canary of a login session: the volume lives while this runs; logout or Ctrl-C writes everything back and frees the RAM')
     .argument('<volume>', 'volume directory or name')
-    .option('--key-file <file>', `keyed layout: the secret; sealed volume: the passphrase (default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
+    .option('--key-file <file>', `keyed layout: the secret; sealed volume: the passphrase (- = standard input; default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
     .action(async (target: string, o: { keyFile?: string }) => {
       const { name, paths, needsSecret } = resolveTarget(target);
       const uid = process.getuid?.() ?? -1;
@@ -329,7 +330,7 @@ export function registerDaemonCommands(program: Command): void {
     .command('recover')
     .description('after a crash: settle an interrupted flush (plain: its journal; sealed: complete an interrupted commit, check every map copy), and (root) write a leftover RAM image back into the files')
     .argument('<dir>', 'volume directory')
-    .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image); sealed volume: the passphrase')
+    .option('--key-file <file>', 'keyed layout: the secret (only needed for a leftover RAM image); sealed volume: the passphrase (- = standard input)')
     .option('--accept-rollback', 'sealed: accept files that decode to an older epoch than this machine committed (and a plain manifest where a sealed volume was)')
     .action(async (dir: string, o: { keyFile?: string; acceptRollback?: boolean }) => {
       const volume = openServedVolume(dir);
@@ -340,7 +341,7 @@ export function registerDaemonCommands(program: Command): void {
       let journalFd: number | undefined;
       try {
         const current = readStatusAt(paths);
-        if (current !== undefined && daemonRunning(current)) throw new VbdError(`volume '${name}' is live (pid ${current.pid}); stop it first`);
+        if (current !== undefined && daemonRunning(current)) throw new BusyError(`volume '${name}' is live (pid ${current.pid}); stop it first`);
         let settled = 'empty';
         checkNotStripped({ volume, log: say, setStatus: () => undefined }, o.acceptRollback === true, process.geteuid?.() === 0);
         if (isPlainVolume(volume)) {

@@ -1,7 +1,7 @@
 // Where a volume's secret comes from on the command line: --key-file, else a prompt.
 // A keyed plain volume has a layout secret; a sealed volume has a passphrase (any layout).
 
-import { VbdError } from '../common/errors.js';
+import { UsageError, VbdError } from '../common/errors.js';
 import { promptSecret, readKeyFile } from '../layouts/secret.js';
 import type { AnyManifest } from '../volume/manifest.js';
 
@@ -10,7 +10,10 @@ export async function secretFor(manifest: AnyManifest, keyFile: string | undefin
   if (manifest.format === 2) {
     return keyFile !== undefined ? readKeyFile(keyFile) : promptSecret(`Passphrase of sealed volume '${manifest.name}': `);
   }
-  if (manifest.layout.kind !== 'keyed') return undefined;
+  if (manifest.layout.kind !== 'keyed') {
+    if (keyFile !== undefined) throw new UsageError(`--key-file: volume '${manifest.name}' has no key (${manifest.layout.kind} layout, not sealed)`);
+    return undefined;
+  }
   return keyFile !== undefined ? readKeyFile(keyFile) : promptSecret(`Key for volume '${manifest.name}': `);
 }
 

@@ -1,20 +1,58 @@
 // The CLI's top level: commander wiring, and the only place that turns errors into exit codes.
 
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Command, CommanderError } from 'commander';
-import { VbdError } from '../common/errors.js';
+import { VbdError, errnoCode, kindOf, type ErrorKind } from '../common/errors.js';
 import { escapeText } from '../common/escape.js';
+import { EXIT, EXIT_SUMMARY, type ExitStatus } from '../common/exit-codes.js';
 import { registerDaemonCommands } from './daemon-commands.js';
 import { registerOfflineCommands } from './offline-commands.js';
+import { registerSetupCommands } from './setup-commands.js';
 
-function buildProgram(): Command {
+/** The exit status of each kind of error; a new kind without a status does not compile. */
+const EXIT_OF: Record<ErrorKind, ExitStatus> = {
+  failed: EXIT.failed,
+  usage: EXIT.usage,
+  'not-found': EXIT.notFound,
+  refused: EXIT.refused,
+  'wrong-key': EXIT.wrongKey,
+  busy: EXIT.busy,
+  io: EXIT.io,
+  interrupted: EXIT.interrupted,
+  'stdout-closed': EXIT.stdoutClosed,
+};
+
+/** Commands that run on when stdout goes away: their data matters more than their log lines. */
+const LONG_LIVED = new Set(['start', 'agent']);
+
+/** The version in the package's own package.json: the nearest one above this file (dist/src/cli/ or src/cli/). */
+function packageVersion(): string {
+  for (let dir = dirname(fileURLToPath(import.meta.url)); dir !== dirname(dir); dir = dirname(dir)) {
+    let text: string;
+    try {
+      text = readFileSync(join(dir, 'package.json'), 'utf8');
+    } catch {
+      continue;
+    }
+    const pkg = JSON.parse(text) as { name?: unknown; version?: unknown };
+    if (pkg.name === 'vbd-shadow' && typeof pkg.version === 'string') return pkg.version;
+  }
+  return 'unknown';
+}
+
+export function buildProgram(): Command {
   const program = new Command('vbd-shadow')
     .description('A RAM-speed Linux block device whose data lives in many files, placed by a layout of your choice.')
-    .version('0.1.0')
+    .version(packageVersion())
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(`vbd-shadow: ${text.replace(/^error: /, '')}`) });
   registerOfflineCommands(program);
   registerDaemonCommands(program);
+  registerSetupCommands(program);
+  const width = Math.max(...EXIT_SUMMARY.map(([status]) => String(status).length));
   program.addHelpText('after', `
 Examples:
   vbd-shadow init ~/myvbd --size 1G --files 100 --layout keyed   # as you: files + manifest
@@ -23,21 +61,50 @@ Examples:
   vbd-shadow export ~/myvbd image.raw                            # the device's bytes, offline
 
 Durability: data reaches the files at each flush (--interval, --max-dirty, 'flush', logout);
-a power loss loses what was written since the last one, and never tears a flush.`);
+a power loss loses what was written since the last one, and never tears a flush.
+
+Exit status:
+${EXIT_SUMMARY.map(([status, text]) => `  ${String(status).padStart(width)}  ${text}`).join('\n')}
+
+Manual: man 8 vbd-shadow`);
   return program;
 }
 
+/**
+ * A closed stdout (`vbd-shadow status | head -1`) ends a command quietly with EXIT.stdoutClosed,
+ * as SIGPIPE ends a C program; Node ignores SIGPIPE and reports EPIPE as an error event instead.
+ */
+function quietOnClosedStdout(): void {
+  process.stdout.on('error', (err) => {
+    const code = errnoCode(err);
+    if (code !== 'EPIPE') process.stderr.write(`vbd-shadow: cannot write to standard output: ${err.message}\n`);
+    process.exit(code === 'EPIPE' ? EXIT.stdoutClosed : EXIT.io);
+  });
+}
+
+/**
+ * The daemon and the agent run on when stdout goes away (they lose log lines, never data), and
+ * their stdout is left exactly as it was handed over (the daemon's log writes to fd 1 itself).
+ */
+function isLongLived(argv: readonly string[]): boolean {
+  const args = argv.slice(2);
+  const command = args.find((a) => !a.startsWith('-'));
+  return LONG_LIVED.has(command ?? '') && !args.some((a) => a === '-h' || a === '--help');
+}
+
 export async function main(argv: string[]): Promise<number> {
+  if (!isLongLived(argv)) quietOnClosedStdout();
   try {
     await buildProgram().parseAsync(argv);
     // A command that ends with a code of its own (the daemon, the agent) set process.exitCode.
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
-    if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
+    if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    if (kindOf(err) === 'stdout-closed') return EXIT.stdoutClosed;
     const message = err instanceof VbdError ? err.message : err instanceof Error ? `internal error: ${err.message}` : String(err);
     // One line, and nothing a user typed or a file held can drive the terminal.
     process.stderr.write(`vbd-shadow: ${escapeText(message.replace(/\s*\n\s*/g, ' '))}\n`);
     if (process.env['VBD_SHADOW_DEBUG'] === '1' && err instanceof Error) process.stderr.write(`${err.stack}\n`);
-    return 1;
+    return EXIT_OF[kindOf(err)];
   }
 }

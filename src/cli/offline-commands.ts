@@ -1,12 +1,13 @@
 // The commands that need no root: init, export, import, passwd — for plain and sealed volumes,
 // all through the chunk store.
 
-import type { Command } from 'commander';
-import { VbdError } from '../common/errors.js';
+import { closeSync } from 'node:fs';
+import { InvalidArgumentError, type Command } from 'commander';
+import { BusyError, RefusedError, UsageError, VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
 import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
-import { exportImage, importImage } from '../image/offline.js';
+import { STDIO, exportImage, importImage, spoolStdin } from '../image/offline.js';
 import { describeDamaged, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
 import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
 import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
@@ -16,8 +17,18 @@ import { closeVolume, isPlainVolume, isSealedVolume, openVolume, type AnyVolume 
 import { newSecret, secretFor } from './key-input.js';
 
 function parseCount(text: string): number {
-  if (!/^\d+$/.test(text)) throw new VbdError(`--files: expected a whole number, got '${text}'`);
+  if (!/^\d+$/.test(text)) throw new InvalidArgumentError('expected a whole number.');
   return Number(text);
+}
+
+/** The layouts `--layout` takes; `module:PATH` is a user's module. */
+export const LAYOUT_KINDS = ['linear', 'striped', 'keyed', 'module:PATH'] as const;
+
+/** --layout: checked while parsing, so a wrong one is a usage error like any bad choice. */
+function parseLayout(text: string): string {
+  if (text === 'linear' || text === 'striped' || text === 'keyed') return text;
+  if (text.startsWith('module:') && text.length > 'module:'.length) return text;
+  throw new InvalidArgumentError(`Allowed choices are ${LAYOUT_KINDS.join(', ')}.`);
 }
 
 /** --spare: `25%` of the chunk count, or a count of slots. */
@@ -25,11 +36,11 @@ export function parseSpare(text: string): SpareChoice {
   const percent = /^(\d+(?:\.\d+)?)%$/.exec(text);
   if (percent !== null) {
     const p = Number(percent[1]);
-    if (p <= 0 || p > 1000) throw new VbdError(`--spare: a percentage from above 0 to 1000%, got '${text}'`);
+    if (p <= 0 || p > 1000) throw new UsageError(`--spare: a percentage from above 0 to 1000%, got '${text}'`);
     return { percent: p };
   }
   if (/^\d+$/.test(text) && Number(text) >= 1) return { count: Number(text) };
-  throw new VbdError(`--spare: expected PERCENT% or a number of slots (at least 1), got '${text}'`);
+  throw new UsageError(`--spare: expected PERCENT% or a number of slots (at least 1), got '${text}'`);
 }
 
 function parseParams(text: string | undefined): Record<string, unknown> {
@@ -40,7 +51,7 @@ function parseParams(text: string | undefined): Record<string, unknown> {
   } catch {
     /* reported below */
   }
-  throw new VbdError(`--layout-params: expected a JSON object, got '${text}'`);
+  throw new UsageError(`--layout-params: expected a JSON object, got '${text}'`);
 }
 
 function sealedLayoutChoice(kind: string, params: string | undefined): SealedLayoutChoice {
@@ -48,7 +59,7 @@ function sealedLayoutChoice(kind: string, params: string | undefined): SealedLay
   if (kind.startsWith('module:') && kind.length > 'module:'.length) {
     return { kind: 'module', path: kind.slice('module:'.length), params: parseParams(params) };
   }
-  throw new VbdError(`--layout must be linear, striped, keyed or module:PATH, got '${kind}'`);
+  throw new UsageError(`--layout must be linear, striped, keyed or module:PATH, got '${kind}'`);
 }
 
 async function layoutChoice(kind: string, keyFile: string | undefined, params: string | undefined): Promise<LayoutChoice> {
@@ -76,9 +87,9 @@ async function withStore(dir: string, keyFile: string | undefined, writable: boo
     // truth and may be read; writing them behind its back is still refused.
     const daemon = readStatusAt(runtimePaths(volume.identity));
     if (daemon !== undefined && daemonRunning(daemon) && (writable || daemon.state !== 'waiting')) {
-      throw new VbdError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
+      throw new BusyError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
     }
-    if (isPlainVolume(volume) && journalPending(volume)) throw new VbdError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
+    if (isPlainVolume(volume) && journalPending(volume)) throw new RefusedError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
     // Root's record of a sealed volume's epochs (readable by all): a write takes epochs above any
     // this machine may have used, and files older than the last commit here are said to be so.
@@ -121,7 +132,19 @@ interface InitFlags {
   spare?: string;
 }
 
+/** Options that mean nothing with the others given are refused, not silently ignored. */
+function checkInitOptions(o: InitFlags): void {
+  const keyed = o.layout === 'keyed';
+  const module = o.layout.startsWith('module:');
+  if (o.keyFile !== undefined && o.sealed !== true && !keyed) {
+    throw new UsageError(`--key-file: a ${o.layout} volume has no key; it goes with --layout keyed (the layout's secret) or --sealed (the passphrase)`);
+  }
+  if (o.layoutParams !== undefined && !module) throw new UsageError(`--layout-params: only a module:PATH layout takes parameters, not ${o.layout}`);
+  if (o.spare !== undefined && o.sealed !== true) throw new UsageError('--spare only applies to a sealed volume (--sealed)');
+}
+
 async function initCommand(dir: string, o: InitFlags): Promise<void> {
+  checkInitOptions(o);
   const common = {
     dir, deviceSize: parseSize(o.size, '--size'), chunkSize: parseSize(o.chunk, '--chunk'),
     fileCount: o.files, name: o.name, force: o.force === true,
@@ -139,7 +162,6 @@ async function initCommand(dir: string, o: InitFlags): Promise<void> {
     }
     return;
   }
-  if (o.spare !== undefined) throw new VbdError('--spare only applies to a sealed volume (--sealed)');
   const layout = await layoutChoice(o.layout, o.keyFile, o.layoutParams);
   try {
     const m = await initVolume({ ...common, layout });
@@ -150,6 +172,7 @@ async function initCommand(dir: string, o: InitFlags): Promise<void> {
 }
 
 async function passwdCommand(dir: string, o: { keyFile?: string; newKeyFile?: string }): Promise<void> {
+  if (o.keyFile === '-' && o.newKeyFile === '-') throw new UsageError('passwd: --key-file and --new-key-file cannot both come from standard input');
   const volume = openVolume(dir);
   let old: Buffer | undefined;
   let fresh: Buffer | undefined;
@@ -182,12 +205,12 @@ export function registerOfflineCommands(program: Command): void {
     .requiredOption('--size <size>', 'device size, e.g. 512M, 1G (a whole number of chunks)')
     .requiredOption('--files <n>', 'number of backing files', parseCount)
     .option('--chunk <size>', 'chunk size: a power of two from 512 to 64M', '64K')
-    .option('--layout <kind>', 'linear | striped | keyed | module:PATH', 'linear')
+    .option('--layout <kind>', `where each chunk lives (choices: ${LAYOUT_KINDS.map((k) => `"${k}"`).join(', ')})`, parseLayout, 'linear')
     .option('--layout-params <json>', 'parameters handed to a module: layout (JSON object)')
     .option('--name <name>', 'volume name (default: the directory name)')
     .option('--sealed', 'seal every chunk (AES-256-GCM under a key wrapped by your passphrase): the files show nothing of the content')
     .option('--spare <n>', 'sealed: spare slots for copy-on-write commits, PERCENT% of the chunks or a count (default 20%)')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (mode 0600) — else asked twice')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (mode 0600; - = standard input) — else asked twice')
     .option('--force', 'reuse a non-empty directory holding an old volume of the same shape')
     .action(initCommand);
 
@@ -195,14 +218,16 @@ export function registerOfflineCommands(program: Command): void {
     .command('export')
     .description('assemble the whole device image from the files into OUT (offline, no root); a sealed volume is verified chunk by chunk')
     .argument('<dir>', 'volume directory')
-    .argument('<out>', 'image file to write (replaced atomically)')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase')
+    .argument('<out>', 'image file to write (replaced atomically); - = standard output')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input)')
     .option('--zero-damaged', 'sealed: export chunks whose slot fails authentication as zeros, and list them (default: refuse)')
     .action(async (dir: string, out: string, o: { keyFile?: string; zeroDamaged?: boolean }) => {
+      // With the image on stdout, what is said goes to stderr.
+      const say = (line: string): void => void (out === STDIO ? process.stderr.write(`${line}\n`) : console.log(line));
       await withStore(dir, o.keyFile, false, (store) => {
         const { damaged } = exportImage(store, out, { zeroDamaged: o.zeroDamaged === true });
-        for (const d of damaged) console.log(`zeroed damaged ${describeDamaged(d)}`);
-        if (store.kind === 'sealed') console.log(`exported epoch ${store.epoch}: ${store.chunkCount - damaged.length} chunks verified${damaged.length > 0 ? `, ${damaged.length} damaged written as zeros` : ''}`);
+        for (const d of damaged) say(`zeroed damaged ${describeDamaged(d)}`);
+        if (store.kind === 'sealed') say(`exported epoch ${store.epoch}: ${store.chunkCount - damaged.length} chunks verified${damaged.length > 0 ? `, ${damaged.length} damaged written as zeros` : ''}`);
       });
     });
 
@@ -210,12 +235,19 @@ export function registerOfflineCommands(program: Command): void {
     .command('import')
     .description('write a whole device image IN as the volume\'s content (offline, no root; the volume must not be live); a sealed volume commits it as one new epoch')
     .argument('<dir>', 'volume directory')
-    .argument('<in>', 'image file, exactly the device size')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase')
+    .argument('<in>', 'image file, exactly the device size; - = standard input')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input, unless the image comes from there)')
     .action(async (dir: string, input: string, o: { keyFile?: string }) => {
+      if (input === STDIO && o.keyFile === STDIO) throw new UsageError('import: the image and --key-file cannot both come from standard input');
       await withStore(dir, o.keyFile, true, (store, volume) => {
-        const report = importImage(store, input);
-        if (report.kind === 'sealed') console.log(describeCommit(volume.manifest.name, report));
+        // A plain volume is written in place: a stream is spooled first, so one that ends short changes nothing.
+        const spool = input === STDIO && store.kind === 'plain' ? spoolStdin(volume.dir) : undefined;
+        try {
+          const report = spool === undefined ? importImage(store, input) : importImage(store, `/proc/self/fd/${spool}`, 'the image on standard input');
+          if (report.kind === 'sealed') console.log(describeCommit(volume.manifest.name, report));
+        } finally {
+          if (spool !== undefined) closeSync(spool);
+        }
       });
     });
 
@@ -223,8 +255,8 @@ export function registerOfflineCommands(program: Command): void {
     .command('passwd')
     .description('sealed: change the passphrase (re-wraps the volume key in the manifest; no data moves)')
     .argument('<dir>', 'volume directory')
-    .option('--key-file <file>', 'the current passphrase (else asked)')
-    .option('--new-key-file <file>', 'the new passphrase (else asked twice)')
+    .option('--key-file <file>', 'the current passphrase (- = standard input; else asked)')
+    .option('--new-key-file <file>', 'the new passphrase (- = standard input; else asked twice)')
     .action(passwdCommand);
 }
 

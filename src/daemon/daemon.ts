@@ -41,7 +41,7 @@ export interface DaemonOptions extends Omit<SessionOptions, 'mountPoint'> {
 
 export function requireRoot(command: string): void {
   if (process.geteuid?.() !== 0) {
-    throw new VbdError(`${command} needs root (it mounts a tmpfs, locks RAM and attaches a loop device); run it with sudo`);
+    throw new VbdError(`${command} needs root (it mounts a tmpfs, locks RAM and attaches a loop device); run it with sudo`, { kind: 'refused' });
   }
 }
 

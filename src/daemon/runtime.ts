@@ -206,7 +206,7 @@ export function findVolumeByName(name: string): KnownVolume {
   const matches = knownVolumes().filter((v) => v.status.name === name);
   const running = matches.filter((v) => daemonRunning(v.status));
   const pick = running.length > 0 ? running : matches;
-  if (pick.length === 0) throw new VbdError(`no volume named '${name}' has been started here${process.getuid?.() === 0 ? '' : ' by you'}`);
+  if (pick.length === 0) throw new VbdError(`no volume named '${name}' has been started here${process.getuid?.() === 0 ? '' : ' by you'}`, { kind: 'not-found' });
   if (pick.length > 1) throw new VbdError(`${pick.length} volumes are named '${name}' (${pick.map((v) => v.status.volumeDir).join(', ')}); give the directory`);
   return pick[0] as KnownVolume;
 }

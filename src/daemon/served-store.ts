@@ -3,7 +3,7 @@
 // (src/daemon/epoch-record.ts), a plain one against the record of a sealed volume that lived in
 // the same directory.
 
-import { VbdError } from '../common/errors.js';
+import { RefusedError } from '../common/errors.js';
 import { openChunkStore, type ChunkStore } from '../store/chunk-store.js';
 import { identityKey, isSealedVolume, type AnyVolume } from '../volume/volume.js';
 import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal } from './epoch-record.js';
@@ -38,7 +38,7 @@ export function checkNotStripped(ctx: StoreContext, acceptRollback: boolean, for
   const { uid } = volume.owner;
   for (const record of recordsOfDirectory(uid, volume.identity)) {
     if (!acceptRollback) {
-      throw new VbdError(`volume '${volume.manifest.name}' has a plain manifest, but this directory held sealed volume ${record.uuid} (epoch ${record.committedEpoch}, ${record.at}): ` +
+      throw new RefusedError(`volume '${volume.manifest.name}' has a plain manifest, but this directory held sealed volume ${record.uuid} (epoch ${record.committedEpoch}, ${record.at}): ` +
         `its manifest was replaced, which would make the daemon write plaintext; nothing was exposed or written. If you replaced it on purpose, start it with --accept-rollback`);
     }
     if (forget) forgetEpochRecord(uid, record.uuid);
@@ -61,7 +61,7 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
     acceptEpoch: (epoch) => {
       const refusal = rollbackRefusal(name, record, epoch);
       if (refusal === undefined) return;
-      if (!acceptRollback) throw new VbdError(refusal);
+      if (!acceptRollback) throw new RefusedError(refusal);
       log(`--accept-rollback: serving the files at epoch ${epoch} although epoch ${record?.committedEpoch} was committed here; root's record now follows them (new commits take epochs above ${record?.reservedEpoch})`);
     },
   });

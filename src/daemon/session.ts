@@ -6,7 +6,7 @@
 
 import { existsSync } from 'node:fs';
 import { sleep } from '../common/fd.js';
-import { VbdError } from '../common/errors.js';
+import { IoError, VbdError } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
 import { formatSize } from '../common/size.js';
 import { MAX_QUARANTINED, attachLoop, detachLoop, disableDiscard, giveDevice, publishName, quarantine, retryQuarantine, unpublishName, type LoopDevice } from '../device/loop.js';
@@ -81,7 +81,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     const populateMs = Math.round(performance.now() - started);
     if (damaged.length > 0) {
       // Nothing is exposed until the owner decides: a refusal, or --zero-damaged.
-      if (!o.zeroDamaged) throw new VbdError(damagedRefusal(manifest.name, damaged));
+      if (!o.zeroDamaged) throw new IoError(damagedRefusal(manifest.name, damaged));
       log(`--zero-damaged: ${damaged.length} chunks fail authentication and are served as zeros: ${listDamaged(damaged, MAX_LISTED_DAMAGED)}`);
       setStatus({ damagedChunks: damaged.slice(0, MAX_LISTED_DAMAGED) });
     }

@@ -3,7 +3,7 @@
 // can be lost to a format. mkfs runs as the owner when she holds the device node anyway.
 
 import { existsSync } from 'node:fs';
-import { VbdError } from '../common/errors.js';
+import { UsageError, VbdError } from '../common/errors.js';
 import { runOk } from '../common/exec.js';
 import type { Owner } from '../volume/volume.js';
 import type { LoopDevice } from './loop.js';
@@ -13,7 +13,7 @@ export type MkfsType = (typeof MKFS_TYPES)[number];
 
 export function parseMkfsType(type: string): MkfsType {
   const found = MKFS_TYPES.find((t) => t === type);
-  if (found === undefined) throw new VbdError(`--mkfs must be one of ${MKFS_TYPES.join(', ')}, got '${type}'`);
+  if (found === undefined) throw new UsageError(`--mkfs must be one of ${MKFS_TYPES.join(', ')}, got '${type}'`);
   return found;
 }
 

@@ -4,8 +4,8 @@
 
 import { createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
 import { closeSync, fstatSync, openSync, constants as fsc } from 'node:fs';
-import { VbdError, failure } from '../common/errors.js';
-import { readFully } from '../common/fd.js';
+import { InterruptedError, RefusedError, UsageError, VbdError, WrongKeyError, failure } from '../common/errors.js';
+import { readFully, readStdinUpTo } from '../common/fd.js';
 import { scryptCostProblem, type ScryptParams } from '../volume/manifest.js';
 
 export const DEFAULT_KDF: ScryptParams = { N: 2 ** 15, r: 8, p: 1 };
@@ -50,16 +50,42 @@ export function unlockLayoutKey(secret: Buffer, salt: string, kdf: ScryptParams,
   const { layoutKey, keyCheck } = deriveKeys(secret, salt, kdf);
   if (!timingSafeEqual(Buffer.from(keyCheck, 'hex'), Buffer.from(expectedCheck, 'hex'))) {
     layoutKey.fill(0);
-    throw new VbdError('wrong key: it does not match the volume\'s key-check value (nothing was read or written)');
+    throw new WrongKeyError('wrong key: it does not match the volume\'s key-check value (nothing was read or written)');
   }
   return layoutKey;
+}
+
+/** Drops one trailing newline (so `echo pass > f` equals typing "pass"); wipes `secret`. */
+function trimSecret(secret: Buffer, what: string): Buffer {
+  const got = secret.length;
+  const end = secret[got - 1] === 0x0a ? got - 1 : got;
+  const trimmed = Buffer.from(secret.subarray(0, end));
+  secret.fill(0);
+  if (trimmed.length === 0) throw new UsageError(`${what} holds only a newline`);
+  return trimmed;
+}
+
+/** `--key-file -`: the secret is all of standard input (a pipe or a file, not a terminal). */
+function readKeyFromStdin(): Buffer {
+  if (process.stdin.isTTY) throw new UsageError('--key-file -: standard input is a terminal; leave out --key-file to be asked without echo');
+  let secret: Buffer | undefined;
+  try {
+    secret = readStdinUpTo(MAX_SECRET);
+  } catch (err) {
+    throw failure('cannot read the key from standard input', err);
+  }
+  if (secret === undefined) throw new UsageError(`the key on standard input must hold 1 to ${MAX_SECRET} bytes, holds more`);
+  if (secret.length === 0) throw new UsageError('the key on standard input is empty');
+  return trimSecret(secret, 'the key on standard input');
 }
 
 /**
  * Reads a key file: its bytes are the secret, less one trailing newline (so `echo pass > f`
  * equals typing "pass"). Refused if it is a symlink, not a regular file, or readable by others.
+ * `-` is standard input.
  */
 export function readKeyFile(path: string): Buffer {
+  if (path === '-') return readKeyFromStdin();
   let fd: number;
   try {
     fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
@@ -68,18 +94,12 @@ export function readKeyFile(path: string): Buffer {
   }
   try {
     const st = fstatSync(fd);
-    if (!st.isFile()) throw new VbdError(`key file ${path} is not a regular file`);
+    if (!st.isFile()) throw new RefusedError(`key file ${path} is not a regular file (for standard input give --key-file -)`);
     if ((st.mode & 0o077) !== 0) {
-      throw new VbdError(`key file ${path} is accessible by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it`);
+      throw new RefusedError(`key file ${path} is accessible by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it`);
     }
     if (st.size === 0 || st.size > MAX_SECRET) throw new VbdError(`key file ${path} must hold 1 to ${MAX_SECRET} bytes, holds ${st.size}`);
-    const secret = readFully(fd, st.size, 0) ?? Buffer.alloc(0);
-    const got = secret.length;
-    const end = secret[got - 1] === 0x0a ? got - 1 : got;
-    const trimmed = Buffer.from(secret.subarray(0, end));
-    secret.fill(0);
-    if (trimmed.length === 0) throw new VbdError(`key file ${path} holds only a newline`);
-    return trimmed;
+    return trimSecret(readFully(fd, st.size, 0) ?? Buffer.alloc(0), `key file ${path}`);
   } finally {
     closeSync(fd);
   }
@@ -97,7 +117,7 @@ export async function promptSecret(question: string): Promise<Buffer> {
     await new Promise<void>((resolve, reject) => {
       const onData = (data: Buffer): void => {
         for (const byte of data) {
-          if (byte === 0x03) return reject(new VbdError('cancelled'));
+          if (byte === 0x03) return reject(new InterruptedError('cancelled'));
           if (byte === 0x0d || byte === 0x0a) return resolve();
           if (byte === 0x7f) bytes.pop();
           else bytes.push(byte);

@@ -297,7 +297,7 @@ export function unwrapVolumeKeys(passphrase: Buffer, wrapped: WrappedVolumeKey, 
       decipher.final();
     } catch {
       wipe(first);
-      throw new VbdError(UNWRAP_FAILED);
+      throw new VbdError(UNWRAP_FAILED, { kind: 'wrong-key' });
     }
     volumeKey = first;
   } finally {

@@ -2,7 +2,7 @@
 // call, what it was applied to, and the errno (with `.code` set, like Node's own errors).
 
 import koffi from 'koffi';
-import { VbdError, describeErrno } from '../common/errors.js';
+import { VbdError, describeErrno, kindOfErrno } from '../common/errors.js';
 
 export const libc = koffi.load('libc.so.6');
 
@@ -18,7 +18,7 @@ export type SyscallError = VbdError & { code: string };
 export function syscallError(call: string, what: string): SyscallError {
   const errno = koffi.errno();
   const code = ERRNO_NAMES[errno] ?? `errno ${errno}`;
-  const err = new VbdError(`${call} ${what}: ${describeErrno(code)}`) as SyscallError;
+  const err = new VbdError(`${call} ${what}: ${describeErrno(code)}`, { kind: kindOfErrno(code) }) as SyscallError;
   err.code = code;
   return err;
 }

@@ -46,16 +46,16 @@ export function backingFileNames(count: number): string[] {
 
 function checkGeometry(o: Pick<InitOptions, 'chunkSize' | 'deviceSize' | 'fileCount'>): void {
   if (!isPowerOfTwo(o.chunkSize) || o.chunkSize < MIN_CHUNK_SIZE || o.chunkSize > MAX_CHUNK_SIZE) {
-    throw new VbdError(`--chunk must be a power of two from ${formatSize(MIN_CHUNK_SIZE)} to ${formatSize(MAX_CHUNK_SIZE)}, got ${o.chunkSize}`);
+    throw new VbdError(`--chunk must be a power of two from ${formatSize(MIN_CHUNK_SIZE)} to ${formatSize(MAX_CHUNK_SIZE)}, got ${o.chunkSize}`, { kind: 'usage' });
   }
-  if (o.deviceSize <= 0 || o.deviceSize > MAX_DEVICE_SIZE) throw new VbdError(`--size must be from 1 chunk to ${formatSize(MAX_DEVICE_SIZE)}, got ${o.deviceSize}`);
-  if (o.deviceSize % 512 !== 0) throw new VbdError(`--size ${o.deviceSize} is not a whole number of 512-byte sectors`);
-  if (o.deviceSize % o.chunkSize !== 0) throw new VbdError(`--size ${formatSize(o.deviceSize)} is not a whole number of ${formatSize(o.chunkSize)} chunks`);
-  if (!Number.isSafeInteger(o.fileCount) || o.fileCount < 1 || o.fileCount > MAX_FILES) throw new VbdError(`--files must be from 1 to ${MAX_FILES}, got ${o.fileCount}`);
+  if (o.deviceSize <= 0 || o.deviceSize > MAX_DEVICE_SIZE) throw new VbdError(`--size must be from 1 chunk to ${formatSize(MAX_DEVICE_SIZE)}, got ${o.deviceSize}`, { kind: 'usage' });
+  if (o.deviceSize % 512 !== 0) throw new VbdError(`--size ${o.deviceSize} is not a whole number of 512-byte sectors`, { kind: 'usage' });
+  if (o.deviceSize % o.chunkSize !== 0) throw new VbdError(`--size ${formatSize(o.deviceSize)} is not a whole number of ${formatSize(o.chunkSize)} chunks`, { kind: 'usage' });
+  if (!Number.isSafeInteger(o.fileCount) || o.fileCount < 1 || o.fileCount > MAX_FILES) throw new VbdError(`--files must be from 1 to ${MAX_FILES}, got ${o.fileCount}`, { kind: 'usage' });
   const chunks = o.deviceSize / o.chunkSize;
   const tooMany = chunkCountProblem(chunks);
-  if (tooMany !== undefined) throw new VbdError(`--size ${formatSize(o.deviceSize)} in ${formatSize(o.chunkSize)} chunks makes ${tooMany}; use a larger --chunk`);
-  if (chunks < o.fileCount) throw new VbdError(`${o.fileCount} files need at least ${o.fileCount} chunks; the device has ${chunks}`);
+  if (tooMany !== undefined) throw new VbdError(`--size ${formatSize(o.deviceSize)} in ${formatSize(o.chunkSize)} chunks makes ${tooMany}; use a larger --chunk`, { kind: 'usage' });
+  if (chunks < o.fileCount) throw new VbdError(`${o.fileCount} files need at least ${o.fileCount} chunks; the device has ${chunks}`, { kind: 'usage' });
 }
 
 function layoutSpec(choice: LayoutChoice): LayoutSpec {
@@ -70,7 +70,7 @@ function layoutSpec(choice: LayoutChoice): LayoutSpec {
       return { kind: 'keyed', salt, kdf: DEFAULT_KDF, keyCheck };
     }
     case 'module':
-      if (/[\0-\x1f\x7f]/.test(choice.path)) throw new VbdError(`--layout module:PATH: the path must not hold control characters, got ${JSON.stringify(choice.path)}`);
+      if (/[\0-\x1f\x7f]/.test(choice.path)) throw new VbdError(`--layout module:PATH: the path must not hold control characters, got ${JSON.stringify(choice.path)}`, { kind: 'usage' });
       // The fingerprint is filled in once the module's table has been computed.
       return { kind: 'module', path: resolve(choice.path), params: choice.params, fingerprint: '0'.repeat(64) };
   }
@@ -98,7 +98,7 @@ function openDir(dir: string, missingOk: boolean): number | undefined {
       } catch {
         /* gone meanwhile: still not a directory we opened */
       }
-      throw new VbdError(link ? `cannot use ${dir}: is a symbolic link (refused)` : `${dir} exists and is not a directory`);
+      throw new VbdError(link ? `cannot use ${dir}: is a symbolic link (refused)` : `${dir} exists and is not a directory`, { kind: 'refused' });
     }
     throw failure(`cannot use ${dir}`, err);
   }
@@ -108,22 +108,22 @@ function openDir(dir: string, missingOk: boolean): number | undefined {
 function checkDir(dirFd: number, dir: string, me: Owner, files: readonly BackingFile[], force: boolean): void {
   const st = fstatSync(dirFd);
   if (st.uid !== me.uid) {
-    throw new VbdError(`${dir} is owned by uid ${st.uid}, not by uid ${me.uid} (${me.name}) who runs init; run init as the directory's owner`);
+    throw new VbdError(`${dir} is owned by uid ${st.uid}, not by uid ${me.uid} (${me.name}) who runs init; run init as the directory's owner`, { kind: 'refused' });
   }
   if ((st.mode & 0o022) !== 0) {
-    throw new VbdError(`${dir} is writable by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod go-w it`);
+    throw new VbdError(`${dir} is writable by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod go-w it`, { kind: 'refused' });
   }
   const entries = readdirSync(at(dirFd, ''));
-  if (entries.length > 0 && !force) throw new VbdError(`${dir} is not empty (use --force to reuse a directory that holds an old volume)`);
+  if (entries.length > 0 && !force) throw new VbdError(`${dir} is not empty (use --force to reuse a directory that holds an old volume)`, { kind: 'refused' });
   const foreign = unexpectedEntries(at(dirFd, ''), { files: [...files] });
-  if (foreign.length > 0) throw new VbdError(`${dir} holds '${foreign[0]}', which is not part of the new volume; refusing to mix`);
+  if (foreign.length > 0) throw new VbdError(`${dir} holds '${foreign[0]}', which is not part of the new volume; refusing to mix`, { kind: 'refused' });
   let old: Stats | undefined;
   try {
     old = lstatSync(at(dirFd, MANIFEST_NAME));
   } catch (err) {
     if (errnoCode(err) !== 'ENOENT') throw failure(`cannot check ${dir}/${MANIFEST_NAME}`, err);
   }
-  if (old?.isDirectory() === true) throw new VbdError(`${dir}/${MANIFEST_NAME} is a directory; refusing to replace it`);
+  if (old?.isDirectory() === true) throw new VbdError(`${dir}/${MANIFEST_NAME} is a directory; refusing to replace it`, { kind: 'refused' });
 }
 
 /** An existing backing file, opened for writing without following a symlink and checked; undefined if absent. */
@@ -137,9 +137,9 @@ function openOldBackingFile(dirFd: number, dir: string, name: string, me: Owner)
   }
   try {
     const st = fstatSync(fd);
-    if (!st.isFile()) throw new VbdError(`cannot reuse backing file ${dir}/${name}: not a regular file`);
-    if (st.nlink !== 1) throw new VbdError(`cannot reuse backing file ${dir}/${name}: it has ${st.nlink} hard links; backing files must have exactly one`);
-    if (st.uid !== me.uid) throw new VbdError(`cannot reuse backing file ${dir}/${name}: owned by uid ${st.uid}, not uid ${me.uid}`);
+    if (!st.isFile()) throw new VbdError(`cannot reuse backing file ${dir}/${name}: not a regular file`, { kind: 'refused' });
+    if (st.nlink !== 1) throw new VbdError(`cannot reuse backing file ${dir}/${name}: it has ${st.nlink} hard links; backing files must have exactly one`, { kind: 'refused' });
+    if (st.uid !== me.uid) throw new VbdError(`cannot reuse backing file ${dir}/${name}: owned by uid ${st.uid}, not uid ${me.uid}`, { kind: 'refused' });
     return fd;
   } catch (err) {
     closeSync(fd);
@@ -184,7 +184,7 @@ export function writeManifest(dirFd: number, dir: string, manifest: AnyManifest)
 /** The volume's name: --name, else the directory's name made safe. */
 function volumeName(dir: string, name: string | undefined): string {
   const chosen = name ?? basename(dir).replace(/[^A-Za-z0-9_.-]/g, '_').replace(/^[.-]+/, '');
-  if (!isValidName(chosen)) throw new VbdError(`volume name '${chosen}' must be 1-64 characters of A-Z a-z 0-9 _ . - not starting with . or - (use --name)`);
+  if (!isValidName(chosen)) throw new VbdError(`volume name '${chosen}' must be 1-64 characters of A-Z a-z 0-9 _ . - not starting with . or - (use --name)`, { kind: 'usage' });
   return chosen;
 }
 
@@ -306,15 +306,15 @@ export interface SealedInitOptions extends Omit<InitOptions, 'layout'> {
 
 export function spareSlotCount(chunks: number, spare: SpareChoice): number {
   const count = 'count' in spare ? spare.count : Math.ceil((chunks * spare.percent) / 100);
-  if (!Number.isSafeInteger(count) || count < 1) throw new VbdError(`--spare must give at least 1 spare slot, got ${count}`);
+  if (!Number.isSafeInteger(count) || count < 1) throw new VbdError(`--spare must give at least 1 spare slot, got ${count}`, { kind: 'usage' });
   const tooMany = chunkCountProblem(chunks + count);
-  if (tooMany !== undefined) throw new VbdError(`--spare: ${chunks} chunks and ${count} spare slots make ${tooMany.replace('chunks', 'slots')}; use fewer spares or larger chunks`);
+  if (tooMany !== undefined) throw new VbdError(`--spare: ${chunks} chunks and ${count} spare slots make ${tooMany.replace('chunks', 'slots')}; use fewer spares or larger chunks`, { kind: 'usage' });
   return count;
 }
 
 function sealedLayoutSpec(choice: SealedLayoutChoice): SealedLayoutSpec {
   if (choice.kind !== 'module') return { kind: choice.kind };
-  if (/[\0-\x1f\x7f]/.test(choice.path)) throw new VbdError(`--layout module:PATH: the path must not hold control characters, got ${JSON.stringify(choice.path)}`);
+  if (/[\0-\x1f\x7f]/.test(choice.path)) throw new VbdError(`--layout module:PATH: the path must not hold control characters, got ${JSON.stringify(choice.path)}`, { kind: 'usage' });
   return { kind: 'module', path: resolve(choice.path), params: choice.params, fingerprint: '0'.repeat(64) };
 }
 

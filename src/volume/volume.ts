@@ -6,7 +6,7 @@
 
 import { closeSync, fchownSync, fstatSync, openSync, readdirSync, constants as fsc, type Stats } from 'node:fs';
 import { resolve } from 'node:path';
-import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { errnoCode, failure, RefusedError, VbdError } from '../common/errors.js';
 import { readFully } from '../common/fd.js';
 import { openNoSymlinks } from '../sys/open.js';
 import { MANIFEST_NAME, parseAnyManifest, type AnyManifest, type Manifest, type SealedManifest } from './manifest.js';
@@ -92,9 +92,9 @@ function openInDir(dirFd: number, name: string, flags: number, what: string): nu
 }
 
 function checkOwnedRegular(st: Stats, name: string, owner: Owner, what: string): void {
-  if (!st.isFile()) throw new VbdError(`${what} '${name}' is not a regular file`);
-  if (st.uid !== owner.uid) throw new VbdError(`${what} '${name}' is owned by uid ${st.uid}, not the volume owner (uid ${owner.uid})`);
-  if (st.nlink !== 1) throw new VbdError(`${what} '${name}' has ${st.nlink} hard links; backing files must have exactly one`);
+  if (!st.isFile()) throw new VbdError(`${what} '${name}' is not a regular file`, { kind: 'refused' });
+  if (st.uid !== owner.uid) throw new VbdError(`${what} '${name}' is owned by uid ${st.uid}, not the volume owner (uid ${owner.uid})`, { kind: 'refused' });
+  if (st.nlink !== 1) throw new VbdError(`${what} '${name}' has ${st.nlink} hard links; backing files must have exactly one`, { kind: 'refused' });
 }
 
 function readManifest(dirFd: number, owner: Owner): AnyManifest {
@@ -127,7 +127,7 @@ export function openDirectoryNoSymlinks(path: string, what: string): number {
   try {
     return openNoSymlinks(path, fsc.O_RDONLY | fsc.O_DIRECTORY, what);
   } catch (err) {
-    if ((err as { code?: string }).code === 'ELOOP') throw new VbdError(`${what}: a component of the path is a symbolic link (refused: give the real path)`);
+    if ((err as { code?: string }).code === 'ELOOP') throw new VbdError(`${what}: a component of the path is a symbolic link (refused: give the real path)`, { kind: 'refused' });
     throw failure(what, err);
   }
 }
@@ -150,7 +150,7 @@ export function openVolume(dir: string, options: LoadOptions = {}): AnyVolume {
   try {
     const dirStat = fstatSync(dirFd);
     if ((dirStat.mode & 0o022) !== 0) {
-      throw new VbdError(`volume directory ${absolute} is writable by group or others (mode ${(dirStat.mode & 0o777).toString(8)}); chmod go-w it`);
+      throw new VbdError(`volume directory ${absolute} is writable by group or others (mode ${(dirStat.mode & 0o777).toString(8)}); chmod go-w it`, { kind: 'refused' });
     }
     // The owner is whoever owns the directory; gid, name and home come from /etc/passwd.
     const owner = ownerOfUid(dirStat.uid, `volume directory ${absolute} is owned by uid ${dirStat.uid}, which`);
@@ -161,7 +161,7 @@ export function openVolume(dir: string, options: LoadOptions = {}): AnyVolume {
       throw new VbdError(`volume directory ${absolute} holds '${extra[0]}', which the manifest does not list (move it out)`);
     }
     if (manifest.format === 1 && readdirSync(entries).includes(MAP_NAME)) {
-      throw new VbdError(`volume directory ${absolute} holds a sealed volume's position map (${MAP_NAME}) but its manifest is plain (format 1): wrong key or manifest edited (the sealed object removed?); refusing to read or write`);
+      throw new RefusedError(`volume directory ${absolute} holds a sealed volume's position map (${MAP_NAME}) but its manifest is plain (format 1): wrong key or manifest edited (the sealed object removed?); refusing to read or write`);
     }
     const flags = options.writable === true ? fsc.O_RDWR : fsc.O_RDONLY;
     for (const file of manifest.files) {

@@ -27,15 +27,15 @@ describe.skipIf(!IS_ROOT)(`agent pipe security (${IS_ROOT ? 'as root, two real u
     expect(opened.stderr).toMatch(/EACCES/);
     // By name she does not even see it: names are looked up among her own volumes only.
     const intruder = cliAs(other, ['agent', name]);
-    expect(intruder.status).toBe(1);
+    expect(intruder.status).toBe(3); // not found (src/common/exit-codes.ts)
     expect(intruder.stderr).toBe(`vbd-shadow: no volume named '${name}' has been started here by you\n`);
     expect(readStatus(name)?.state).toBe('waiting');
 
     // The owner's agent; then garbage from root on both pipes, a half-open message included.
     const agent = startAgent(user, [dir]);
     await waitLive(daemon);
-    expect(cliAs(other, ['flush', name]).status).toBe(1);
-    expect(cliAs(other, ['stop', name]).status).toBe(1);
+    expect(cliAs(other, ['flush', name]).status).toBe(3);
+    expect(cliAs(other, ['stop', name]).status).toBe(3);
     for (const path of [pipe, `${runtimeDirOf(name)}/control.fifo`]) {
       const fd = openSync(path, fsc.O_WRONLY | fsc.O_NONBLOCK);
       writeSync(fd, 'this is not json\n{"kind":"launch-missiles"}\n[1,2]\n{"kind":"hello","version":9}\n{"kind":"flu');

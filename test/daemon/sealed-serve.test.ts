@@ -11,6 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { readEpochRecord } from '../../src/daemon/epoch-record.js';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
 import type { ChunkPlace } from '../../src/store/chunk-store.js';
+import { EXIT } from '../../src/common/exit-codes.js';
 import { MANIFEST_NAME } from '../../src/volume/manifest.js';
 import { startAgent } from '../helpers/agent.js';
 import { cli, cliOk, sha256, treeHash } from '../helpers/cli.js';
@@ -98,15 +99,21 @@ function writeAt(path: string, offset: number, data: Buffer): void {
   }
 }
 
+/** The passphrase for a sealed volume; nothing for a plain one (a key file it has no use for is refused). */
+function keyArgs(h: SealedHome): string[] {
+  const m = JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { sealed?: unknown };
+  return m.sealed !== undefined ? ['--key-file', h.key] : [];
+}
+
 /**
  * A start that must be refused: the start exits 1, no device is published, the files are
  * untouched. Returns the daemon's status if it got as far as writing one (refused by the
  * daemon), else undefined (refused by the command before any daemon state: then its one line).
  */
-async function refusedStart(h: SealedHome): Promise<{ status: DaemonStatus | undefined; output: string }> {
+async function refusedStart(h: SealedHome, exitStatus: number): Promise<{ status: DaemonStatus | undefined; output: string }> {
   const before = treeHash(h.dir);
-  const daemon = startDaemon(h.name, [h.dir, '--key-file', h.key]);
-  expect(await daemon.exited, daemon.output()).toBe(1);
+  const daemon = startDaemon(h.name, [h.dir, ...keyArgs(h)]);
+  expect(await daemon.exited, daemon.output()).toBe(exitStatus);
   const s = readStatus(h.name);
   const ours = s !== undefined && s.pid === daemon.child.pid ? s : undefined;
   if (ours !== undefined) {
@@ -120,14 +127,14 @@ async function refusedStart(h: SealedHome): Promise<{ status: DaemonStatus | und
 }
 
 /** A start refused by the daemon (after its checks of the files): its status says why. */
-async function expectRefusedStart(h: SealedHome): Promise<DaemonStatus> {
-  const { status, output } = await refusedStart(h);
+async function expectRefusedStart(h: SealedHome, exitStatus: number): Promise<DaemonStatus> {
+  const { status, output } = await refusedStart(h, exitStatus);
   expect(status, output).toBeDefined();
   return status as DaemonStatus;
 }
 
 async function serve(h: SealedHome, extra: string[] = []): Promise<{ daemon: TestDaemon; live: DaemonStatus }> {
-  const daemon = startDaemon(h.name, [h.dir, '--key-file', h.key, '--interval', '1h', ...extra]);
+  const daemon = startDaemon(h.name, [h.dir, ...keyArgs(h), '--interval', '1h', ...extra]);
   return { daemon, live: await waitLive(daemon) };
 }
 
@@ -230,7 +237,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     const byte = readAt(path, place.offset + 100, 1);
     writeAt(path, place.offset + 100, Buffer.from([(byte[0] ?? 0) ^ 0x01]));
 
-    const refused = await expectRefusedStart(h);
+    const refused = await expectRefusedStart(h, EXIT.io);
     expect(refused.error).toContain(`chunk ${chunk} (${place.name} at offset ${place.offset},`);
 
     const { daemon, live } = await serve(h, ['--zero-damaged']);
@@ -261,7 +268,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
 
     // The older slot of chunk 9 put where the map now looks for chunk 9.
     writeAt(join(h.dir, moved.name), moved.offset, oldSlot);
-    expect((await expectRefusedStart(h)).error).toContain(`chunk 9 (${moved.name} at offset ${moved.offset},`);
+    expect((await expectRefusedStart(h, EXIT.io)).error).toContain(`chunk 9 (${moved.name} at offset ${moved.offset},`);
     writeAt(join(h.dir, moved.name), moved.offset, current);
 
     // Chunk 3's slot copied over chunk 4's.
@@ -269,7 +276,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     const four = await locate(h, 4);
     const saved = readAt(join(h.dir, four.name), four.offset, four.bytes);
     writeAt(join(h.dir, four.name), four.offset, readAt(join(h.dir, three.name), three.offset, three.bytes));
-    expect((await expectRefusedStart(h)).error).toContain(`chunk 4 (${four.name} at offset ${four.offset},`);
+    expect((await expectRefusedStart(h, EXIT.io)).error).toContain(`chunk 4 (${four.name} at offset ${four.offset},`);
     writeAt(join(h.dir, four.name), four.offset, saved);
 
     // Put right, it starts.
@@ -295,7 +302,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
 
     // Every file put back from the copy (same directory, same owner).
     expect(runAs(h.user, 'cp', ['-a', `${backup}/.`, `${h.dir}/`]).status).toBe(0);
-    const refused = await expectRefusedStart(h);
+    const refused = await expectRefusedStart(h, EXIT.refused);
     expect(refused.error).toContain(`but epoch ${committed} was committed here`);
 
     const accepted = await serve(h, ['--accept-rollback']);
@@ -314,12 +321,12 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     chownSync(join(h.dir, MANIFEST_NAME), h.user.uid, h.user.gid);
     for (const f of plainFiles) runAs(h.user, 'truncate', ['-s', String(f.size), join(h.dir, f.path)]);
     // With the position map still there, opening the volume refuses it (no daemon state at all).
-    const withMap = await refusedStart(h);
+    const withMap = await refusedStart(h, EXIT.refused);
     expect(withMap.status).toBeUndefined();
     expect(withMap.output).toContain(`holds a sealed volume's position map (vbd-shadow.map) but its manifest is plain`);
     // The map removed too: root's record of the sealed volume in this directory refuses it.
     rmSync(join(h.dir, 'vbd-shadow.map'));
-    const stripped = await expectRefusedStart(h);
+    const stripped = await expectRefusedStart(h, EXIT.refused);
     expect(stripped.error).toContain(`this directory held sealed volume ${uuid}`);
   });
 

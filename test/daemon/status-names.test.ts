@@ -59,7 +59,7 @@ describe.skipIf(!IS_ROOT)(`status, flush and stop by name (${IS_ROOT ? 'as root,
 
     // The other user: not by name, not in the list, not as JSON.
     const byName = cliAs(other, ['status', name]);
-    expect(byName.status).toBe(1);
+    expect(byName.status).toBe(3); // not found (src/common/exit-codes.ts)
     expect(byName.stdout).toBe('');
     expect(byName.stderr).toBe(`vbd-shadow: no volume named '${name}' has been started here by you\n`);
     const list = cliAs(other, ['status']);

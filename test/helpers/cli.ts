@@ -28,6 +28,13 @@ export function cli(args: string[], options: SpawnSyncOptions = {}): CliResult {
   return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
 }
 
+/** Runs the CLI with its output as bytes (an image on stdout). */
+export function cliBytes(args: string[], options: SpawnSyncOptions = {}): { status: number | null; stdout: Buffer; stderr: string } {
+  const [cmd, argv] = cliArgv(args);
+  const r = spawnSync(cmd, argv, { timeout: 120_000, maxBuffer: 256 * 2 ** 20, ...options, encoding: 'buffer' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr.toString('utf8') };
+}
+
 /** Runs the CLI and throws with its stderr unless it exits 0. */
 export function cliOk(args: string[], options: SpawnSyncOptions = {}): CliResult {
   const r = cli(args, options);

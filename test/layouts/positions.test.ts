@@ -80,7 +80,7 @@ describe('keyed', () => {
     const before = treeHash(scratch);
     for (const args of [['export', dir, join(scratch, 'out'), '--key-file', wrong], ['import', dir, image, '--key-file', wrong]]) {
       const r = cli(args);
-      expect(r.status).toBe(1);
+      expect(r.status).toBe(5); // wrong key (src/common/exit-codes.ts)
       expect(r.stderr).toMatch(/^vbd-shadow: wrong key: .*nothing was read or written\)\n$/);
     }
     expect(treeHash(scratch)).toBe(before);

@@ -45,7 +45,7 @@ describe.skipIf(!IS_ROOT)(`chunk counts against memory (${IS_ROOT ? 'as root, co
     const { user, home } = ownedScratch();
     const before = treeHash(home);
     const r = cliUnderUlimit(3_000_000, ['init', join(home, 'big'), '--size', '1T', '--chunk', '512', '--files', '4'], user);
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(2); // usage (src/common/exit-codes.ts)
     expect(r.stderr).toMatch(/^vbd-shadow: [^\n]+\n$/);
     expect(r.stderr).toMatch(/--size 1T in 512B chunks makes 2147483648 chunks, more than the 16777216 allowed; use a larger --chunk/);
     expect(r.ms).toBeLessThan(5_000);

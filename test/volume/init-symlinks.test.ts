@@ -55,7 +55,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     const before = v.targetHash();
     const volume = treeHash(v.dir);
     const r = cli(['init', v.dir, ...SHAPE, '--force']);
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, /cannot reuse backing file .*\/vol\/file002: is a symbolic link \(refused\)/);
     expect(v.targetHash()).toBe(before);
     expect(treeHash(v.dir)).toBe(volume); // file001's data is still there
@@ -68,7 +68,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     const before = sha256(readFileSync(outside));
     const volume = treeHash(v.dir);
     const r = cli(['init', v.dir, ...SHAPE, '--force']);
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, /cannot reuse backing file .*\/vol\/file003: it has 2 hard links/);
     expect(sha256(readFileSync(outside))).toBe(before);
     expect(treeHash(v.dir)).toBe(volume);
@@ -80,7 +80,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     mkdirSync(real, { mode: 0o700 });
     symlinkSync(real, join(scratch, 'link'));
     const r = cli(['init', join(scratch, 'link'), ...SHAPE]);
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, /cannot use .*\/link: is a symbolic link \(refused\)/);
     expect(readdirSync(real)).toEqual([]);
   });
@@ -92,7 +92,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     expect(made.status, made.stderr).toBe(0);
     const before = treeHash(home);
     const r = cli(['init', dir, ...SHAPE, '--force']);
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, new RegExp(`vol is owned by uid ${user.uid}, not by uid 0 \\(root\\) who runs init; run init as the directory's owner`));
     expect(treeHash(home)).toBe(before);
   });
@@ -103,7 +103,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     mkdirSync(dir);
     chmodSync(dir, 0o770);
     const r = cli(['init', dir, ...SHAPE]);
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, /vol is writable by group or others \(mode 770\); chmod go-w it/);
     expect(readdirSync(dir)).toEqual([]);
   });
