@@ -2,6 +2,7 @@
 // Options: --only populate,flush,fio,sealed  --sizes 1,2,4,8 (GiB)  --flush-sizes 1,8  --rounds 3
 //          --files 100 --file-size 10 (MiB, fio)  --seconds 5 (per fio workload)
 //          --device-runs 5 (sealed: interleaved fio runs on the devices)  --sealed-file-size 256 (MiB)
+//          --sealed-parts populate,devices,files,flush (the others kept from the last run's docs/bench/sealed.md)
 
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -10,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import { benchFlush } from './flush.js';
 import { benchPeers } from './peers.js';
 import { benchPopulate } from './populate.js';
-import { benchSealed, sealedVersions } from './sealed.js';
+import { SEALED_PARTS, benchSealed, sealedVersions } from './sealed.js';
 import { machine } from './lib.js';
 
 function option(name: string, fallback: string): string {
@@ -70,6 +71,12 @@ interface Section {
 
 /** Each finished section is kept in docs/bench/ID.md (so a crash or `--only` loses nothing
  *  else); docs/BENCHMARKS.md is composed from all of them. */
+/** A section as the last run wrote it (docs/bench/ID.md), if any. */
+function previousSection(docs: string, id: string): string | undefined {
+  const path = join(docs, 'bench', `${id}.md`);
+  return existsSync(path) ? readFileSync(path, 'utf8') : undefined;
+}
+
 function writeSection(docs: string, section: Section, body: string): void {
   mkdirSync(join(docs, 'bench'), { recursive: true });
   const text = [`## ${section.title}`, '', `Measured ${machine()}.`, '', ...section.intro, '', body, ''].join('\n');
@@ -102,6 +109,11 @@ async function main(): Promise<void> {
   const rounds = Number(option('rounds', '3'));
   const deviceRuns = Math.max(5, Number(option('device-runs', '5')));
   const sealedFileMiB = Number(option('sealed-file-size', '256'));
+  const sealedParts = option('sealed-parts', SEALED_PARTS.join(',')).split(',').map((p) => {
+    const part = SEALED_PARTS.find((known) => known === p);
+    if (part === undefined) throw new Error(`--sealed-parts: '${p}' is not one of ${SEALED_PARTS.join(', ')}`);
+    return part;
+  });
   installPeers();
   const work = '/var/tmp/vbd-shadow-bench';
   const docs = fileURLToPath(new URL('../../docs/', import.meta.url));
@@ -148,7 +160,7 @@ async function main(): Promise<void> {
         'fio on the sealed device ≥ 0.95× unsealed; 1%-dirty flush time ≤ plain, bytes ≤ 1.1× slots + map.',
         `Versions: ${sealedVersions()}.`,
       ],
-      run: () => benchSealed(work, { rounds, deviceRuns, seconds, fileMiB: sealedFileMiB }),
+      run: () => benchSealed(work, { rounds, deviceRuns, seconds, fileMiB: sealedFileMiB, parts: sealedParts, previous: previousSection(docs, 'sealed') }),
     },
   ];
   mkdirSync(work, { recursive: true });

@@ -26,6 +26,19 @@ const CHUNK = 65536;
 const OPENSSL_BLOCK = 16384;
 const PASSPHRASE = 'sealed benchmark passphrase';
 
+export const SEALED_PARTS = ['populate', 'devices', 'files', 'flush'] as const;
+export type SealedPart = (typeof SEALED_PARTS)[number];
+
+/** Subsection `heading` (a `### ` line) of an earlier run's text, up to the next one, with its date. */
+function earlier(previous: string | undefined, heading: string): string {
+  const measured = /^Measured (.*)\.$/m.exec(previous ?? '')?.[1] ?? 'an earlier run';
+  const start = previous?.indexOf(`${heading}\n`) ?? -1;
+  if (previous === undefined || start < 0) return `${heading}\n\nNot run yet (\`--sealed-parts\`).`;
+  const end = previous.indexOf('\n### ', start + heading.length);
+  const body = previous.slice(start + heading.length, end < 0 ? undefined : end).trim();
+  return `${heading}\n\n*Not re-run in this run (\`--sealed-parts\`): from the run measured ${measured}.*\n\n${body}`;
+}
+
 export interface SealedOptions {
   /** Interleaved rounds for populate, file fio and flush (after one warm-up round for populate). */
   rounds: number;
@@ -35,6 +48,10 @@ export interface SealedOptions {
   seconds: number;
   /** Size of the fio file in the encrypted filesystems (MiB). */
   fileMiB: number;
+  /** The parts to run (populate, devices, files, flush); the others are kept from `previous`. */
+  parts: readonly SealedPart[];
+  /** The section as the last run wrote it (docs/bench/sealed.md), for the parts not run now. */
+  previous: string | undefined;
 }
 
 interface Job {
@@ -693,31 +710,28 @@ export async function benchSealed(work: string, opts: SealedOptions): Promise<st
     writeFileSync(pass, `${PASSPHRASE}\n`, { mode: 0o600 });
     const image = join(base, 'random.img');
     randomImage(image, GiB);
-    const populate = await benchPopulateSealed(base, key, image, opts.rounds, cleanup);
-    const devices = await benchDevices(base, key, image, opts.deviceRuns, opts.seconds, cleanup, populate.skipped);
-    const files = await benchFiles(base, key, pass, opts, cleanup);
-    const flush = await benchFlushSealed(base, key, image, Math.max(opts.rounds, 5), cleanup);
-    const skipped = populate.skipped !== undefined ? [`**Sealed parts skipped in this run**: ${populate.skipped}. They are written and run as soon as the daemon serves sealed volumes.`, ''] : [];
-    return [
-      ...skipped,
-      '### The crypto ceiling and populate',
-      '',
+    const run = (part: SealedPart): boolean => opts.parts.includes(part);
+    const populate = run('populate') ? await benchPopulateSealed(base, key, image, opts.rounds, cleanup) : undefined;
+    const devices = run('devices') ? await benchDevices(base, key, image, opts.deviceRuns, opts.seconds, cleanup, populate?.skipped) : undefined;
+    const files = run('files') ? await benchFiles(base, key, pass, opts, cleanup) : undefined;
+    const flush = run('flush') ? await benchFlushSealed(base, key, image, Math.max(opts.rounds, 5), cleanup) : undefined;
+    const skipped = populate?.skipped !== undefined ? [`**Sealed parts skipped in this run**: ${populate.skipped}. They are written and run as soon as the daemon serves sealed volumes.`, ''] : [];
+    const part = (heading: string, text: string | undefined): string => (text === undefined ? earlier(opts.previous, heading) : `${heading}\n\n${text}`);
+    const populateText = populate === undefined ? undefined : [
       `\`openssl speed -elapsed -seconds 2 -bytes ${OPENSSL_BLOCK} -evp aes-256-gcm\`, single process and with \`-multi 2\`, run in the same rounds as the populates (the 16 KiB column: the largest of openssl's default table). ` +
         `Populate time is the daemon's own (status \`populateMs\`), warm, median of ${opts.rounds} interleaved rounds after one warm-up; the sealed and plain volumes hold the same random data.`,
       '',
       populateTable(populate.figures, populate.skipped),
+    ].join('\n');
+    return [
+      ...skipped,
+      part('### The crypto ceiling and populate', populateText),
       '',
-      '### fio on the device: sealed against the same volume unsealed',
+      part('### fio on the device: sealed against the same volume unsealed', devices),
       '',
-      devices,
+      part('### fio in a file: gocryptfs and CryFS against ext4 on a sealed volume', files),
       '',
-      '### fio in a file: gocryptfs and CryFS against ext4 on a sealed volume',
-      '',
-      files,
-      '',
-      '### 1%-dirty flush of 1 GiB: sealed against plain, bytes counted outside the daemon',
-      '',
-      flush,
+      part('### 1%-dirty flush of 1 GiB: sealed against plain, bytes counted outside the daemon', flush),
     ].join('\n');
   } finally {
     await cleanup.runAll();

@@ -364,8 +364,11 @@ export function registerDaemonCommands(program: Command): void {
               console.log(`volume '${name}': sealed, epoch ${served.store.epoch}${served.store.notices.length === 0 ? ', every map copy authentic' : ''}; no RAM image left behind`);
               return;
             }
-            const afterCommit = (c: SealedCommit): void => served.epochs?.committed(c.epoch, served.store.reservedEpoch ?? c.epoch);
-            await recoverLeftover(paths, volume, served.store, journalFd, say, afterCommit);
+            const { epochs, store } = served;
+            await recoverLeftover(paths, volume, store, journalFd, say, {
+              beforeCommit: () => epochs?.beforeCommit(store.reservedEpoch ?? 0),
+              afterCommit: (c: SealedCommit) => epochs?.committed(c.epoch, store.reservedEpoch ?? c.epoch),
+            });
             console.log(`volume '${name}' recovered into the files`);
           } finally {
             served.store.close();

@@ -19,10 +19,14 @@ import { identityKey, type VolumeIdentity } from '../volume/volume.js';
 import { checkRootOwnedPath } from './runtime.js';
 
 export const STATE_DIR = '/var/lib/vbd-shadow';
-/** How far the recorded reservation runs ahead of the store's (epochs are 64-bit: skipping costs nothing). */
-const RESERVE_AHEAD = 1024;
-/** Renewed once fewer epochs than this are left in the recorded reservation (a commit takes one or two). */
-const RESERVE_LOW = 64;
+/**
+ * How far the recorded reservation runs ahead of the store's. The record is written after every
+ * commit (a commit takes one or two epochs), so a small lead suffices; each start skips at most
+ * this many epochs.
+ */
+const RESERVE_AHEAD = 16;
+/** Renewed once fewer epochs than this are left in the recorded reservation. */
+const RESERVE_LOW = 4;
 
 export interface EpochRecord {
   uuid: string;
@@ -187,6 +191,11 @@ export class EpochKeeper {
 
   committed(epoch: number, reserved: number): void {
     this.#write(epoch, reserved, false);
+  }
+
+  /** Before a commit reserves its epochs (one or two past `reserved`): the record must cover them, also after failed attempts. */
+  beforeCommit(reserved: number): void {
+    this.#write(this.#record.committedEpoch, reserved, false);
   }
 
   #write(epoch: number, reserved: number, always: boolean): void {

@@ -13,7 +13,7 @@ import { formatSize } from '../common/size.js';
 import { detachLoop, loopsBoundTo, quarantine, unpublishName } from '../device/loop.js';
 import { thawIfFrozen } from '../device/freeze.js';
 import { holdersOf, mountsOfLoop, unmountDevice } from '../device/mount.js';
-import { FlushEngine, type SealedCommit } from '../flush/engine.js';
+import { FlushEngine } from '../flush/engine.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image.js';
 import type { AnyVolume } from '../volume/volume.js';
@@ -24,7 +24,8 @@ const UNMOUNT_ATTEMPTS = 20;
 
 /** Returns true if a leftover image was found and written back. */
 /** `journalFd`: a plain volume's flush journal (undefined for a sealed one). */
-export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, log: Log, afterCommit?: (commit: SealedCommit) => void): Promise<boolean> {
+/** `hooks`: a sealed volume's epoch record, kept before and after the commit (see FlushEngine). */
+export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, log: Log, hooks: Pick<FlushEngine, 'beforeCommit' | 'afterCommit'> = { beforeCommit: undefined, afterCommit: undefined }): Promise<boolean> {
   if (!isTmpfsMounted(paths.shadow)) return false;
   const imagePath = join(paths.shadow, 'image');
   if (!existsSync(imagePath)) {
@@ -61,7 +62,8 @@ export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, st
   // The image's flush state died with its daemon: compare against what the files hold and
   // write the difference as one commit, like any flush.
   const engine = new FlushEngine(volume, image, store, journalFd, log);
-  engine.afterCommit = afterCommit;
+  engine.beforeCommit = hooks.beforeCommit;
+  engine.afterCommit = hooks.afterCommit;
   engine.hashFiles();
   const result = await engine.flush('recovery', true);
   if (!result.ok) throw new VbdError(`recovery of the leftover image failed, it is kept at ${imagePath}: ${result.error}`);

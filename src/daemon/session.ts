@@ -62,7 +62,8 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       epochs.committed(c.epoch, store.reservedEpoch ?? c.epoch);
       setStatus({ sealed: store.sealedState() });
     };
-    await recoverLeftover(paths, volume, store, journalFd, log, afterCommit);
+    const beforeCommit = epochs === undefined ? undefined : (): void => epochs.beforeCommit(store.reservedEpoch ?? 0);
+    await recoverLeftover(paths, volume, store, journalFd, log, { beforeCommit, afterCommit });
     const held = retryQuarantine(owner.uid);
     setStatus({ quarantinedLoops: held });
     if (held.length >= MAX_QUARANTINED) {
@@ -88,6 +89,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms${store.kind === 'sealed' ? ` (sealed, epoch ${store.epoch})` : ''}`);
     setStatus({ populateMs, sealed: store.sealedState() });
     const engine = new FlushEngine(volume, image, store, journalFd, log);
+    engine.beforeCommit = beforeCommit;
     engine.afterCommit = afterCommit;
     engine.hashImage();
     // Damaged slots must not stay referenced: the next flush seals the chunks (zeros) anew.

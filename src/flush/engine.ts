@@ -72,7 +72,8 @@ export class FlushEngine {
   mounted: Mounted | undefined;
   /** Called right after the engine wrote to the backing files (so those writes are known as ours). */
   afterWrite: (() => void) | undefined;
-  /** Sealed: called once a commit is durable (root records its epoch). */
+  /** Sealed: called before a commit reserves its epochs, and once it is durable (root's record of epochs). */
+  beforeCommit: (() => void) | undefined;
   afterCommit: ((commit: SealedCommit) => void) | undefined;
 
   /** `journalFd`: the plain volume's flush journal (a sealed volume commits copy-on-write, without one). */
@@ -229,6 +230,7 @@ export class FlushEngine {
   private commitSealed(staged: Map<number, StagedChunk>, t: FlushTimings): { bytesWritten: number; commit: SealedCommit } {
     const chunks = Uint32Array.from(staged.keys()).sort();
     const a0 = performance.now();
+    this.beforeCommit?.();
     const write = this.store.begin(chunks);
     let report: CommitReport;
     try {
