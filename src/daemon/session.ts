@@ -14,6 +14,7 @@ import { makeFilesystem, needsRootChown, type MkfsType } from '../device/mkfs.js
 import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../device/mount.js';
 import { FlushEngine, type FlushResult, type SealedCommit } from '../flush/engine.js';
 import { ExternalChangeWatcher } from '../flush/external.js';
+import { ChangeTracker } from '../flush/tracking.js';
 import { createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
 import { listDamaged, type DamagedChunk } from '../store/chunk-store.js';
 import type { AnyVolume, Owner } from '../volume/volume.js';
@@ -89,6 +90,10 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ populateMs, sealed: store.sealedState() });
     const engine = new FlushEngine(volume, image, store, journalFd, log);
     engine.afterCommit = afterCommit;
+    // Removed last: the final flush (after detach) still reads the set it kept.
+    const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, log, trackerOptions());
+    cleanup.push('remove the trace instance', () => tracker.stop());
+    engine.tracker = tracker;
     engine.hashImage();
     // Damaged slots must not stay referenced: the next flush seals the chunks (zeros) anew.
     engine.markDirty(damaged.map((d) => d.chunk));
@@ -100,6 +105,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
         flushChecks: status().flushChecks + 1,
         ...(idle ? {} : { lastFlush: flush, flushFailures: status().flushFailures + (r.ok ? 0 : 1) }),
         ...(r.ok ? { lastGoodFlush: r.at } : {}),
+        tracking: engine.trackingMode(),
       });
     };
     cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
@@ -107,10 +113,13 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     const loop = await attachLoop(image.fd, image.path, image.backing);
     const device = loop.path;
     cleanup.push(`detach ${device}`, async () => {
-      if ((await detachLoop(loop, image.backing, log)) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
+      if ((await detachLoop(loop, image.backing, log, () => tracker.seal())) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
       engine.device = undefined;
     });
     disableDiscard(loop);
+    // Before anyone else can open the device: every write to it is traced.
+    tracker.start(loop);
+    setStatus({ tracking: engine.trackingMode() });
     engine.device = loop;
     engine.resetBaseline();
     const link = publishName(owner, manifest.name, loop);
@@ -177,6 +186,18 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
 }
 
 const MAX_LISTED_DAMAGED = 20;
+
+/**
+ * VBD_SHADOW_TRACKING=off turns change tracking off (every flush scans: the benchmark's
+ * "before"); VBD_SHADOW_TRACE_BUFFER_KB sets the ring buffer per CPU (tests force an overrun).
+ */
+function trackerOptions(): { bufferKb?: number; off?: string } {
+  const kb = Number(process.env['VBD_SHADOW_TRACE_BUFFER_KB']);
+  return {
+    ...(Number.isInteger(kb) && kb > 0 ? { bufferKb: kb } : {}),
+    ...(process.env['VBD_SHADOW_TRACKING'] === 'off' ? { off: 'switched off by VBD_SHADOW_TRACKING=off' } : {}),
+  };
+}
 
 function damagedRefusal(name: string, damaged: readonly DamagedChunk[]): string {
   return `volume '${name}': ${damaged.length} slots fail authentication (corrupted, tampered with, or an old or misplaced slot): ${listDamaged(damaged)}; nothing was exposed or written. ` +
