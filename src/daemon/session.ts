@@ -90,9 +90,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ populateMs, sealed: store.sealedState() });
     const engine = new FlushEngine(volume, image, store, journalFd, log);
     engine.afterCommit = afterCommit;
-    // Removed last: the final flush (after detach) still reads the set it kept.
     const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, log, trackerOptions());
-    cleanup.push('remove the trace instance', () => tracker.stop());
     engine.tracker = tracker;
     engine.hashImage();
     // Damaged slots must not stay referenced: the next flush seals the chunks (zeros) anew.
@@ -108,7 +106,15 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
         tracking: engine.trackingMode(),
       });
     };
-    cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
+    // The trace instance goes with the final flush (which still reads the set it kept), also
+    // when that fails and the rest of the teardown is held back.
+    cleanup.push('final writeback to the files', async () => {
+      try {
+        await finalFlush(engine, report, log);
+      } finally {
+        tracker.stop();
+      }
+    }, { guard: true });
 
     const loop = await attachLoop(image.fd, image.path, image.backing);
     const device = loop.path;

@@ -126,7 +126,8 @@ export class ChangeTracker {
     try {
       ensureTracefs();
       const prefix = traceInstancePrefix(this.identity);
-      for (const stale of listInstances().filter((n) => n.startsWith(prefix))) {
+      // Instances of daemons that were killed (no teardown removed them), whichever volume.
+      for (const stale of listInstances()) {
         const pid = instancePid(stale);
         if (pid !== undefined && pid !== process.pid && !alive(pid)) removeInstance(stale);
       }
