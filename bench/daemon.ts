@@ -21,8 +21,8 @@ export function cli(args: string[]): string {
   return r.stdout;
 }
 
-export async function startBenchDaemon(name: string, args: string[]): Promise<BenchDaemon> {
-  const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground', '--interval', '1h', '--max-dirty', '64G'], { stdio: ['ignore', 'ignore', 'pipe'] });
+export async function startBenchDaemon(name: string, args: string[], env: Record<string, string> = {}): Promise<BenchDaemon> {
+  const child = spawn(process.execPath, [BIN, 'start', ...args, '--foreground', '--interval', '1h', '--max-dirty', '64G'], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
   // Its stderr goes on to ours; the last of it names why a daemon that exits early refused.
   let errTail = '';
   child.stderr?.on('data', (b: Buffer) => {

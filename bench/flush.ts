@@ -169,6 +169,68 @@ function measureRsync(work: string): { mode: string; ms: number; written: number
   return results;
 }
 
+interface ChangeFigures {
+  flushMs: number;
+  scanMs: number;
+  hashed: number;
+  changed: number;
+  tracking: string;
+}
+
+/** The same 10 MiB change (160 random 64 KiB chunks) flushed, with tracking on or off (VBD_SHADOW_TRACKING=off: every flush scans). */
+async function measureChange(work: string, gib: number, tracking: 'on' | 'off', rounds: number): Promise<ChangeFigures> {
+  const name = `bench-change-${gib}g-${tracking}`;
+  const dir = join(work, name);
+  await filledVolume(dir, gib * GiB, 100, CHUNK, { kind: 'linear' });
+  const d = await startBenchDaemon(name, [dir], tracking === 'off' ? { VBD_SHADOW_TRACKING: 'off' } : {});
+  try {
+    const device = d.status().device ?? '';
+    d.flush(); // the session's first flush scans either way
+    const figures: ChangeFigures[] = [];
+    for (let round = 0; round < rounds; round++) {
+      const chunks = new Set<number>();
+      while (chunks.size < (10 * 2 ** 20) / CHUNK) chunks.add(Math.floor(Math.random() * ((gib * GiB) / CHUNK)));
+      writeChunks(device, [...chunks].sort((a, b) => a - b), (c) => c * CHUNK);
+      const f = d.flush().lastFlush;
+      if (f?.ok !== true) throw new Error(`flush failed: ${f?.error}`);
+      figures.push({ flushMs: f.durationMs, scanMs: f.timings?.['scanMs'] ?? 0, hashed: f.chunksHashed ?? 0, changed: f.chunksChanged, tracking: f.tracking ?? '' });
+    }
+    const pick = (k: 'flushMs' | 'scanMs' | 'hashed' | 'changed'): number => median(figures.map((x) => x[k]));
+    return { flushMs: pick('flushMs'), scanMs: pick('scanMs'), hashed: pick('hashed'), changed: pick('changed'), tracking: figures[figures.length - 1]?.tracking ?? '' };
+  } finally {
+    await d.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Before (full scan) and after (block-layer tracking), side by side in one run. */
+export async function benchChange(work: string, sizesGiB: number[], rounds: number): Promise<string> {
+  const rows: (string | number)[][] = [];
+  const byMode: Record<string, number[]> = { off: [], on: [] };
+  for (const gib of sizesGiB) {
+    const pair: Record<string, ChangeFigures> = {};
+    for (const mode of ['off', 'on'] as const) {
+      process.stderr.write(`flush: 10 MiB change on ${gib} GiB, tracking ${mode}\n`);
+      const f = await measureChange(work, gib, mode, rounds);
+      pair[mode] = f;
+      byMode[mode]?.push(f.flushMs);
+    }
+    const off = pair['off'];
+    const on = pair['on'];
+    if (off === undefined || on === undefined) continue;
+    rows.push([`${gib} GiB`, off.flushMs.toFixed(1), off.scanMs.toFixed(1), off.hashed, on.flushMs.toFixed(1), on.scanMs.toFixed(1), on.hashed, on.changed, on.tracking, (off.flushMs / on.flushMs).toFixed(1)]);
+  }
+  const scale = (mode: string): string => {
+    const list = byMode[mode] ?? [];
+    return list.length > 1 ? `${((list[list.length - 1] ?? 0) / (list[0] ?? 1)).toFixed(2)}×` : 'n/a';
+  };
+  return [
+    table(['volume', 'before: flush (ms)', 'before: scan (ms)', 'before: chunks hashed', 'after: flush (ms)', 'after: scan (ms)', 'after: chunks hashed', 'chunks changed', 'after: tracking', 'speed-up'], rows),
+    '',
+    `Largest ÷ smallest volume, same change: before ${scale('off')}, after ${scale('on')}.`,
+  ].join('\n');
+}
+
 export async function benchFlush(work: string, sizesGiB: number[], rounds: number): Promise<string> {
   const rows: (string | number)[][] = [];
   let oneGiB: FlushFigures | undefined;

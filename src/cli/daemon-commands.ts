@@ -239,6 +239,7 @@ function printStatus(s: DaemonStatus): void {
   if (s.device !== undefined) console.log(`  device   ${s.link} -> ${s.device}`);
   if (s.mountpoint !== undefined) console.log(`  mounted  ${s.mountpoint}`);
   if (s.populateMs !== undefined) console.log(`  populate ${s.populateMs} ms`);
+  if (s.tracking !== undefined) console.log(`  tracking ${s.tracking}`);
   const f = s.lastFlush;
   if (f !== undefined) {
     console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms${f.error !== undefined ? `: ${f.error}` : ''}`);

@@ -77,6 +77,10 @@ export interface FlushReport {
   bytesWritten: number;
   journalBytes?: number;
   chunksChanged: number;
+  /** Chunks the flush hashed: those the change tracker named, or all of them (a full scan). */
+  chunksHashed?: number;
+  /** How the flush found what changed: 'block-layer' or 'full-scan (reason)'. */
+  tracking?: string;
   reason: string;
   error?: string;
   /** Where the time went: sync, freeze, frozen (writer stall), scan, journal, apply (ms). */
@@ -124,6 +128,8 @@ export interface DaemonStatus {
   image?: string;
   startedAt: string;
   populateMs?: number;
+  /** How the next flush finds what changed: 'block-layer', or 'full-scan (reason)'. */
+  tracking?: string;
   /** The latest flush that wrote (or tried to write) something. */
   lastFlush?: FlushReport;
   lastCheck?: FlushCheck;

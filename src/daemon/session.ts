@@ -14,6 +14,7 @@ import { makeFilesystem, needsRootChown, type MkfsType } from '../device/mkfs.js
 import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../device/mount.js';
 import { FlushEngine, type FlushResult, type SealedCommit } from '../flush/engine.js';
 import { ExternalChangeWatcher } from '../flush/external.js';
+import { ChangeTracker } from '../flush/tracking.js';
 import { createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
 import { listDamaged, type DamagedChunk } from '../store/chunk-store.js';
 import type { AnyVolume, Owner } from '../volume/volume.js';
@@ -91,6 +92,8 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     const engine = new FlushEngine(volume, image, store, journalFd, log);
     engine.beforeCommit = beforeCommit;
     engine.afterCommit = afterCommit;
+    const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, log, trackerOptions());
+    engine.tracker = tracker;
     engine.hashImage();
     // Damaged slots must not stay referenced: the next flush seals the chunks (zeros) anew.
     engine.markDirty(damaged.map((d) => d.chunk));
@@ -102,17 +105,29 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
         flushChecks: status().flushChecks + 1,
         ...(idle ? {} : { lastFlush: flush, flushFailures: status().flushFailures + (r.ok ? 0 : 1) }),
         ...(r.ok ? { lastGoodFlush: r.at } : {}),
+        tracking: engine.trackingMode(),
       });
     };
-    cleanup.push('final writeback to the files', () => finalFlush(engine, report, log), { guard: true });
+    // The trace instance goes with the final flush (which still reads the set it kept), also
+    // when that fails and the rest of the teardown is held back.
+    cleanup.push('final writeback to the files', async () => {
+      try {
+        await finalFlush(engine, report, log);
+      } finally {
+        tracker.stop();
+      }
+    }, { guard: true });
 
     const loop = await attachLoop(image.fd, image.path, image.backing);
     const device = loop.path;
     cleanup.push(`detach ${device}`, async () => {
-      if ((await detachLoop(loop, image.backing, log)) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
+      if ((await detachLoop(loop, image.backing, log, () => tracker.seal())) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
       engine.device = undefined;
     });
     disableDiscard(loop);
+    // Before anyone else can open the device: every write to it is traced.
+    tracker.start(loop);
+    setStatus({ tracking: engine.trackingMode() });
     engine.device = loop;
     engine.resetBaseline();
     const link = publishName(owner, manifest.name, loop);
@@ -179,6 +194,18 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
 }
 
 const MAX_LISTED_DAMAGED = 20;
+
+/**
+ * VBD_SHADOW_TRACKING=off turns change tracking off (every flush scans: the benchmark's
+ * "before"); VBD_SHADOW_TRACE_BUFFER_KB sets the ring buffer per CPU (tests force an overrun).
+ */
+function trackerOptions(): { bufferKb?: number; off?: string } {
+  const kb = Number(process.env['VBD_SHADOW_TRACE_BUFFER_KB']);
+  return {
+    ...(Number.isInteger(kb) && kb > 0 ? { bufferKb: kb } : {}),
+    ...(process.env['VBD_SHADOW_TRACKING'] === 'off' ? { off: 'switched off by VBD_SHADOW_TRACKING=off' } : {}),
+  };
+}
 
 function damagedRefusal(name: string, damaged: readonly DamagedChunk[]): string {
   return `volume '${name}': ${damaged.length} slots fail authentication (corrupted, tampered with, or an old or misplaced slot): ${listDamaged(damaged)}; nothing was exposed or written. ` +

@@ -5,8 +5,14 @@
 import { ioctl, ioctlAsync, ioctls, syncFilesystem } from '../sys/libc.js';
 import { mountRoot, type Mounted } from './mount.js';
 
+/** Around FITHAW: `before` right before it, `after` right after it (also when it fails). */
+export interface ThawHooks {
+  before: () => void;
+  after: () => void;
+}
+
 /** Freezes the filesystem, runs `capture`, and always thaws. */
-export async function whileFrozen<T>(m: Mounted, capture: () => T): Promise<{ result: T; freezeMs: number; frozenMs: number }> {
+export async function whileFrozen<T>(m: Mounted, capture: () => T, thaw?: ThawHooks): Promise<{ result: T; freezeMs: number; frozenMs: number }> {
   const fd = mountRoot(m);
   // Dirty data is written out before (the caller synced) while writers still run: FIFREEZE
   // blocks them first and then syncs, so whatever is still dirty lengthens their stall.
@@ -16,7 +22,12 @@ export async function whileFrozen<T>(m: Mounted, capture: () => T): Promise<{ re
   try {
     return { result: capture(), freezeMs: t1 - t0, frozenMs: performance.now() - t0 };
   } finally {
-    ioctl(fd, ioctls.FITHAW, 0, `FITHAW of ${m.path}`);
+    thaw?.before();
+    try {
+      ioctl(fd, ioctls.FITHAW, 0, `FITHAW of ${m.path}`);
+    } finally {
+      thaw?.after();
+    }
   }
 }
 

@@ -9,7 +9,7 @@ import { chmodSync, closeSync, fchmodSync, fchownSync, fstatSync, fsyncSync, lst
 import { join } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { sleep } from '../common/fd.js';
-import { addLoopDevice, clearLoop, configureLoop, loopBacking, removeLoopDevice } from '../sys/loop.js';
+import { addLoopDevice, clearLoop, configureLoop, loopBacking, loopStatus, removeLoopDevice } from '../sys/loop.js';
 import type { Owner } from '../volume/volume.js';
 
 export const NAME_DIR = '/dev/vbd-shadow';
@@ -99,12 +99,41 @@ export function disableDiscard(loop: LoopDevice): void {
   if (readFileSync(path, 'utf8').trim() !== '0') throw new VbdError(`discard is still on for ${loop.path}; refusing to risk unlocked RAM`);
 }
 
+/** The device's own I/O counters (/sys/block/loopN/stat): only deltas count. */
+export interface DeviceCounters {
+  /** Sectors written (field 7): writes, write-zeroes and flushes with data; not discards. */
+  written: number;
+  /** Sectors discarded (field 14; 0 where the kernel has no such field). */
+  discarded: number;
+}
+
+export function deviceCounters(loop: Pick<LoopDevice, 'index'>): DeviceCounters {
+  const fields = readFileSync(`${sysDir(loop)}/stat`, 'utf8').trim().split(/\s+/);
+  const written = fields[6];
+  if (written === undefined) throw new VbdError(`${sysDir(loop)}/stat has no write counter`);
+  return { written: Number(written), discarded: Number(fields[13] ?? 0) };
+}
+
 /** Sectors written to the device so far (field 7 of /sys/block/loopN/stat; only deltas count). */
 export function sectorsWritten(loop: LoopDevice): number {
-  const fields = readFileSync(`${sysDir(loop)}/stat`, 'utf8').trim().split(/\s+/);
-  const sectors = fields[6];
-  if (sectors === undefined) throw new VbdError(`${sysDir(loop)}/stat has no write counter`);
-  return Number(sectors);
+  return deviceCounters(loop).written;
+}
+
+/** The device number as the kernel's tracepoints print it (major << 20 | minor). */
+export function traceDeviceNumber(loop: Pick<LoopDevice, 'index'>): number {
+  return LOOP_MAJOR * 2 ** 20 + loop.index;
+}
+
+/**
+ * What the device is bound to and how (backing inode, offset, size limit, flags, size in
+ * sectors), as one comparable string: a change means the sectors no longer map to the image
+ * the way they did.
+ */
+export function loopSignature(loop: LoopDevice): string {
+  const s = loopStatus(loop.fd, loop.path);
+  if (s === undefined) return 'unbound';
+  const size = readFileSync(`${sysDir(loop)}/size`, 'utf8').trim();
+  return `backing ${s.dev}:${s.ino} offset ${s.offset} sizelimit ${s.sizeLimit} flags ${s.flags} size ${size}`;
 }
 
 /** Pushes buffered writes to the raw device into the image (cheap when clean). */
@@ -154,7 +183,7 @@ function stillBound(loop: Pick<LoopDevice, 'index'>): boolean {
  * we wait for that (saying who holds it), then remove the device; 'quarantined' if it is
  * still open by then.
  */
-export async function detachLoop(loop: LoopDevice, backing: Backing, log: (line: string) => void): Promise<'removed' | 'quarantined'> {
+export async function detachLoop(loop: LoopDevice, backing: Backing, log: (line: string) => void, onUnbound?: () => void): Promise<'removed' | 'quarantined'> {
   takeBackDevice(loop);
   fsyncSync(loop.fd);
   const bound = loopBacking(loop.fd, loop.path);
@@ -166,6 +195,8 @@ export async function detachLoop(loop: LoopDevice, backing: Backing, log: (line:
     if (waited % 50 === 0) log(`waiting: ${loop.path} is still open by ${holdersOfDevice(loop.path).join(', ') || 'a process'}; it detaches when that closes it`);
     await sleep(100);
   }
+  // Unbound: no more writes can reach the image through it (the number is still ours).
+  onUnbound?.();
   const removed = removeLoopDevice(loop.index);
   if (removed === 'busy') {
     log(`${loop.path} is still open (${holdersOfDevice(loop.path).join(', ') || 'by someone'}); quarantined: it is never reused by vbd-shadow and is removed at a later start`);

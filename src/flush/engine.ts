@@ -1,11 +1,14 @@
 // The flush engine: writes back only what changed, as one crash-atomic, point-in-time batch.
 //
 //  1. idle check: syncfs the filesystem mounted on the device (or fsync the raw device), so
-//     pending writes reach the image, then read the loop write counter; unchanged since the
-//     last flush → nothing to do, no scan, no I/O;
-//  2. capture: hash every chunk (xxh64) and stage those that differ from the files' state,
-//     in file order, while writers run; then, with the filesystem frozen, hash everything
-//     again and re-stage only what changed meanwhile (writers stall for one scan, not a copy);
+//     pending writes reach the image, then cut the change tracker's set (src/flush/tracking.ts:
+//     the chunks the block layer saw written since the last cut); empty → nothing to do, no
+//     scan, no I/O. Without tracking: the loop write counter unchanged since the last flush;
+//  2. capture: hash the chunks the set names (every chunk when the set may be incomplete: a
+//     full scan) and stage those that differ from the files' state (xxh64), in file order,
+//     while writers run; then, with the filesystem frozen, cut again and hash those chunks and
+//     the staged ones again, re-staging only what changed meanwhile (writers stall for that
+//     pass, not a copy). Writes traced after a cut, and the thaw's, are the next flush's;
 //  3. commit the batch through the chunk store —
 //     plain: journal it and sync, apply it to the files and sync them, retire the journal;
 //     sealed: seal the chunks into free slots, sync, commit the position map (copy-on-write:
@@ -25,6 +28,12 @@ import { isPlainVolume, type AnyVolume } from '../volume/volume.js';
 import type { FlushReport } from '../daemon/runtime.js';
 import { applyBatch, settleJournal } from './apply.js';
 import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
+import type { ChangeTracker } from './tracking.js';
+
+/** Set (to 1) by the test suite: every tracked flush also scans and fails if the set missed a change. */
+export const VERIFY_TRACKING_ENV = 'VBD_SHADOW_VERIFY_TRACKING';
+/** How long the verification waits for the trace of a write still in flight at the cut. */
+const VERIFY_GRACE_MS = 2000;
 
 const STAGING_BLOCK = 64 * 2 ** 20;
 /** Staging beyond this is given back after a flush (a one-off burst should not pin RAM). */
@@ -46,6 +55,9 @@ export type FlushTimings = {
   applyMs: number;
 };
 
+/** Which chunks a capture pass looks at: those named (file order), or all of them. */
+type Selection = { all: true; reason: string } | { all: false; chunks: Uint32Array };
+
 export interface FlushResult extends FlushReport {
   idle: boolean;
   journalBytes: number;
@@ -58,10 +70,14 @@ export class FlushEngine {
   /** xxh64 of each chunk as the backing files hold it. */
   private readonly hashes: BigUint64Array;
   private readonly order: Uint32Array;
+  /** Each chunk's position in `order`. */
+  private readonly rank: Uint32Array;
   /** Staging memory for captured chunks, reused from flush to flush. */
   private staging: Buffer[] = [];
   /** Set when the files changed behind our back: the next flush scans even if the device is idle. */
   private mustScan = false;
+  /** Why the next flush must scan everything (the engine's reasons; the tracker has its own). */
+  private scanReason: string | undefined;
   private baseline = 0;
   private seq = 0;
   private lastFailed = false;
@@ -75,6 +91,10 @@ export class FlushEngine {
   /** Sealed: called before a commit reserves its epochs, and once it is durable (root's record of epochs). */
   beforeCommit: (() => void) | undefined;
   afterCommit: ((commit: SealedCommit) => void) | undefined;
+  /** The session's change tracker; without one every flush scans (recovery). */
+  tracker: ChangeTracker | undefined;
+  /** Every tracked flush also scans, and fails if the tracked set missed a changed chunk. */
+  verifyTracking = process.env[VERIFY_TRACKING_ENV] === '1';
 
   /** `journalFd`: the plain volume's flush journal (a sealed volume commits copy-on-write, without one). */
   constructor(
@@ -88,6 +108,28 @@ export class FlushEngine {
     if (store.kind === 'plain' && journalFd === undefined) throw new VbdError('internal: a plain volume flushes through its journal');
     this.hashes = new BigUint64Array(deviceSize / chunkSize);
     this.order = store.writeOrder();
+    this.rank = new Uint32Array(this.order.length);
+    this.order.forEach((chunk, i) => (this.rank[chunk] = i));
+  }
+
+  /** 'block-layer', or why flushes scan the whole image. */
+  trackingMode(): string {
+    if (this.tracker === undefined) return 'full-scan (no change tracking)';
+    const mode = this.tracker.mode();
+    return this.scanReason !== undefined && mode === 'block-layer' ? `full-scan (${this.scanReason})` : mode;
+  }
+
+  /** The next flush scans everything (and says why). */
+  private requireScan(reason: string): void {
+    this.mustScan = true;
+    this.scanReason ??= reason;
+    this.tracker?.requireScan(reason);
+  }
+
+  /** The chunks in file order. */
+  private inFileOrder(chunks: Iterable<number>): Uint32Array {
+    const list = Uint32Array.from(new Set(chunks));
+    return list.sort((a, b) => (this.rank[a] ?? 0) - (this.rank[b] ?? 0));
   }
 
   private chunkView(chunk: number): Buffer {
@@ -130,13 +172,14 @@ export class FlushEngine {
       this.markDirty(damaged.map((d) => d.chunk));
     }
     buf.fill(0);
-    this.mustScan = true;
+    this.requireScan(only === undefined ? 'the files\' state was learned again (recovery)' : 'external change of the files');
   }
 
   /** Makes these chunks differ from the files' recorded state: the next flush rewrites them. */
   markDirty(chunks: readonly number[]): void {
     for (const chunk of chunks) this.hashes[chunk] = xxh64(this.chunkView(chunk)) ^ 1n;
     if (chunks.length > 0) this.mustScan = true;
+    this.tracker?.mark(chunks);
   }
 
   /** Sectors written to the device since the last completed capture. */
@@ -177,11 +220,11 @@ export class FlushEngine {
    * again: the pass made while writers run does the bulk, the frozen pass only verifies.
    * (The frozen pass is the one given `staged`; nothing changes under it.)
    */
-  private stage(staged?: Map<number, StagedChunk>): Map<number, StagedChunk> {
+  private stage(selection: Selection, staged?: Map<number, StagedChunk>): Map<number, StagedChunk> {
     const result = new Map<number, StagedChunk>();
     let next = 0;
     for (const s of staged?.values() ?? []) next = Math.max(next, s.slot + 1);
-    for (const chunk of this.order) {
+    for (const chunk of selection.all ? this.order : selection.chunks) {
       const hash = xxh64(this.chunkView(chunk));
       if (hash === this.hashes[chunk]) continue;
       const earlier = staged?.get(chunk);
@@ -252,42 +295,79 @@ export class FlushEngine {
     return { bytesWritten: slots * slotSize(this.volume.manifest.chunkSize), commit: report };
   }
 
+  /** The selection a cut gives: its chunks (and `extra`) in file order, or everything with a reason. */
+  private select(cutChunks: Iterable<number>, scanReason: string | undefined, extra: Iterable<number> = []): Selection {
+    const reason = this.scanReason ?? scanReason;
+    if (reason !== undefined) return { all: true, reason };
+    return { all: false, chunks: this.inFileOrder([...cutChunks, ...extra]) };
+  }
+
   private async flushNow(reason: string, full: boolean): Promise<FlushResult> {
     const started = performance.now();
     const at = new Date().toISOString();
     const t: FlushTimings = { syncMs: 0, freezeMs: 0, frozenMs: 0, scanMs: 0, journalMs: 0, applyMs: 0 };
+    const tracker = this.tracker?.active === true ? this.tracker : undefined;
+    /** Chunks cut from the tracker by this flush: back into the set if it fails. */
+    const taken: number[] = [];
+    let tracking = this.trackingMode();
+    let chunksHashed = 0;
     try {
-      // Push pending writes into the image, so the write counter sees them: a filesystem on
-      // the device keeps its own dirty pages until synced; the raw device's buffers need fsync.
+      // Push pending writes into the image, so the write counter and the trace see them: a
+      // filesystem on the device keeps its own dirty pages until synced; the raw device's
+      // buffers need fsync.
       const mounted = this.device !== undefined ? this.mounted : undefined;
       if (mounted !== undefined) await syncMounted(mounted);
       else if (this.device !== undefined) syncDevice(this.device);
       t.syncMs = performance.now() - started;
       const counter = this.device === undefined ? 0 : sectorsWritten(this.device);
-      if (!full && this.device !== undefined && counter === this.baseline && !this.mustScan && !this.lastFailed) {
-        return { at, ok: true, idle: true, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0 };
+      // The capture point: the set of chunks written up to now.
+      const first = this.tracker?.cut() ?? { chunks: [], scanReason: 'no change tracking' };
+      taken.push(...first.chunks);
+      const quiet = tracker !== undefined
+        ? first.chunks.length === 0 && first.scanReason === undefined && this.scanReason === undefined
+        : this.device !== undefined && counter === this.baseline && !this.mustScan;
+      if (!full && quiet && !this.lastFailed) {
+        return { at, ok: true, idle: true, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0, tracking };
       }
       // A batch committed by a flush whose apply failed must reach the files first (a sealed
       // commit is whole or absent: there is nothing to settle).
       if (this.lastFailed && isPlainVolume(this.volume) && this.journalFd !== undefined && (await settleJournal(this.volume, this.journalFd, this.log)) === 'applied') this.afterWrite?.();
 
+      // The thaw's own writes ride along with a flush that runs anyway.
+      const deferred = tracker?.takeDeferred() ?? [];
+      taken.push(...deferred);
+      let selection = this.select(first.chunks, first.scanReason, deferred);
       // Cleared before the scan: a file change noted during this flush asks for another.
       this.mustScan = false;
+      this.scanReason = undefined;
       const scanStart = performance.now();
       let staged: Map<number, StagedChunk>;
       if (mounted !== undefined) {
-        const early = this.stage();
-        const frozen = await whileFrozen(mounted, () => this.stage(early));
+        const early = this.stage(selection);
+        const thaw = tracker === undefined ? undefined : { before: () => tracker.beginThaw(), after: () => tracker.endThaw() };
+        const frozen = await whileFrozen(mounted, () => {
+          // Inside the freeze: the second cut; its chunks and the first's are hashed again.
+          const second = this.tracker?.cut() ?? { chunks: [], scanReason: 'no change tracking' };
+          taken.push(...second.chunks);
+          if (!selection.all) selection = this.select([...(selection.chunks), ...second.chunks], second.scanReason, early.keys());
+          return this.stage(selection, early);
+        }, thaw);
         staged = frozen.result;
         t.freezeMs = frozen.freezeMs;
         t.frozenMs = frozen.frozenMs;
-        // Freeze and thaw write the superblock: count from after the thaw, or every tick looks dirty.
-        this.resetBaseline();
+        // Without tracking: freeze and thaw write the superblock; count from after the thaw, or
+        // every tick looks dirty (a write landing in between waits for a later one: tracking
+        // has no such gap, it sorts the thaw's own writes from others').
+        if (tracker === undefined) this.resetBaseline();
+        else this.baseline = counter;
       } else {
         this.baseline = counter;
-        staged = this.stage();
+        staged = this.stage(selection);
       }
       t.scanMs = performance.now() - scanStart - t.freezeMs; // both passes (FIFREEZE itself apart)
+      chunksHashed = selection.all ? this.order.length : selection.chunks.length;
+      tracking = selection.all ? `full-scan (${selection.reason})` : 'block-layer';
+      if (tracker !== undefined && !selection.all && this.verifyTracking) await this.verify(selection.chunks, staged, tracker);
 
       let journalBytes = 0;
       let bytesWritten = 0;
@@ -302,11 +382,41 @@ export class FlushEngine {
       if (this.staging.length * STAGING_BLOCK > STAGING_KEEP) this.staging = [];
       const durationMs = performance.now() - started;
       const sealedReport = sealed === undefined ? {} : { sealed: { epoch: sealed.epoch, inFreeSlots: sealed.inFreeSlots, throughJournal: sealed.throughJournal, mapBytes: sealed.mapBytes } };
-      return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: staged.size, timings: t, ...sealedReport };
+      return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: staged.size, chunksHashed, tracking, timings: t, ...sealedReport };
     } catch (err) {
       this.lastFailed = true;
+      // The set is kept (never cleared by a failure), and the next flush scans everything.
+      this.tracker?.requeue(taken);
+      this.requireScan('after a failed flush');
       const error = failure('flush failed', err).message;
-      return { at, ok: false, idle: false, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0, error, timings: t };
+      return { at, ok: false, idle: false, reason, durationMs: performance.now() - started, bytesWritten: 0, journalBytes: 0, chunksChanged: 0, chunksHashed, tracking, error, timings: t };
     }
+  }
+
+  /**
+   * The test mode's check (VBD_SHADOW_VERIFY_TRACKING=1): every chunk outside the tracked set
+   * is hashed too; one that differs from the files without a write traced since the cut (a
+   * write in flight at the cut completes, and is traced, within the grace time) means the set
+   * missed a change: the flush fails loudly.
+   */
+  private async verify(selected: Uint32Array, staged: Map<number, StagedChunk>, tracker: ChangeTracker): Promise<void> {
+    const inSet = new Uint8Array(this.hashes.length);
+    for (const c of selected) inSet[c] = 1;
+    for (const c of staged.keys()) inSet[c] = 1;
+    let missed: number[] = [];
+    for (let chunk = 0; chunk < this.hashes.length; chunk++) {
+      if (inSet[chunk] === 0 && xxh64(this.chunkView(chunk)) !== this.hashes[chunk]) missed.push(chunk);
+    }
+    const deadline = performance.now() + VERIFY_GRACE_MS;
+    for (;;) {
+      tracker.collect();
+      missed = missed.filter((c) => !tracker.tracedSinceCut(c) && xxh64(this.chunkView(c)) !== this.hashes[c]);
+      if (missed.length === 0) return;
+      if (performance.now() > deadline) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const line = `TRACKING VERIFICATION FAILED: ${missed.length} chunks differ from the files with no write traced (chunks ${missed.slice(0, 10).join(', ')}${missed.length > 10 ? ', …' : ''})`;
+    this.log(line);
+    throw new VbdError(line);
   }
 }

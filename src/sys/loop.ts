@@ -61,8 +61,17 @@ export function clearLoop(loopFd: number, what: string): void {
   ioctl(loopFd, LOOP_CLR_FD, 0, what);
 }
 
-/** The (device, inode) of the file bound to the loop device, or undefined if it is unbound. */
-export function loopBacking(loopFd: number, what: string): { dev: bigint; ino: bigint } | undefined {
+/** What LOOP_GET_STATUS64 says of a bound loop device (struct loop_info64). */
+export interface LoopStatus {
+  dev: bigint;
+  ino: bigint;
+  offset: bigint;
+  sizeLimit: bigint;
+  flags: number;
+}
+
+/** The loop device's status, or undefined if it is unbound. */
+export function loopStatus(loopFd: number, what: string): LoopStatus | undefined {
   const info = Buffer.alloc(INFO64_BYTES);
   try {
     ioctlStruct(loopFd, LOOP_GET_STATUS64, info, what);
@@ -70,5 +79,11 @@ export function loopBacking(loopFd: number, what: string): { dev: bigint; ino: b
     if ((err as { code?: string }).code === 'ENXIO') return undefined;
     throw err;
   }
-  return { dev: info.readBigUInt64LE(0), ino: info.readBigUInt64LE(8) };
+  return { dev: info.readBigUInt64LE(0), ino: info.readBigUInt64LE(8), offset: info.readBigUInt64LE(24), sizeLimit: info.readBigUInt64LE(32), flags: info.readUInt32LE(52) };
+}
+
+/** The (device, inode) of the file bound to the loop device, or undefined if it is unbound. */
+export function loopBacking(loopFd: number, what: string): { dev: bigint; ino: bigint } | undefined {
+  const s = loopStatus(loopFd, what);
+  return s === undefined ? undefined : { dev: s.dev, ino: s.ino };
 }

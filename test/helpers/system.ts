@@ -2,7 +2,7 @@
 // that removes every loop device, mount and tmpfs image a test volume may have left behind.
 
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, readdirSync, rmSync } from 'node:fs';
+import { readFileSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
 import { BIN } from './cli.js';
 
 export const IS_ROOT = process.getuid?.() === 0;
@@ -93,8 +93,29 @@ function removeSpareLoops(): void {
   }
 }
 
-/** Removes whatever test volumes left in the kernel: mounts, loop devices, tmpfs, names. */
+/** vbd-shadow's tracefs instances whose daemon is gone (vbd-shadow-UID-DEV.INO-PID). */
+export function staleTraceInstances(): string[] {
+  return list('/sys/kernel/tracing/instances').filter((n) => {
+    const pid = /^vbd-shadow-\d+-\d+\.\d+-(\d+)$/.exec(n)?.[1];
+    if (pid === undefined) return false;
+    try {
+      process.kill(Number(pid), 0);
+      return false;
+    } catch (err) {
+      return (err as { code?: string }).code === 'ESRCH';
+    }
+  });
+}
+
+/** Removes whatever test volumes left in the kernel: mounts, loop devices, tmpfs, names, trace instances. */
 export function sweep(): void {
+  for (const name of staleTraceInstances()) {
+    try {
+      rmdirSync(`/sys/kernel/tracing/instances/${name}`);
+    } catch {
+      /* listed by leftovers() */
+    }
+  }
   for (const [device] of testLoops()) {
     for (const target of mountsUnder((source) => source === device)) {
       spawnSync('fsfreeze', ['--unfreeze', target]); // a killed daemon may have left it frozen
@@ -119,6 +140,7 @@ export function leftovers(): string[] {
   return [
     ...testLoops().map(([d, b]) => `loop ${d} -> ${b}`),
     ...mountsUnder((_s, t) => dirs.some((d) => t.startsWith(`${d}/`))).map((t) => `mount ${t}`),
+    ...staleTraceInstances().map((n) => `trace instance ${n}`),
   ];
 }
 
