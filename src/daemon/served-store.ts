@@ -22,11 +22,6 @@ export interface StoreContext {
 }
 
 /**
- * Opens the volume's chunk store for a session (after the lock: a sealed store may complete an
- * interrupted commit). A sealed volume is checked against root's record of its epoch before
- * anything is written (a plain one was checked by checkNotStripped before its journal opened).
- */
-/**
  * A plain volume in a directory that held a sealed one (its record names this very directory):
  * a manifest stripped of its `sealed` object would make the daemon write plaintext. Refused
  * before anything is written (the plain journal included), unless the owner accepts it; then
@@ -46,7 +41,13 @@ export function checkNotStripped(ctx: StoreContext, acceptRollback: boolean, for
   }
 }
 
-/** `keepRecord`: root keeps the epoch record up to date (the daemon; root's recover); else it is only checked. */
+/**
+ * Opens the volume's chunk store for a session (after the lock: a sealed store may complete an
+ * interrupted commit). A sealed volume is checked against root's record of its epoch before
+ * anything is written (a plain one was checked by checkNotStripped before its journal opened).
+ * `keepRecord`: root keeps the epoch record up to date (the daemon; root's recover); else it is
+ * only checked (the owner's recover).
+ */
 export async function openServedStore(ctx: StoreContext, secret: Buffer | undefined, acceptRollback: boolean, keepRecord = true): Promise<ServedStore> {
   const { volume, log } = ctx;
   const { uid } = volume.owner;
