@@ -205,20 +205,23 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     }), (what) => log(`control pipe: ignored ${what}`));
     process.on('SIGUSR1', () => ctx.requestFlush?.('signal'));
 
-    if (o.canary === 'none') {
+    /** One session: the store opened with `secret` (wiped), served until `ended`, closed. */
+    const session = async (secret: Buffer | undefined, ended: Promise<string>): Promise<Error | undefined> => {
       let served: ServedStore;
       try {
-        served = await openServedStore(ctx, o.secret, o.acceptRollback);
+        served = await openServedStore(ctx, secret, o.acceptRollback);
       } finally {
-        o.secret?.fill(0);
+        secret?.fill(0);
       }
       try {
-        ctx.setStatus({ sessions: 1 });
-        return finish(await serveSession(ctx, served, sessionOptions, stopped));
+        ctx.setStatus({ sessions: (status?.sessions ?? 0) + 1 });
+        return await serveSession(ctx, served, sessionOptions, ended);
       } finally {
         served.store.close();
       }
-    }
+    };
+
+    if (o.canary === 'none') return finish(await session(o.secret, stopped));
 
     const pipe = paths.agentFifo;
     createFifo(pipe, owner);
@@ -236,18 +239,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       if (connection === undefined) break;
       try {
         if (needsSecret && connection.secret === undefined) throw new VbdError('the agent left before giving the key');
-        let served: ServedStore;
-        try {
-          served = await openServedStore(ctx, connection.secret, o.acceptRollback);
-        } finally {
-          connection.secret?.fill(0);
-        }
-        try {
-          ctx.setStatus({ sessions: (status?.sessions ?? 0) + 1 });
-          lastError = await serveSession(ctx, served, sessionOptions, Promise.race([connection.gone, stopped]));
-        } finally {
-          served.store.close();
-        }
+        lastError = await session(connection.secret, Promise.race([connection.gone, stopped]));
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
         log(`session refused: ${message}`);
