@@ -2,6 +2,8 @@
 // pipe, says hello (and gives the key of a keyed volume or the passphrase of a sealed one), asks for a flush every interval,
 // and on logout (SIGTERM/SIGHUP) or Ctrl-C asks for teardown and exits. If it dies instead,
 // the pipe closes and the daemon tears down all the same: that is the point of a canary.
+// Under systemd (its unit is Type=notify) it says READY=1 only once the daemon's status shows
+// the volume live, so units ordered after the agent's find the volume attached (and mounted).
 
 
 import { fstatSync, lstatSync } from 'node:fs';
@@ -11,6 +13,7 @@ import { sleep } from '../common/fd.js';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { checkRootOwnedPath, readStatusAt, type DaemonStatus, type RuntimePaths } from '../daemon/runtime.js';
 import { promptSecret, readKeyFile } from '../layouts/secret.js';
+import { createNotifier } from '../sys/notify.js';
 import { closePipe, openPipeForWriting, writeMessage } from './pipe.js';
 import type { PipeMessage } from './protocol.js';
 
@@ -81,6 +84,8 @@ async function connect(path: string, say: (line: string) => void): Promise<numbe
 /** Runs the agent until logout or until the daemon's session ends; returns the exit code. */
 export async function runAgent(o: AgentOptions): Promise<number> {
   const { paths } = o;
+  const notifier = createNotifier(o.say);
+  notifier.send({ STATUS: 'waiting for the daemon' });
   const pipe = paths.agentFifo;
   const secret = o.needsSecret ? await agentSecret(o) : undefined;
   const fd = await connect(pipe, o.say);
@@ -88,6 +93,7 @@ export async function runAgent(o: AgentOptions): Promise<number> {
   const send = (m: PipeMessage): void => writeMessage(fd, m);
   const connectedAt = new Date().toISOString();
   send({ kind: 'hello', version: 1, pid: process.pid });
+  notifier.send({ STATUS: 'connected; waiting for the volume to be attached' });
   if (secret !== undefined) {
     send({ kind: 'key', secret: secret.toString('base64') });
     secret.fill(0);
@@ -109,6 +115,7 @@ export async function runAgent(o: AgentOptions): Promise<number> {
         /* the daemon is gone already */
       }
       closePipe(fd);
+      notifier.send({ STOPPING: 1, STATUS: 'asked the daemon to write everything back and detach' });
       o.say(`${leaving}: asked the daemon to write everything back and detach`);
       return 0;
     }
@@ -120,7 +127,9 @@ export async function runAgent(o: AgentOptions): Promise<number> {
     }
     if (s.state === 'live' && live === undefined) {
       live = s;
-      o.say(`volume '${o.name}' is live: ${s.link} -> ${s.device}${s.mountpoint !== undefined ? `, mounted on ${s.mountpoint}` : ''}`);
+      const where = `${s.link} -> ${s.device}${s.mountpoint !== undefined ? `, mounted on ${s.mountpoint}` : ''}`;
+      o.say(`volume '${o.name}' is live: ${where}`);
+      notifier.send({ READY: 1, STATUS: `volume '${o.name}' live: ${where}` });
     }
     if (live !== undefined && s.state !== 'live') {
       closePipe(fd);

@@ -12,14 +12,15 @@ import type { PipeMessage } from '../agent/protocol.js';
 import { settleJournal } from '../flush/apply.js';
 import { openJournal } from '../flush/journal.js';
 import { isTmpfsMounted } from '../shadow/image.js';
-import { Option, type Command } from 'commander';
+import { Argument, Option, type Command } from 'commander';
 import { sleep } from '../common/fd.js';
-import { BusyError, NotFoundError, UsageError, VbdError, failure } from '../common/errors.js';
+import { BusyError, NotFoundError, RefusedError, UsageError, VbdError, failure } from '../common/errors.js';
+import { EXIT } from '../common/exit-codes.js';
 import { parseDuration } from '../common/duration.js';
 import { formatSize, parseSize } from '../common/size.js';
 import { MKFS_TYPES, parseMkfsType } from '../device/mkfs.js';
 import { requireRoot, runDaemon, type CanaryMode } from '../daemon/daemon.js';
-import { createLog } from '../daemon/log.js';
+import { createLog, priorityPrefix } from '../daemon/log.js';
 import { recoverLeftover } from '../daemon/recover.js';
 import {
   acquireLock, checkRootOwnedPath, daemonRunning, findVolumeByName, isAlive, knownVolumes, readStatusAt, releaseLock, runtimePaths,
@@ -390,20 +391,74 @@ export function registerDaemonCommands(program: Command): void {
     .argument('<volume>', 'volume name or directory')
     .action(async (target: string) => {
       const { name, pid, paths } = runningDaemon(target, 'live');
-      const requested = new Date().toISOString();
-      sendControl(name, paths, { kind: 'flush' });
-      for (;;) {
-        await sleep(20);
-        const s = readStatusAt(paths);
-        if (s === undefined || !isAlive(pid)) throw new VbdError(`volume '${name}' went away during the flush`);
-        if (s.lastCheck !== undefined && s.lastCheck.at >= requested) {
-          if (!s.lastCheck.ok) throw new VbdError(`flush of '${name}' failed: ${s.lastFlush?.error ?? 'see the log'}`);
-          const f = s.lastFlush;
-          console.log(s.lastCheck.idle || f === undefined || f.at !== s.lastCheck.at
-            ? `volume '${name}': nothing written since the last flush`
-            : `volume '${name}' flushed: ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms`);
-          return;
-        }
-      }
+      console.log(await flushAndWait(name, pid, paths));
     });
+
+  program
+    .command('sleep-hook')
+    .description('(root, the sleep units) before suspend: flush every live volume and wait for each; before hibernation: refuse while a sealed volume is live, else the same')
+    .addArgument(new Argument('<kind>', 'what the system is about to do').choices(SLEEP_KINDS))
+    .action(async (kind: string) => {
+      process.exitCode = await sleepHook(kind);
+    });
+}
+
+const SLEEP_KINDS = ['suspend', 'hibernate', 'hybrid-sleep', 'suspend-then-hibernate'];
+
+/** States in which a daemon holds a session's RAM image (and a sealed volume's keys). */
+const HOLDS_IMAGE: readonly DaemonStatus['state'][] = ['recovering', 'populating', 'live', 'stopping'];
+
+/**
+ * Before sleep: every live volume flushed, in parallel, each awaited; 0 if all succeeded, else
+ * 1 (each failure printed to stderr). Before hibernation (`kind` other than suspend) first
+ * refuses while a sealed volume holds its image: hibernation writes all RAM — the plaintext
+ * image and the keys — to the swap device.
+ */
+async function sleepHook(kind: string): Promise<number> {
+  const running = knownVolumes().filter((v) => daemonRunning(v.status));
+  const label = (s: DaemonStatus): string => `'${s.name}' (uid ${s.owner.uid}, ${s.volumeDir})`;
+  if (kind !== 'suspend') {
+    const sealed = running.filter((v) => v.status.sealedVolume === true && HOLDS_IMAGE.includes(v.status.state));
+    if (sealed.length > 0) {
+      throw new RefusedError(`${kind} refused: sealed volume${sealed.length === 1 ? '' : 's'} ${sealed.map((v) => label(v.status)).join(', ')} ${sealed.length === 1 ? 'is' : 'are'} live, and hibernation would write the plaintext RAM image and its keys to the swap device; stop ${sealed.length === 1 ? 'it' : 'them'} first (log out, or vbd-shadow stop)`);
+    }
+  }
+  const live = running.filter((v) => v.status.state === 'live');
+  if (live.length === 0) {
+    console.log(`${kind}: no live volumes`);
+    return EXIT.ok;
+  }
+  const results = await Promise.allSettled(live.map((v) => flushAndWait(v.status.name, v.status.pid, v.paths)));
+  let failed = 0;
+  results.forEach((r, i) => {
+    const s = live[i]?.status;
+    if (r.status === 'fulfilled') console.log(r.value);
+    else {
+      failed++;
+      process.stderr.write(`${priorityPrefix(2, 'err')}vbd-shadow: ${kind}: volume ${s === undefined ? '?' : label(s)}: ${r.reason instanceof Error ? r.reason.message : String(r.reason)}\n`);
+    }
+  });
+  if (failed > 0) {
+    process.stderr.write(`${priorityPrefix(2, 'err')}vbd-shadow: ${kind}: ${failed} of ${live.length} flushes failed; the data stays in RAM\n`);
+    return EXIT.failed;
+  }
+  return EXIT.ok;
+}
+
+/** Asks the daemon for a flush and waits for its result; returns the line to print, throws if it failed. */
+async function flushAndWait(name: string, pid: number, paths: RuntimePaths): Promise<string> {
+  const requested = new Date().toISOString();
+  sendControl(name, paths, { kind: 'flush' });
+  for (;;) {
+    await sleep(20);
+    const s = readStatusAt(paths);
+    if (s === undefined || !isAlive(pid)) throw new VbdError(`volume '${name}' went away during the flush`);
+    if (s.lastCheck !== undefined && s.lastCheck.at >= requested) {
+      if (!s.lastCheck.ok) throw new VbdError(`flush of '${name}' failed: ${s.lastFlush?.error ?? 'see the log'}`);
+      const f = s.lastFlush;
+      return s.lastCheck.idle || f === undefined || f.at !== s.lastCheck.at
+        ? `volume '${name}': nothing written since the last flush`
+        : `volume '${name}' flushed: ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms`;
+    }
+  }
 }

@@ -7,6 +7,7 @@ import { Command, CommanderError } from 'commander';
 import { VbdError, errnoCode, kindOf, type ErrorKind } from '../common/errors.js';
 import { escapeText } from '../common/escape.js';
 import { EXIT, EXIT_SUMMARY, type ExitStatus } from '../common/exit-codes.js';
+import { priorityPrefix } from '../daemon/log.js';
 import { registerDaemonCommands } from './daemon-commands.js';
 import { registerOfflineCommands } from './offline-commands.js';
 import { registerSetupCommands } from './setup-commands.js';
@@ -48,7 +49,7 @@ export function buildProgram(): Command {
     .version(packageVersion())
     .showHelpAfterError(false)
     .exitOverride()
-    .configureOutput({ outputError: (text, write) => write(`vbd-shadow: ${text.replace(/^error: /, '')}`) });
+    .configureOutput({ outputError: (text, write) => write(`${priorityPrefix(2, 'err')}vbd-shadow: ${text.replace(/^error: /, '')}`) });
   registerOfflineCommands(program);
   registerDaemonCommands(program);
   registerSetupCommands(program);
@@ -102,8 +103,9 @@ export async function main(argv: string[]): Promise<number> {
     if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
     if (kindOf(err) === 'stdout-closed') return EXIT.stdoutClosed;
     const message = err instanceof VbdError ? err.message : err instanceof Error ? `internal error: ${err.message}` : String(err);
-    // One line, and nothing a user typed or a file held can drive the terminal.
-    process.stderr.write(`vbd-shadow: ${escapeText(message.replace(/\s*\n\s*/g, ' '))}\n`);
+    // One line, and nothing a user typed or a file held can drive the terminal; under journald
+    // (a unit's daemon or agent that fails) it is logged as an error.
+    process.stderr.write(`${priorityPrefix(2, 'err')}vbd-shadow: ${escapeText(message.replace(/\s*\n\s*/g, ' '))}\n`);
     if (process.env['VBD_SHADOW_DEBUG'] === '1' && err instanceof Error) process.stderr.write(`${err.stack}\n`);
     return EXIT_OF[kindOf(err)];
   }

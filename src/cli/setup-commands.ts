@@ -116,6 +116,8 @@ complete -F _vbd_shadow vbd-shadow
 
 const SYSTEM_UNIT = 'vbd-shadow@.service';
 const AGENT_UNIT = 'vbd-shadow-agent@.service';
+/** Before sleep (flush every live volume) and before hibernation (refused while a sealed volume is live). */
+const SLEEP_UNITS = ['vbd-shadow-sleep.service', 'vbd-shadow-hibernate.service'];
 /** The command the unit templates in systemd/ carry; replaced by this installation's. */
 const TEMPLATE_BIN = '/usr/local/bin/vbd-shadow';
 const TEMPLATE_DOC = 'file:///usr/local/lib/node_modules/vbd-shadow/README.md';
@@ -241,7 +243,11 @@ function plan(o: { user?: boolean; root?: string }): UnitPlan {
   }
   const root = o.root ?? '/';
   return {
-    units: [[join(root, 'etc/systemd/system', SYSTEM_UNIT), SYSTEM_UNIT], [join(root, 'etc/systemd/user', AGENT_UNIT), AGENT_UNIT]],
+    units: [
+      [join(root, 'etc/systemd/system', SYSTEM_UNIT), SYSTEM_UNIT],
+      ...SLEEP_UNITS.map((u): [string, string] => [join(root, 'etc/systemd/system', u), u]),
+      [join(root, 'etc/systemd/user', AGENT_UNIT), AGENT_UNIT],
+    ],
     confDir: join(root, 'etc/vbd-shadow'),
   };
 }
@@ -279,7 +285,7 @@ function installUnits(o: { user?: boolean; root?: string; remove?: boolean }): v
   }
   console.log(o.user === true
     ? 'next: systemctl --user daemon-reload'
-    : 'next: systemctl daemon-reload (the agent unit is there for every user: systemctl --user daemon-reload as each)');
+    : `next: systemctl daemon-reload; systemctl enable ${SLEEP_UNITS.join(' ')} (flush before sleep, no hibernation while a sealed volume is live); the agent unit is there for every user: systemctl --user daemon-reload as each`);
 }
 
 export function registerSetupCommands(program: Command): void {
@@ -293,7 +299,7 @@ export function registerSetupCommands(program: Command): void {
 
   program
     .command('install-units')
-    .description('(root) write the systemd units with the path of this installation: /etc/systemd/system/vbd-shadow@.service, /etc/systemd/user/vbd-shadow-agent@.service, and make /etc/vbd-shadow/')
+    .description('(root) write the systemd units with the path of this installation: /etc/systemd/system/vbd-shadow@.service, vbd-shadow-sleep.service and vbd-shadow-hibernate.service, /etc/systemd/user/vbd-shadow-agent@.service, and make /etc/vbd-shadow/')
     .option('--user', 'write only the agent unit, into your ~/.config/systemd/user (no root needed)')
     .addOption(new Option('--root <dir>', 'write under DIR instead of / (staging for a package or a test)'))
     .option('--remove', 'remove the units install-units wrote (and /etc/vbd-shadow if empty)')

@@ -30,7 +30,7 @@ export class CleanupStack {
         await step.undo();
       } catch (err) {
         const error = err instanceof Error ? err : new Error(String(err));
-        log(`teardown: ${step.what} failed: ${error.message}`);
+        log(`teardown: ${step.what} failed: ${error.message}`, 'err');
         firstError ??= error;
         if (step.guard) return error;
       }

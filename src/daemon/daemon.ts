@@ -18,7 +18,9 @@ import { closeMountPoint, openMountPoint, type MountPoint } from '../device/moun
 import { checkLockable } from '../shadow/image.js';
 import { closeVolume, identityKey, isPlainVolume, isSealedVolume, type AnyVolume } from '../volume/volume.js';
 import { checkNotStripped, openServedStore, type ServedStore } from './served-store.js';
+import { createNotifier } from '../sys/notify.js';
 import type { Log } from './log.js';
+import { ServiceReadiness } from './readiness.js';
 import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonLock, type DaemonStatus } from './runtime.js';
 import { serveSession, type SessionContext, type SessionOptions } from './session.js';
 
@@ -51,7 +53,7 @@ function stopRequests(log: Log): { stopped: Promise<string>; stop: (reason: stri
   const stopped = new Promise<string>((resolveStop) => {
     let done = false;
     stop = (reason) => {
-      if (done) return log(`${reason} during teardown: still writing back, please wait`);
+      if (done) return log(`${reason} during teardown: still writing back, please wait`, 'notice');
       done = true;
       resolveStop(reason);
     };
@@ -100,11 +102,11 @@ function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped
         } catch {
           who += ' (gone already)';
         }
-        log(`agent connected: ${who}`);
+        log(`agent connected: ${who}`, 'notice');
         if (!keyed) ready(undefined);
       },
       key: (m) => {
-        if (hello === undefined || !keyed || settled) return log('agent pipe: ignored a key message out of turn');
+        if (hello === undefined || !keyed || settled) return log('agent pipe: ignored a key message out of turn', 'warning');
         ready(Buffer.from(m.secret, 'base64'));
       },
       flush: () => ctx.requestFlush?.('agent request'),
@@ -113,12 +115,12 @@ function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped
     };
     const stopReading = readPipe(pipe, {
       message: (m) => dispatch(m, handlers),
-      garbage: (what) => log(`agent pipe: ignored ${what}`),
+      garbage: (what) => log(`agent pipe: ignored ${what}`, 'warning'),
       closed: () => {
         endSession('the agent is gone (its pipe closed)');
         if (!settled) {
           settled = true;
-          log('agent pipe closed before the agent was ready');
+          log('agent pipe closed before the agent was ready', 'warning');
           resolveAgent({ gone, secret: undefined, stop: () => undefined });
         }
       },
@@ -144,7 +146,7 @@ function spawnAgent(volume: AnyVolume, args: string[], log: Log): ChildProcess {
     stdio: 'inherit',
     env: { PATH: '/usr/bin:/bin' },
   });
-  child.on('error', (err) => log(`cannot start the agent as uid ${volume.owner.uid}: ${err.message}`));
+  child.on('error', (err) => log(`cannot start the agent as uid ${volume.owner.uid}: ${err.message}`, 'err'));
   return child;
 }
 
@@ -153,8 +155,13 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
   requireRoot('vbd-shadow start');
   const { log, volume } = o;
   const { stopped, stop } = stopRequests(log);
+  // Under systemd (Type=notify): READY, STATUS, STOPPING and EXTEND_TIMEOUT_USEC (readiness.ts).
+  const readiness = new ServiceReadiness(createNotifier((message) => log(message, 'warning')), o.canary);
   let stopping = false;
-  void stopped.then(() => (stopping = true));
+  void stopped.then(() => {
+    stopping = true;
+    readiness.stop();
+  });
   const { manifest, owner } = volume;
   const paths = runtimePaths(volume.identity);
   const needsSecret = isSealedVolume(volume) || manifest.layout.kind === 'keyed';
@@ -170,6 +177,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       if (status === undefined) return;
       status = { ...status, ...change };
       writeStatus(paths, status);
+      readiness.update(status);
     },
     requestFlush: undefined,
   };
@@ -185,7 +193,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0, externalChanges: 0, sessions: 0,
     };
     ctx.setStatus({});
-    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${isSealedVolume(volume) ? 'sealed, ' : ''}${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`);
+    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${isSealedVolume(volume) ? 'sealed, ' : ''}${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`, 'notice');
     checkNotStripped(ctx, o.acceptRollback, true);
     // A plain volume's flushes go through its journal; a sealed one commits copy-on-write.
     if (isPlainVolume(volume)) {
@@ -202,7 +210,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       flush: () => ctx.requestFlush?.('flush command'),
       teardown: () => log('control pipe: ignored a teardown (the agent sends those)'),
       stop: () => stop('stop command'),
-    }), (what) => log(`control pipe: ignored ${what}`));
+    }), (what) => log(`control pipe: ignored ${what}`, 'warning'));
     process.on('SIGUSR1', () => ctx.requestFlush?.('signal'));
 
     /** One session: the store opened with `secret` (wiped), served until `ended`, closed. */
@@ -234,7 +242,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
         agent = spawnAgent(volume, o.agentArgs ?? [], log);
         agent.on('exit', (code) => stop(`the agent exited (${code ?? 'killed'})`));
       }
-      if (o.canary === 'wait') log('waiting for the owner\'s agent');
+      if (o.canary === 'wait') log('waiting for the owner\'s agent', 'notice');
       const connection = await connecting;
       if (connection === undefined) break;
       try {
@@ -242,7 +250,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
         lastError = await session(connection.secret, Promise.race([connection.gone, stopped]));
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
-        log(`session refused: ${message}`);
+        log(`session refused: ${message}`, 'err');
         ctx.setStatus({ refused: { at: new Date().toISOString(), reason: message } });
         connection.stop();
         if (o.canary === 'spawn') throw err;
@@ -253,23 +261,26 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     if (agent !== undefined && agent.exitCode === null) agent.kill('SIGTERM');
     return finish(lastError);
   } catch (err) {
+    readiness.stop();
     ctx.setStatus({ state: 'failed', error: err instanceof Error ? err.message : String(err) });
     cleanupProcess();
     throw err;
   }
 
   function finish(error: Error | undefined): number {
+    readiness.stop();
     cleanupProcess();
     if (error !== undefined) {
       ctx.setStatus({ state: 'failed', error: error.message });
       return 1;
     }
     ctx.setStatus({ state: 'stopped' });
-    log('stopped: everything written back, device detached, RAM freed');
+    log('stopped: everything written back, device detached, RAM freed', 'notice');
     return 0;
   }
 
   function cleanupProcess(): void {
+    readiness.close();
     stopControl?.();
     if (journalFd !== undefined) closeSync(journalFd);
     if (mountPoint !== undefined) closeMountPoint(mountPoint);

@@ -33,7 +33,7 @@ export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, st
     await runOk('umount', [paths.shadow]);
     return false;
   }
-  log(`recovery: found the RAM image of an earlier daemon at ${imagePath}; writing it back before anything else`);
+  log(`recovery: found the RAM image of an earlier daemon at ${imagePath}; writing it back before anything else`, 'warning');
   const image = openLeftoverImage(paths.shadow, volume.identity);
   try {
     for (const loop of await loopsBoundTo(image.backing)) {

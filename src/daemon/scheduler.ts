@@ -71,7 +71,7 @@ export class FlushScheduler {
     }
     this.failures++;
     const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** (this.failures - 1));
-    this.o.log(`FLUSH FAILED (${result.reason}, attempt ${this.failures}): ${result.error}; the data stays in RAM; retrying in ${delay / 1000} s`);
+    this.o.log(`FLUSH FAILED (${result.reason}, attempt ${this.failures}): ${result.error}; the data stays in RAM; retrying in ${delay / 1000} s`, 'err');
     if (this.timers.length > 0) {
       if (this.retry !== undefined) clearTimeout(this.retry);
       this.retry = setTimeout(() => void this.request('retry'), delay);

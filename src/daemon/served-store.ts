@@ -8,6 +8,7 @@ import { openChunkStore, type ChunkStore } from '../store/chunk-store.js';
 import { identityKey, isSealedVolume, type AnyVolume } from '../volume/volume.js';
 import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal } from './epoch-record.js';
 import type { DaemonStatus } from './runtime.js';
+import type { Log } from './log.js';
 
 /** The chunk store a session moves chunks through, and (sealed) root's record of its epochs. */
 export interface ServedStore {
@@ -17,7 +18,7 @@ export interface ServedStore {
 
 export interface StoreContext {
   volume: AnyVolume;
-  log: (line: string) => void;
+  log: Log;
   setStatus: (change: Partial<DaemonStatus>) => void;
 }
 
@@ -37,7 +38,7 @@ export function checkNotStripped(ctx: StoreContext, acceptRollback: boolean, for
         `its manifest was replaced, which would make the daemon write plaintext; nothing was exposed or written. If you replaced it on purpose, start it with --accept-rollback`);
     }
     if (forget) forgetEpochRecord(uid, record.uuid);
-    log(`--accept-rollback: this directory held sealed volume ${record.uuid}; serving it as the plain volume it is now${forget ? ", root's record of the sealed one removed" : ''}`);
+    log(`--accept-rollback: this directory held sealed volume ${record.uuid}; serving it as the plain volume it is now${forget ? ", root's record of the sealed one removed" : ''}`, 'warning');
   }
 }
 
@@ -63,11 +64,11 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
       const refusal = rollbackRefusal(name, record, epoch);
       if (refusal === undefined) return;
       if (!acceptRollback) throw new RefusedError(refusal);
-      log(`--accept-rollback: serving the files at epoch ${epoch} although epoch ${record?.committedEpoch} was committed here; root's record now follows them (new commits take epochs above ${record?.reservedEpoch})`);
+      log(`--accept-rollback: serving the files at epoch ${epoch} although epoch ${record?.committedEpoch} was committed here; root's record now follows them (new commits take epochs above ${record?.reservedEpoch})`, 'warning');
     },
   });
   try {
-    for (const notice of store.notices) log(`NOTICE: ${notice}`);
+    for (const notice of store.notices) log(`NOTICE: ${notice}`, 'warning');
     ctx.setStatus({ notices: [...store.notices] });
     if (!keepRecord) return { store, epochs: undefined };
     const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record);

@@ -84,7 +84,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     if (damaged.length > 0) {
       // Nothing is exposed until the owner decides: a refusal, or --zero-damaged.
       if (!o.zeroDamaged) throw new IoError(damagedRefusal(manifest.name, damaged));
-      log(`--zero-damaged: ${damaged.length} chunks fail authentication and are served as zeros: ${listDamaged(damaged, MAX_LISTED_DAMAGED)}`);
+      log(`--zero-damaged: ${damaged.length} chunks fail authentication and are served as zeros: ${listDamaged(damaged, MAX_LISTED_DAMAGED)}`, 'warning');
       setStatus({ damagedChunks: damaged.slice(0, MAX_LISTED_DAMAGED) });
     }
     log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms${store.kind === 'sealed' ? ` (sealed, epoch ${store.epoch})` : ''}`);
@@ -136,7 +136,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     // filesystem's bytes underneath the kernel is a known attack surface.
     const ownerHasNode = o.mountPoint === undefined || o.rawAccess;
     if (ownerHasNode) giveDevice(loop, owner);
-    log(`attached ${device} as ${link}${ownerHasNode ? `, node owned by uid ${owner.uid}` : ', node kept root-only while mounted'}`);
+    log(`attached ${device} as ${link}${ownerHasNode ? `, node owned by uid ${owner.uid}` : ', node kept root-only while mounted'}`, 'notice');
     setStatus({ device, link });
 
     const formatted = o.mkfs !== undefined && (await formatIfNew(loop, o.mkfs, image, owner, ownerHasNode, log));
@@ -151,11 +151,11 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
           await sleep(2000);
         }
         engine.mounted = undefined;
-        log(`unmounted ${point.path}`);
+        log(`unmounted ${point.path}`, 'notice');
       });
       // ext* got its root owner from mkfs; other new filesystems get it here.
       if (formatted && o.mkfs !== undefined && needsRootChown(o.mkfs)) chownMountRoot(mounted, owner);
-      log(`mounted ${device} on ${point.path} (nosuid,nodev)`);
+      log(`mounted ${device} on ${point.path} (nosuid,nodev)`, 'notice');
       setStatus({ mountpoint: point.path });
     }
 
@@ -168,7 +168,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     ctx.requestFlush = (why) => void scheduler.request(why);
     scheduler.start();
     const watcher = new ExternalChangeWatcher(volume, () => engine.settled(), (change) => {
-      log(`EXTERNAL CHANGE: backing file '${change.name}' was ${change.what} by someone else; kept aside as ${change.keptAs ?? '(nothing to keep)'}; the chunks that differ from RAM will be rewritten`);
+      log(`EXTERNAL CHANGE: backing file '${change.name}' was ${change.what} by someone else; kept aside as ${change.keptAs ?? '(nothing to keep)'}; the chunks that differ from RAM will be rewritten`, 'warning');
       setStatus({ externalChanges: status().externalChanges + 1, lastExternalChange: { at: new Date().toISOString(), ...change } });
       engine.hashFiles(change.file);
       void scheduler.request('external change');
@@ -177,19 +177,19 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     await watcher.start();
     cleanup.push('stop watching the backing files', () => watcher.stop());
     setStatus({ state: 'live' });
-    log(`live; flushing every ${o.intervalMs / 1000} s or after ${formatSize(o.maxDirtyBytes)} written`);
+    log(`live; flushing every ${o.intervalMs / 1000} s or after ${formatSize(o.maxDirtyBytes)} written`, 'notice');
     const reason = await ended;
-    log(`tearing down: ${reason}`);
+    log(`tearing down: ${reason}`, 'notice');
     setStatus({ state: 'stopping' });
   } catch (err) {
-    log(`start failed: ${err instanceof Error ? err.message : String(err)}`);
+    log(`start failed: ${err instanceof Error ? err.message : String(err)}`, 'err');
     const undoError = await cleanup.unwind(log);
     if (undoError !== undefined) keepImageNotice(paths.shadow, volume.dir, log);
     throw err;
   }
   const error = await cleanup.unwind(log);
   if (error !== undefined) keepImageNotice(paths.shadow, volume.dir, log);
-  else log('session over: everything written back, device detached, RAM freed');
+  else log('session over: everything written back, device detached, RAM freed', 'notice');
   return error;
 }
 
@@ -221,7 +221,7 @@ async function finalFlush(engine: FlushEngine, report: (r: FlushResult) => void,
       log(`final flush: ${r.chunksChanged} chunks, ${formatSize(r.bytesWritten)} to the files in ${r.durationMs.toFixed(0)} ms`);
       return;
     }
-    log(`final flush failed (attempt ${attempt} of 3): ${r.error}`);
+    log(`final flush failed (attempt ${attempt} of 3): ${r.error}`, 'err');
     if (attempt === 3) throw new VbdError(r.error ?? 'final flush failed');
     await sleep(1000 * attempt);
   }
@@ -229,7 +229,7 @@ async function finalFlush(engine: FlushEngine, report: (r: FlushResult) => void,
 
 function keepImageNotice(shadow: string, dir: string, log: Log): void {
   if (existsSync(`${shadow}/image`)) {
-    log(`the RAM image is KEPT at ${shadow}/image (root-only) so nothing is lost; fix the cause, then run 'vbd-shadow recover ${dir}' or start the volume again`);
+    log(`the RAM image is KEPT at ${shadow}/image (root-only) so nothing is lost; fix the cause, then run 'vbd-shadow recover ${dir}' or start the volume again`, 'err');
   }
 }
 

@@ -5,6 +5,7 @@ import { failure } from '../common/errors.js';
 import { syncFilesystem } from '../sys/libc.js';
 import { fileName, type Volume } from '../volume/volume.js';
 import { readJournal, retireJournal, type Batch, type JournalEntry } from './journal.js';
+import type { Log } from '../daemon/log.js';
 
 const IOV_MAX = 1024;
 
@@ -52,19 +53,19 @@ export type SettleResult = 'empty' | 'discarded' | 'applied';
  * Recovery of an interrupted flush: a committed batch is applied again (idempotent) and the
  * journal retired; an uncommitted one is discarded (the files were never touched by it).
  */
-export async function settleJournal(volume: Volume, journalFd: number, log: (line: string) => void): Promise<SettleResult> {
+export async function settleJournal(volume: Volume, journalFd: number, log: Log): Promise<SettleResult> {
   const state = readJournal(journalFd, volume);
   switch (state.kind) {
     case 'empty':
       return 'empty';
     case 'uncommitted':
-      log(`journal: discarding an interrupted, uncommitted flush (${state.reason}); the files hold the flush before it`);
+      log(`journal: discarding an interrupted, uncommitted flush (${state.reason}); the files hold the flush before it`, 'warning');
       retireJournal(journalFd);
       return 'discarded';
     case 'committed': {
       const { bytes } = await applyBatch(volume, state.batch);
       retireJournal(journalFd);
-      log(`journal: completed an interrupted flush (batch ${state.batch.seq}, ${state.batch.entries.length} chunks, ${bytes} bytes)`);
+      log(`journal: completed an interrupted flush (batch ${state.batch.seq}, ${state.batch.entries.length} chunks, ${bytes} bytes)`, 'warning');
       return 'applied';
     }
   }

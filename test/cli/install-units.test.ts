@@ -36,12 +36,22 @@ describe.skipIf(!IS_ROOT)(`install-units (${IS_ROOT ? 'as root' : ROOT_SKIP_REAS
     expect(execStart(readFileSync(system, 'utf8')).slice(2)).toEqual(['start', '%f', '--canary', 'wait', '--foreground', '$VBD_SHADOW_OPTS']);
     expect(execStart(readFileSync(agent, 'utf8')).slice(2)).toEqual(['agent', '%f']);
     expect(statSync(join(stage, 'etc/vbd-shadow')).isDirectory()).toBe(true);
+    // The sleep and hibernation units, with the same command and their hook.
+    const sleepUnits = ['vbd-shadow-sleep.service', 'vbd-shadow-hibernate.service'].map((u) => join(stage, 'etc/systemd/system', u));
+    for (const [i, path] of sleepUnits.entries()) {
+      expect(r.stdout).toContain(`wrote ${path}\n`);
+      const text = readFileSync(path, 'utf8');
+      expect(text).toContain('# Written by vbd-shadow install-units');
+      expect(execStart(text)).toEqual([realpathSync(process.execPath), realpathSync(BIN), 'sleep-hook', i === 0 ? 'suspend' : 'hibernate']);
+    }
     if (HAS_SYSTEMD) {
       const instance = join(stage, 'vbd-shadow@home-alice-myvbd.service');
       writeFileSync(instance, readFileSync(system));
-      const v = spawnSync('systemd-analyze', ['verify', instance], { encoding: 'utf8' });
-      expect(v.stderr).toBe('');
-      expect(v.status).toBe(0);
+      for (const unit of [instance, ...sleepUnits]) {
+        const v = spawnSync('systemd-analyze', ['verify', unit], { encoding: 'utf8' });
+        expect(v.stderr).toBe('');
+        expect(v.status).toBe(0);
+      }
     }
   });
 

@@ -29,9 +29,9 @@ eachTestCleanup(Stage.Processes, async () => {
 });
 eachTestCleanup(Stage.Kernel, sweep);
 
-export function startDaemon(name: string, args: string[], input?: string): TestDaemon {
+export function startDaemon(name: string, args: string[], input?: string, env: Record<string, string> = {}): TestDaemon {
   const [cmd, argv] = cliArgv(['start', ...args, '--foreground']);
-  const child = spawn(cmd, argv, { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(cmd, argv, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   let text = '';
   child.stdout?.on('data', (d: Buffer) => (text += d.toString()));
   child.stderr?.on('data', (d: Buffer) => (text += d.toString()));

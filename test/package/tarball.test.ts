@@ -53,7 +53,7 @@ describe('the packed tarball', () => {
     const outside = list.filter((f) => !/^dist\/src\/.*\.js$/.test(f)).sort();
     expect(outside).toEqual([
       'README.md', 'bin/vbd-shadow', 'docs/FORMAT.md', 'docs/SECURITY.md', 'man/vbd-shadow.8', 'package.json',
-      'systemd/vbd-shadow-agent@.service', 'systemd/vbd-shadow@.service',
+      'systemd/vbd-shadow-agent@.service', 'systemd/vbd-shadow-hibernate.service', 'systemd/vbd-shadow-sleep.service', 'systemd/vbd-shadow@.service',
     ]);
     // Every compiled source file, and nothing compiled from tests or benchmarks.
     const sources = run('git', ['ls-files', '-co', '--exclude-standard', 'src'], SOURCE).stdout.split('\n').filter((f) => f.endsWith('.ts') && existsSync(join(SOURCE, f)));

@@ -8,6 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { EXIT } from '../../src/common/exit-codes.js';
 import { BIN } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 
@@ -46,6 +47,41 @@ describe.skipIf(!HAS_SYSTEMD)('systemd units', () => {
     const r = spawnSync('systemd-analyze', ['--user', 'verify', instance('vbd-shadow-agent@.service', dir)], { encoding: 'utf8', env: { ...process.env, XDG_RUNTIME_DIR: runtime } });
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
+  });
+
+  for (const unit of ['vbd-shadow-sleep.service', 'vbd-shadow-hibernate.service']) {
+    it(`${unit} verifies`, () => {
+      const dir = tempDir();
+      const r = spawnSync('systemd-analyze', ['verify', instance(unit, dir)], { encoding: 'utf8' });
+      expect(r.stderr).toBe('');
+      expect(r.status).toBe(0);
+    });
+  }
+
+  it('both long-running units are Type=notify (main process only) and do not restart on configuration errors', () => {
+    for (const name of ['vbd-shadow@.service', 'vbd-shadow-agent@.service']) {
+      const unit = readFileSync(new URL(name, UNITS), 'utf8');
+      expect(values(unit, 'Type'), name).toEqual(['notify']);
+      expect(values(unit, 'NotifyAccess'), name).toEqual(['main']);
+      // usage, not found, refused, wrong key: the statuses of src/common/exit-codes.ts.
+      expect(values(unit, 'RestartPreventExitStatus').flatMap((v) => v.split(/\s+/)).map(Number).sort(), name)
+        .toEqual([EXIT.usage, EXIT.notFound, EXIT.refused, EXIT.wrongKey]);
+      expect(values(unit, 'Restart'), name).toEqual(['on-failure']);
+    }
+    // Stopped before the filesystem holding the volume is unmounted (stop order is the reverse).
+    expect(values(systemUnit(), 'RequiresMountsFor')).toEqual(['%f']);
+  });
+
+  it('the sleep unit runs before sleep.target, the hibernation unit is required by every service that hibernates', () => {
+    const sleep = readFileSync(new URL('vbd-shadow-sleep.service', UNITS), 'utf8');
+    expect(values(sleep, 'Before')).toEqual(['sleep.target']);
+    expect(values(sleep, 'WantedBy')).toEqual(['sleep.target']);
+    expect(values(sleep, 'ExecStart')).toEqual(['/usr/local/bin/vbd-shadow sleep-hook suspend']);
+    const hibernate = readFileSync(new URL('vbd-shadow-hibernate.service', UNITS), 'utf8');
+    const hibernators = ['systemd-hibernate.service', 'systemd-hybrid-sleep.service', 'systemd-suspend-then-hibernate.service'];
+    expect(values(hibernate, 'RequiredBy').flatMap((v) => v.split(' '))).toEqual(hibernators);
+    expect(values(hibernate, 'Before').flatMap((v) => v.split(' '))).toEqual(expect.arrayContaining([...hibernators, 'hibernate.target']));
+    expect(values(hibernate, 'ExecStart')).toEqual(['/usr/local/bin/vbd-shadow sleep-hook hibernate']);
   });
 
   it('verify would catch a unit whose binary is missing', () => {
