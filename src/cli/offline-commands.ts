@@ -12,8 +12,8 @@ import { describeDamaged, openChunkStore, type ChunkStore, type CommitReport } f
 import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
 import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
-import { initSealedVolume, initVolume, writeManifest, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
-import { closeVolume, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
+import { initSealedVolume, initVolume, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
+import { closeVolume, isPlainVolume, isSealedVolume, openVolume, writeManifest, type AnyVolume } from '../volume/volume.js';
 import { newSecret, secretFor } from './key-input.js';
 
 function parseCount(text: string): number {
@@ -116,7 +116,8 @@ function describeCommit(name: string, r: CommitReport): string {
   const how = r.throughJournal === 0
     ? `all into free slots (copy-on-write)`
     : `${r.inFreeSlots} into free slots, ${r.throughJournal} through the overflow journal (more chunks than free slots: committed as one whole snapshot, those written twice)`;
-  return `imported into '${name}': ${r.chunks} chunks sealed and committed as epoch ${r.epoch}, ${how}`;
+  const rekey = r.rekeyedFrom === undefined ? '' : `; re-keyed from key generation ${r.rekeyedFrom} to ${r.keyGeneration} (its nonce budget was spent)`;
+  return `imported into '${name}': ${r.chunks} chunks sealed and committed as epoch ${r.epoch}, ${how}${rekey}`;
 }
 
 interface InitFlags {

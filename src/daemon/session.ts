@@ -61,6 +61,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ state: 'recovering' });
     const afterCommit = epochs === undefined ? undefined : (c: SealedCommit): void => {
       epochs.committed(c.epoch, store.reservedEpoch ?? c.epoch);
+      if (c.rekeyedFrom !== undefined) log(`re-keyed: key generation ${c.rekeyedFrom} reached its nonce budget; epoch ${c.epoch} and later seal under generation ${c.keyGeneration} (manifest re-wrapped, passphrase unchanged; older slots keep their key until rewritten)`, 'notice');
       setStatus({ sealed: store.sealedState() });
     };
     const beforeCommit = epochs === undefined ? undefined : (): void => epochs.beforeCommit(store.reservedEpoch ?? 0);
