@@ -73,6 +73,14 @@ function printNotices(store: ChunkStore): void {
   for (const notice of store.notices) process.stderr.write(`vbd-shadow: warning: ${notice}\n`);
 }
 
+/** Refused (busy) while a daemon serves the volume ('serving'), or while one runs for it at all ('any daemon'). */
+function refuseLive(volume: AnyVolume, when: 'serving' | 'any daemon'): void {
+  const daemon = readStatusAt(runtimePaths(volume.identity));
+  if (daemon !== undefined && daemonRunning(daemon) && (when === 'any daemon' || daemon.state !== 'waiting')) {
+    throw new BusyError(`volume '${volume.manifest.name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
+  }
+}
+
 /**
  * Opens a volume and its chunk store (with the key it needs), runs `work`, and always closes
  * and wipes. Refused while a daemon holds the volume's RAM image, or (plain) while an
@@ -85,10 +93,7 @@ async function withStore(dir: string, keyFile: string | undefined, writable: boo
     const { name } = volume.manifest;
     // Between sessions (waiting for its agent) a daemon holds no RAM image: the files are the
     // truth and may be read; writing them behind its back is still refused.
-    const daemon = readStatusAt(runtimePaths(volume.identity));
-    if (daemon !== undefined && daemonRunning(daemon) && (writable || daemon.state !== 'waiting')) {
-      throw new BusyError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
-    }
+    refuseLive(volume, writable ? 'any daemon' : 'serving');
     if (isPlainVolume(volume) && journalPending(volume)) throw new RefusedError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
     // Root's record of a sealed volume's epochs (readable by all): a write takes epochs above any
@@ -183,6 +188,8 @@ async function passwdCommand(dir: string, o: { keyFile?: string; newKeyFile?: st
     }
     const uid = process.getuid?.();
     if (uid !== volume.owner.uid) throw new VbdError(`passwd runs as the volume's owner (uid ${volume.owner.uid}, ${volume.owner.name}), not uid ${uid}`);
+    // A serving daemon re-wraps the manifest under the passphrase it opened with when it re-keys.
+    refuseLive(volume, 'serving');
     old = await secretFor(volume.manifest, o.keyFile);
     if (old === undefined) throw new VbdError('internal: no passphrase read');
     // The old passphrase is checked (unwrapped) before a new one is asked for.

@@ -218,6 +218,13 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     expect(manifestAfter.sealed.wrappedKey).not.toBe(manifestBefore.sealed.wrappedKey);
     writeChunks(300, 100);
     expect(flush(h.name).sealed).toMatchObject({ keyGeneration: 1, seals: 150 });
+    // A passphrase change while it is served is refused: the next re-key would re-wrap under the old one.
+    const fresh = join(h.home, 'new-pass');
+    writeFileSync(fresh, 'another passphrase\n', { mode: 0o600 });
+    chownSync(fresh, h.user.uid, h.user.gid);
+    const manifestLive = readFileSync(join(h.dir, MANIFEST_NAME), 'utf8');
+    expect(cliAs(h.user, ['passwd', h.dir, '--key-file', h.key, '--new-key-file', fresh]).status).toBe(EXIT.busy);
+    expect(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')).toBe(manifestLive);
     expect(await stopDaemon(daemon)).toBe(0);
     // The owner's own tools: the manifest is still hers, the passphrase unchanged, both generations decode.
     expect(runAs(h.user, 'test', ['-O', join(h.dir, MANIFEST_NAME)]).status).toBe(0);
