@@ -8,7 +8,7 @@ import { formatSize, parseSize } from '../common/size.js';
 import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
 import { STDIO, exportImage, importImage, spoolStdin } from '../image/offline.js';
-import { describeDamaged, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
+import { describeDamaged, isSealedStore, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
 import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
 import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
@@ -103,7 +103,7 @@ async function withStore(dir: string, keyFile: string | undefined, writable: boo
     secret?.fill(0);
     try {
       printNotices(store);
-      if (record !== undefined && isRolledBack(record, store.epoch ?? 0)) {
+      if (record !== undefined && isSealedStore(store) && isRolledBack(record, store.epoch)) {
         process.stderr.write(`vbd-shadow: warning: the files decode to epoch ${store.epoch}, older than epoch ${record.committedEpoch} committed here (${record.at}): restored from an older copy? 'start' refuses them without --accept-rollback\n`);
       }
       work(store, volume);

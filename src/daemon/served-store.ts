@@ -3,8 +3,8 @@
 // (src/daemon/epoch-record.ts), a plain one against the record of a sealed volume that lived in
 // the same directory.
 
-import { RefusedError, UsageError } from '../common/errors.js';
-import { openChunkStore, type ChunkStore } from '../store/chunk-store.js';
+import { RefusedError, UsageError, VbdError } from '../common/errors.js';
+import { isSealedStore, openChunkStore, type ChunkStore } from '../store/chunk-store.js';
 import { identityKey, isSealedVolume, type AnyVolume } from '../volume/volume.js';
 import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal } from './epoch-record.js';
 import type { DaemonStatus } from './runtime.js';
@@ -82,8 +82,8 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
     for (const notice of store.notices) log(`NOTICE: ${notice}`, 'warning');
     ctx.setStatus({ notices: [...store.notices] });
     if (!keepRecord) return { store, epochs: undefined };
-    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record);
-    epochs.opened(store.epoch ?? 0, store.reservedEpoch ?? 0);
+    if (!isSealedStore(store)) throw new VbdError(`internal: sealed volume '${name}' opened as a plain store`);
+    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record, store);
     return { store, epochs };
   } catch (err) {
     store.close();

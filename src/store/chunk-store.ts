@@ -133,6 +133,18 @@ export interface ChunkStore {
   close(): void;
 }
 
+/** A sealed volume's store: its epochs and state are always there. */
+export type SealedChunkStore = ChunkStore & {
+  readonly kind: 'sealed';
+  readonly epoch: number;
+  readonly reservedEpoch: number;
+  sealedState(): SealedState;
+};
+
+export function isSealedStore(store: ChunkStore): store is SealedChunkStore {
+  return store.kind === 'sealed';
+}
+
 export interface OpenStoreOptions {
   /** Opens for writing: the volume must have been opened writable. */
   writable: boolean;
