@@ -29,7 +29,6 @@ import {
 import { MANIFEST_NAME } from '../volume/manifest.js';
 import { closeVolume, identityKey, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
 import { checkNotStripped, openServedStore } from '../daemon/served-store.js';
-import type { SealedCommit } from '../flush/engine.js';
 import { secretFor } from './key-input.js';
 
 const LOG_DIR = '/var/log/vbd-shadow';
@@ -368,8 +367,8 @@ export function registerDaemonCommands(program: Command): void {
             }
             const { epochs, store } = served;
             await recoverLeftover(paths, volume, store, journalFd, say, {
-              beforeCommit: () => epochs?.beforeCommit(store.reservedEpoch ?? 0),
-              afterCommit: (c: SealedCommit) => epochs?.committed(c.epoch, store.reservedEpoch ?? c.epoch),
+              beforeCommit: () => epochs?.beforeCommit(),
+              afterCommit: () => epochs?.committed(),
             });
             console.log(`volume '${name}' recovered into the files`);
           } finally {

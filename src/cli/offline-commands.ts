@@ -8,12 +8,12 @@ import { formatSize, parseSize } from '../common/size.js';
 import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
 import { STDIO, exportImage, importImage, spoolStdin } from '../image/offline.js';
-import { describeDamaged, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
+import { describeDamaged, isSealedStore, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
 import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
 import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
-import { initSealedVolume, initVolume, writeManifest, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
-import { closeVolume, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
+import { initSealedVolume, initVolume, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
+import { closeVolume, isPlainVolume, isSealedVolume, openVolume, writeManifest, type AnyVolume } from '../volume/volume.js';
 import { newSecret, secretFor } from './key-input.js';
 
 function parseCount(text: string): number {
@@ -73,6 +73,14 @@ function printNotices(store: ChunkStore): void {
   for (const notice of store.notices) process.stderr.write(`vbd-shadow: warning: ${notice}\n`);
 }
 
+/** Refused (busy) while a daemon serves the volume ('serving'), or while one runs for it at all ('any daemon'). */
+function refuseLive(volume: AnyVolume, when: 'serving' | 'any daemon'): void {
+  const daemon = readStatusAt(runtimePaths(volume.identity));
+  if (daemon !== undefined && daemonRunning(daemon) && (when === 'any daemon' || daemon.state !== 'waiting')) {
+    throw new BusyError(`volume '${volume.manifest.name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
+  }
+}
+
 /**
  * Opens a volume and its chunk store (with the key it needs), runs `work`, and always closes
  * and wipes. Refused while a daemon holds the volume's RAM image, or (plain) while an
@@ -85,10 +93,7 @@ async function withStore(dir: string, keyFile: string | undefined, writable: boo
     const { name } = volume.manifest;
     // Between sessions (waiting for its agent) a daemon holds no RAM image: the files are the
     // truth and may be read; writing them behind its back is still refused.
-    const daemon = readStatusAt(runtimePaths(volume.identity));
-    if (daemon !== undefined && daemonRunning(daemon) && (writable || daemon.state !== 'waiting')) {
-      throw new BusyError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
-    }
+    refuseLive(volume, writable ? 'any daemon' : 'serving');
     if (isPlainVolume(volume) && journalPending(volume)) throw new RefusedError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
     secret = await secretFor(volume.manifest, keyFile);
     // Root's record of a sealed volume's epochs (readable by all): a write takes epochs above any
@@ -98,7 +103,7 @@ async function withStore(dir: string, keyFile: string | undefined, writable: boo
     secret?.fill(0);
     try {
       printNotices(store);
-      if (record !== undefined && isRolledBack(record, store.epoch ?? 0)) {
+      if (record !== undefined && isSealedStore(store) && isRolledBack(record, store.epoch)) {
         process.stderr.write(`vbd-shadow: warning: the files decode to epoch ${store.epoch}, older than epoch ${record.committedEpoch} committed here (${record.at}): restored from an older copy? 'start' refuses them without --accept-rollback\n`);
       }
       work(store, volume);
@@ -116,7 +121,8 @@ function describeCommit(name: string, r: CommitReport): string {
   const how = r.throughJournal === 0
     ? `all into free slots (copy-on-write)`
     : `${r.inFreeSlots} into free slots, ${r.throughJournal} through the overflow journal (more chunks than free slots: committed as one whole snapshot, those written twice)`;
-  return `imported into '${name}': ${r.chunks} chunks sealed and committed as epoch ${r.epoch}, ${how}`;
+  const rekey = r.rekeyedFrom === undefined ? '' : `; re-keyed from key generation ${r.rekeyedFrom} to ${r.keyGeneration} (its nonce budget was spent)`;
+  return `imported into '${name}': ${r.chunks} chunks sealed and committed as epoch ${r.epoch}, ${how}${rekey}`;
 }
 
 interface InitFlags {
@@ -182,6 +188,8 @@ async function passwdCommand(dir: string, o: { keyFile?: string; newKeyFile?: st
     }
     const uid = process.getuid?.();
     if (uid !== volume.owner.uid) throw new VbdError(`passwd runs as the volume's owner (uid ${volume.owner.uid}, ${volume.owner.name}), not uid ${uid}`);
+    // A serving daemon re-wraps the manifest under the passphrase it opened with when it re-keys.
+    refuseLive(volume, 'serving');
     old = await secretFor(volume.manifest, o.keyFile);
     if (old === undefined) throw new VbdError('internal: no passphrase read');
     // The old passphrase is checked (unwrapped) before a new one is asked for.

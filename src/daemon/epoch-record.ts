@@ -16,6 +16,7 @@
 import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, unlinkSync, writeSync, constants as fsc, fchmodSync } from 'node:fs';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { identityKey, type VolumeIdentity } from '../volume/volume.js';
+import type { SealedChunkStore } from '../store/chunk-store.js';
 import { checkRootOwnedPath } from './runtime.js';
 
 export const STATE_DIR = '/var/lib/vbd-shadow';
@@ -165,9 +166,9 @@ export function rollbackRefusal(name: string, record: EpochRecord | undefined, f
 }
 
 /**
- * Keeps root's record in step with one sealed volume while it is served: `opened` after the
- * store is open, `committed` after each durable commit. Each write happens before the store
- * could take an epoch past the recorded reservation.
+ * Keeps root's record in step with one sealed store while it is served: written when the keeper
+ * is made (the store just opened), before each commit, and after each durable commit. Each write
+ * happens before the store could take an epoch past the recorded reservation.
  */
 export class EpochKeeper {
   #record: EpochRecord;
@@ -176,29 +177,29 @@ export class EpochKeeper {
     private readonly uid: number,
     base: Omit<EpochRecord, 'committedEpoch' | 'reservedEpoch' | 'at'>,
     previous: EpochRecord | undefined,
+    private readonly store: Pick<SealedChunkStore, 'epoch' | 'reservedEpoch'>,
   ) {
+    // A first record starts at 0: the store's own epochs are taken just below.
     this.#record = { ...base, committedEpoch: previous?.committedEpoch ?? 0, reservedEpoch: previous?.reservedEpoch ?? 0, at: previous?.at ?? '' };
+    this.#write(store.epoch, true);
   }
 
   get record(): EpochRecord {
     return this.#record;
   }
 
-  /** The store is open at `epoch`, its own reservation at `reserved`. */
-  opened(epoch: number, reserved: number): void {
-    this.#write(epoch, reserved, true);
+  /** After a durable commit: the store's epoch is the committed one. */
+  committed(): void {
+    this.#write(this.store.epoch, false);
   }
 
-  committed(epoch: number, reserved: number): void {
-    this.#write(epoch, reserved, false);
+  /** Before a commit reserves its epochs (one or two past the store's): the record must cover them, also after failed attempts. */
+  beforeCommit(): void {
+    this.#write(this.#record.committedEpoch, false);
   }
 
-  /** Before a commit reserves its epochs (one or two past `reserved`): the record must cover them, also after failed attempts. */
-  beforeCommit(reserved: number): void {
-    this.#write(this.#record.committedEpoch, reserved, false);
-  }
-
-  #write(epoch: number, reserved: number, always: boolean): void {
+  #write(epoch: number, always: boolean): void {
+    const reserved = this.store.reservedEpoch;
     const renew = reserved + RESERVE_LOW > this.#record.reservedEpoch;
     const next: EpochRecord = {
       ...this.#record,

@@ -3,8 +3,8 @@
 // (src/daemon/epoch-record.ts), a plain one against the record of a sealed volume that lived in
 // the same directory.
 
-import { RefusedError } from '../common/errors.js';
-import { openChunkStore, type ChunkStore } from '../store/chunk-store.js';
+import { RefusedError, UsageError, VbdError } from '../common/errors.js';
+import { isSealedStore, openChunkStore, type ChunkStore } from '../store/chunk-store.js';
 import { identityKey, isSealedVolume, type AnyVolume } from '../volume/volume.js';
 import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal } from './epoch-record.js';
 import type { DaemonStatus } from './runtime.js';
@@ -42,6 +42,17 @@ export function checkNotStripped(ctx: StoreContext, acceptRollback: boolean, for
   }
 }
 
+/** VBD_SHADOW_REKEY_AT=N moves the re-key point of sealed volumes down to N seals (tests reach it; never up). */
+export const REKEY_AT_ENV = 'VBD_SHADOW_REKEY_AT';
+
+function rekeyPointFromEnv(): number | undefined {
+  const text = process.env[REKEY_AT_ENV];
+  if (text === undefined || text === '') return undefined;
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 1) throw new UsageError(`${REKEY_AT_ENV}=${text}: must be a positive whole number of seals`);
+  return n;
+}
+
 /**
  * Opens the volume's chunk store for a session (after the lock: a sealed store may complete an
  * interrupted commit). A sealed volume is checked against root's record of its epoch before
@@ -59,7 +70,7 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
   const uuid = volume.manifest.sealed.uuid;
   const record = readEpochRecord(uid, uuid);
   const store = await openChunkStore(volume, {
-    writable: true, secret, epochFloor: record?.reservedEpoch,
+    writable: true, secret, epochFloor: record?.reservedEpoch, rekeyAt: rekeyPointFromEnv(),
     acceptEpoch: (epoch) => {
       const refusal = rollbackRefusal(name, record, epoch);
       if (refusal === undefined) return;
@@ -71,8 +82,8 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
     for (const notice of store.notices) log(`NOTICE: ${notice}`, 'warning');
     ctx.setStatus({ notices: [...store.notices] });
     if (!keepRecord) return { store, epochs: undefined };
-    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record);
-    epochs.opened(store.epoch ?? 0, store.reservedEpoch ?? 0);
+    if (!isSealedStore(store)) throw new VbdError(`internal: sealed volume '${name}' opened as a plain store`);
+    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record, store);
     return { store, epochs };
   } catch (err) {
     store.close();

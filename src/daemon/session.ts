@@ -60,10 +60,11 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
   try {
     setStatus({ state: 'recovering' });
     const afterCommit = epochs === undefined ? undefined : (c: SealedCommit): void => {
-      epochs.committed(c.epoch, store.reservedEpoch ?? c.epoch);
+      epochs.committed();
+      if (c.rekeyedFrom !== undefined) log(`re-keyed: key generation ${c.rekeyedFrom} reached its nonce budget; epoch ${c.epoch} and later seal under generation ${c.keyGeneration} (manifest re-wrapped, passphrase unchanged; older slots keep their key until rewritten)`, 'notice');
       setStatus({ sealed: store.sealedState() });
     };
-    const beforeCommit = epochs === undefined ? undefined : (): void => epochs.beforeCommit(store.reservedEpoch ?? 0);
+    const beforeCommit = epochs === undefined ? undefined : (): void => epochs.beforeCommit();
     await recoverLeftover(paths, volume, store, journalFd, log, { beforeCommit, afterCommit });
     const held = retryQuarantine(owner.uid);
     setStatus({ quarantinedLoops: held });

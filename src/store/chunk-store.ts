@@ -73,6 +73,10 @@ export type CommitReport =
        * what changed (O(chunks)) or, when the log is full, a whole checkpoint copy (O(volume)).
        */
       mapBytes: number;
+      /** The key generation the slots of this commit were sealed under. */
+      keyGeneration: number;
+      /** Set when this commit re-keyed: the generation it moved on from (its nonce budget was spent). */
+      rekeyedFrom?: number;
     };
 
 /** One write: stage chunks with `write`, then `commit` (or `abort`). */
@@ -129,6 +133,18 @@ export interface ChunkStore {
   close(): void;
 }
 
+/** A sealed volume's store: its epochs and state are always there. */
+export type SealedChunkStore = ChunkStore & {
+  readonly kind: 'sealed';
+  readonly epoch: number;
+  readonly reservedEpoch: number;
+  sealedState(): SealedState;
+};
+
+export function isSealedStore(store: ChunkStore): store is SealedChunkStore {
+  return store.kind === 'sealed';
+}
+
 export interface OpenStoreOptions {
   /** Opens for writing: the volume must have been opened writable. */
   writable: boolean;
@@ -145,6 +161,8 @@ export interface OpenStoreOptions {
    * interrupted commit is completed only after it returns); throw to refuse the files.
    */
   acceptEpoch?: ((epoch: number) => void) | undefined;
+  /** Sealed: re-key after this many seals under one key (default and maximum 2^32 − 2^28); lower only to test the re-key. */
+  rekeyAt?: number | undefined;
 }
 
 class PlainStore implements ChunkStore {
@@ -239,7 +257,7 @@ export async function openChunkStore(volume: AnyVolume, options: OpenStoreOption
   if (options.writable && !volume.writable) throw new VbdError('internal: a writable store over a volume opened read-only');
   if (isSealedVolume(volume)) {
     if (options.secret === undefined) throw new VbdError(`volume '${volume.manifest.name}' is sealed: its passphrase is needed (--key-file FILE or a terminal prompt)`);
-    return openSealedStore(volume, options.secret, options.writable, options.epochFloor, options.acceptEpoch);
+    return openSealedStore(volume, options.secret, options.writable, options.epochFloor, options.acceptEpoch, options.rekeyAt);
   }
   if (!isPlainVolume(volume)) throw new VbdError(`internal: volume '${volume.manifest.name}' is neither plain nor sealed`);
   const plain = volume;

@@ -182,13 +182,16 @@ export class VolumeKeys {
   readonly placementKey: Buffer;
   #volumeKey: Buffer;
   readonly #slotKeys = new Map<number, SlotKey>();
+  /** The KEK that unwrapped the volume key, with its salt and cost: lets a re-key re-wrap without the passphrase. */
+  readonly #wrapping: WrappingKey | undefined;
   #wiped = false;
 
-  /** Takes ownership of `volumeKey` (it is wiped with the rest). */
-  constructor(volumeKey: Buffer, uuid: Buffer) {
+  /** Takes ownership of `volumeKey` and `wrapping` (wiped with the rest). */
+  constructor(volumeKey: Buffer, uuid: Buffer, wrapping?: WrappingKey) {
     if (volumeKey.length !== VOLUME_KEY_BYTES) throw new VbdError(`volume key must be ${VOLUME_KEY_BYTES} bytes, got ${volumeKey.length}`);
     if (uuid.length !== VOLUME_UUID_BYTES) throw new VbdError(`volume UUID must be ${VOLUME_UUID_BYTES} bytes, got ${uuid.length}`);
     this.#volumeKey = volumeKey;
+    this.#wrapping = wrapping;
     this.uuid = Buffer.from(uuid);
     this.mapKey = hkdf(volumeKey, this.uuid, labelInfo(HKDF_LABELS.map));
     this.placementKey = hkdf(volumeKey, this.uuid, labelInfo(HKDF_LABELS.placement));
@@ -208,9 +211,24 @@ export class VolumeKeys {
     return this.#wiped;
   }
 
-  /** Zeroes the volume key, the map and placement keys and every slot key handed out. */
+  /**
+   * Wraps the volume key again under the KEK that unwrapped it (same salt and scrypt cost, a fresh
+   * nonce) with `geometry` as authenticated data: how a re-key binds the next key generation while
+   * the passphrase itself is long wiped. The KEK protects nothing the volume key in this process
+   * does not already give, and testing a passphrase against it costs the same scrypt as the wrap.
+   */
+  rewrapFor(geometry: SealedGeometry): WrappedVolumeKey {
+    this.#live();
+    if (this.#wrapping === undefined) throw new VbdError('internal: these volume keys were not unwrapped with a passphrase, so they cannot re-wrap');
+    if (!this.uuid.equals(geometry.uuid)) throw new VbdError('sealed geometry: its volume UUID is not the UUID these keys belong to');
+    const { key, kdf } = this.#wrapping;
+    return { kdf: { ...kdf }, wrappedKey: wrapWithKek(this.#volumeKey, key, geometry).toString('hex') };
+  }
+
+  /** Zeroes the volume key, the KEK, the map and placement keys and every slot key handed out. */
   wipe(): void {
     wipe(this.#volumeKey, this.mapKey, this.placementKey);
+    if (this.#wrapping !== undefined) wipe(this.#wrapping.key);
     for (const k of this.#slotKeys.values()) wipe(k.key);
     this.#slotKeys.clear();
     this.#wiped = true;
@@ -239,16 +257,26 @@ function kek(passphrase: Buffer, salt: Buffer, kdf: ScryptParams): Buffer {
   }
 }
 
+/** A KEK with the scrypt parameters and salt it came from. */
+interface WrappingKey {
+  key: Buffer;
+  kdf: WrapKdf;
+}
+
+/** nonce ‖ tag ‖ AES-256-GCM(kek, volume key) with the geometry as authenticated data. */
+function wrapWithKek(volumeKey: Buffer, key: Buffer, geometry: SealedGeometry): Buffer {
+  const nonce = randomBytes(WRAP_NONCE_BYTES);
+  const cipher = createCipheriv('aes-256-gcm', key, nonce, { authTagLength: WRAP_TAG_BYTES });
+  cipher.setAAD(encodeGeometryAD(geometry));
+  const ciphertext = Buffer.concat([cipher.update(volumeKey), cipher.final()]);
+  return Buffer.concat([nonce, cipher.getAuthTag(), ciphertext]);
+}
+
 function wrap(volumeKey: Buffer, passphrase: Buffer, kdf: ScryptParams, geometry: SealedGeometry): WrappedVolumeKey {
   const salt = randomBytes(KDF_SALT_BYTES);
   const key = kek(passphrase, salt, kdf);
   try {
-    const nonce = randomBytes(WRAP_NONCE_BYTES);
-    const cipher = createCipheriv('aes-256-gcm', key, nonce, { authTagLength: WRAP_TAG_BYTES });
-    cipher.setAAD(encodeGeometryAD(geometry));
-    const ciphertext = Buffer.concat([cipher.update(volumeKey), cipher.final()]);
-    const wrapped = Buffer.concat([nonce, cipher.getAuthTag(), ciphertext]);
-    return { kdf: { N: kdf.N, r: kdf.r, p: kdf.p, salt: salt.toString('hex') }, wrappedKey: wrapped.toString('hex') };
+    return { kdf: { N: kdf.N, r: kdf.r, p: kdf.p, salt: salt.toString('hex') }, wrappedKey: wrapWithKek(volumeKey, key, geometry).toString('hex') };
   } finally {
     wipe(key);
   }
@@ -288,6 +316,7 @@ export function unwrapVolumeKeys(passphrase: Buffer, wrapped: WrappedVolumeKey, 
   const ad = encodeGeometryAD(geometry);
   const key = kek(passphrase, salt, wrapped.kdf);
   let volumeKey: Buffer;
+  let kept = false;
   try {
     const decipher = createDecipheriv('aes-256-gcm', key, blob.subarray(0, WRAP_NONCE_BYTES), { authTagLength: WRAP_TAG_BYTES });
     decipher.setAAD(ad);
@@ -300,10 +329,13 @@ export function unwrapVolumeKeys(passphrase: Buffer, wrapped: WrappedVolumeKey, 
       throw new VbdError(UNWRAP_FAILED, { kind: 'wrong-key' });
     }
     volumeKey = first;
+    const { N, r, p } = wrapped.kdf;
+    const keys = new VolumeKeys(volumeKey, geometry.uuid, { key, kdf: { N, r, p, salt: wrapped.kdf.salt } });
+    kept = true;
+    return keys;
   } finally {
-    wipe(key);
+    if (!kept) wipe(key);
   }
-  return new VolumeKeys(volumeKey, geometry.uuid);
 }
 
 /**

@@ -102,11 +102,11 @@ export function changePassphrase(oldPassphrase: Buffer, newPassphrase: Buffer, m
 
 /**
  * The manifest moved to the next slot key generation (a re-key), re-wrapped because the wrap binds
- * the generation. Slots of older generations stay readable with their own slot keys.
+ * the generation: under the KEK that unlocked `keys`, so the passphrase stays what it was and is
+ * not needed. Slots of older generations stay readable with their own slot keys.
  */
-export function nextKeyGeneration(passphrase: Buffer, manifest: SealedManifest): SealedManifest {
+export function nextKeyGeneration(keys: VolumeKeys, manifest: SealedManifest): SealedManifest {
   if (manifest.sealed.keyGeneration >= MAX_KEY_GENERATION) throw new VbdError('no key generation left after 2^32-1');
   const next: SealedManifest = { ...manifest, sealed: { ...manifest.sealed, keyGeneration: manifest.sealed.keyGeneration + 1 } };
-  const wrapped = rewrapVolumeKey(passphrase, passphrase, wrappedKeyOf(manifest), sealedGeometry(manifest), { newGeometry: sealedGeometry(next) });
-  return checked(withWrap(next, wrapped));
+  return checked(withWrap(next, keys.rewrapFor(sealedGeometry(next))));
 }

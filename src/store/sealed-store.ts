@@ -26,8 +26,8 @@ import { chunkSlots, placeSlot, type Slots } from '../layouts/layout.js';
 import { windows } from '../image/transfer.js';
 import type { ShadowImage } from '../shadow/image.js';
 import { availableMemory } from '../sys/memory.js';
-import type { SealedManifest } from '../volume/manifest.js';
-import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, type SealedVolume } from '../volume/volume.js';
+import { serializeManifest, type SealedManifest } from '../volume/manifest.js';
+import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, rereadManifest, writeManifest, type SealedVolume } from '../volume/volume.js';
 import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, ReadOptions, SealedState, StoreWrite } from './chunk-store.js';
 import type { VolumeKeys } from './keys.js';
 import {
@@ -35,8 +35,8 @@ import {
   pendingChunks, setPending, writeAt, writePositionMap, writeReservation, type MapKey, type PositionMap, type Region, type Reservation,
 } from './map.js';
 import { MapCommitter, loadMapState } from './map-log.js';
-import { unlockSealedManifest } from './sealed-manifest.js';
-import { NonceBudget, SlotAuthError, SlotSealer, openChunk, slotSize, type NonceBudgetState } from './slot.js';
+import { nextKeyGeneration, unlockSealedManifest } from './sealed-manifest.js';
+import { NONCE_MARGIN, NonceBudget, RANDOM_NONCE_LIMIT, SlotAuthError, SlotSealer, openChunk, slotSize, type NonceBudgetState } from './slot.js';
 
 /** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
 const RUN_BYTES = 8 * 2 ** 20;
@@ -117,7 +117,8 @@ class SealedStore implements ChunkStore {
   readonly #writable: boolean;
   readonly #slotBytes: number;
   readonly #slots: Slots;
-  readonly #generation: number;
+  /** The manifest as the files now hold it (a re-key replaces it: next key generation, re-wrapped). */
+  #manifest: SealedManifest;
   #committed: PositionMap;
   readonly #mapCommitter: MapCommitter;
   #reservation: { reservation: Reservation; index: Region } | undefined;
@@ -128,9 +129,10 @@ class SealedStore implements ChunkStore {
   #active = false;
   #scratch: Buffer | undefined;
 
-  constructor(volume: SealedVolume, keys: VolumeKeys, mapFd: number, writable: boolean, epochFloor = 0) {
+  constructor(volume: SealedVolume, keys: VolumeKeys, mapFd: number, writable: boolean, epochFloor = 0, rekeyAt = RANDOM_NONCE_LIMIT - NONCE_MARGIN) {
     const m = volume.manifest;
     this.#volume = volume;
+    this.#manifest = m;
     this.#keys = keys;
     this.#mapKey = mapKeyOf(keys);
     this.#mapFd = mapFd;
@@ -139,7 +141,6 @@ class SealedStore implements ChunkStore {
     this.chunkCount = m.deviceSize / m.chunkSize;
     this.#slotBytes = slotSize(m.chunkSize);
     this.#slots = slotsOf(m);
-    this.#generation = m.sealed.keyGeneration;
 
     checkMapFormat(mapFd, MAP_NAME, this.chunkCount);
     const size = fstatSync(mapFd).size;
@@ -160,13 +161,18 @@ class SealedStore implements ChunkStore {
     this.#nextEpoch = Math.max(this.#committed.epoch, reserved?.epochHigh ?? 0, epochFloor) + 1;
 
     const mapBudget = this.#committed.budget;
-    if (mapBudget.generation > this.#generation) {
-      throw new VbdError(`the position map seals under key generation ${mapBudget.generation}, the manifest says ${this.#generation}: wrong key or manifest edited (rolled back?); nothing was read or written`);
+    const generation = m.sealed.keyGeneration;
+    if (mapBudget.generation > generation) {
+      throw new VbdError(`the position map seals under key generation ${mapBudget.generation}, the manifest says ${generation}: wrong key or manifest edited (rolled back?); nothing was read or written`);
     }
-    const state: NonceBudgetState = mapBudget.generation === this.#generation ? { ...mapBudget } : { generation: this.#generation, used: 0 };
+    // A manifest ahead of the map: a re-key whose first commit did not happen; its count starts at 0.
+    const state: NonceBudgetState = mapBudget.generation === generation ? { ...mapBudget } : { generation, used: 0 };
     // Seals a crashed commit may have made count as made.
     if (reserved !== undefined && reserved.generation === state.generation) state.used = Math.max(state.used, reserved.sealsHigh);
-    this.#budget = new NonceBudget(state);
+    // A lower re-key point (tests) only ever moves the re-key earlier.
+    const threshold = Math.min(rekeyAt, RANDOM_NONCE_LIMIT - NONCE_MARGIN);
+    if (!Number.isSafeInteger(threshold) || threshold < 1) throw new VbdError(`re-key point must be a positive number of seals, got ${rekeyAt}`);
+    this.#budget = new NonceBudget(state, { limit: RANDOM_NONCE_LIMIT, margin: RANDOM_NONCE_LIMIT - threshold });
   }
 
   get epoch(): number {
@@ -449,9 +455,7 @@ class SealedStore implements ChunkStore {
         if (c >= n || (i > 0 && c <= (chunks[i - 1] ?? 0))) throw new VbdError(`internal: the chunks of a write must be ascending and below ${n}`);
       }
     }
-    if (!this.#budget.allows(k)) {
-      throw new VbdError(`key generation ${this.#budget.generation} has sealed ${this.#budget.used} slots; ${k} more would pass ${this.#budget.threshold}, where a re-key falls due (not done by this version); nothing was written`);
-    }
+    const rekeyedFrom = this.#budget.allows(k) ? undefined : this.#rekey(k);
     const free = this.#freeSlots();
     const inFree = Math.min(k, free.length);
     const overflow = k - inFree;
@@ -477,9 +481,34 @@ class SealedStore implements ChunkStore {
     if (overflow > 0) journalFd = this.#createJournal(epoch, overflow);
     this.#active = true;
     return new SealedWrite(this, {
-      epoch, dest, viaJournal, journalFd, planned: k, inFree, overflow, mapBytes: RESERVE_RECORD_BYTES,
+      epoch, dest, viaJournal, journalFd, planned: k, inFree, overflow, mapBytes: RESERVE_RECORD_BYTES, rekeyedFrom,
       sealer: new SlotSealer(this.#keys.slotKey(this.#budget.generation), this.#budget),
     });
+  }
+
+  /**
+   * Moves new seals to the next key generation because `k` more would pass the re-key point:
+   * the manifest, re-wrapped for generation g + 1 under the KEK that opened the volume, is put in
+   * place (synced) before anything is sealed under the new slot key. A crash after that leaves a
+   * manifest ahead of the map, which opens with a fresh count (see the constructor). Slots of
+   * older generations stay as they are, opened with their own keys, until a write moves them:
+   * the budget counts encryptions, and they are not encrypted again. Returns the old generation.
+   */
+  #rekey(k: number): number {
+    const from = this.#budget.generation;
+    if (k > this.#budget.threshold) {
+      throw new VbdError(`a write of ${k} slots is more than one key generation may seal (${this.#budget.threshold}); nothing was written`);
+    }
+    const onDisk = rereadManifest(this.#volume);
+    if (serializeManifest(onDisk) !== serializeManifest(this.#manifest)) {
+      throw new VbdError(`key generation ${from} has sealed ${this.#budget.used} slots and is due for a re-key, but the manifest changed since the volume was opened (passwd while it was live?): restart the volume to re-key; nothing was written`);
+    }
+    const next = nextKeyGeneration(this.#keys, this.#manifest);
+    writeManifest(this.#volume.dirFd, this.#volume.dir, next, this.#volume.owner);
+    this.#manifest = next;
+    this.#volume.manifest = next;
+    this.#budget.rekey();
+    return from;
   }
 
   #createJournal(epoch: number, count: number): number {
@@ -544,6 +573,7 @@ class SealedStore implements ChunkStore {
       }
       return {
         kind: 'sealed', epoch: this.#committed.epoch, chunks: plan.planned, inFreeSlots: plan.inFree, throughJournal: plan.overflow, mapBytes: plan.mapBytes,
+        keyGeneration: this.#budget.generation, ...(plan.rekeyedFrom === undefined ? {} : { rekeyedFrom: plan.rekeyedFrom }),
       };
     } finally {
       this.#active = false;
@@ -587,6 +617,8 @@ interface WritePlan {
   overflow: number;
   /** Bytes written to the map file so far: the epoch reservation, then the map record or checkpoint(s). */
   mapBytes: number;
+  /** The key generation this write re-keyed from, if it did. */
+  rekeyedFrom: number | undefined;
   sealer: SlotSealer;
 }
 
@@ -664,7 +696,7 @@ function checkChunks(first: number, end: number, chunkCount: number): void {
 }
 
 /** Unlocks a sealed volume and opens its store (see the top of this file). The caller wipes `passphrase`. */
-export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, epochFloor?: number, acceptEpoch?: (epoch: number) => void): SealedStore {
+export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, epochFloor?: number, acceptEpoch?: (epoch: number) => void, rekeyAt?: number): SealedStore {
   const m = volume.manifest;
   const chunks = m.deviceSize / m.chunkSize;
   checkMemory(m.name, chunks, slotsOf(m).total);
@@ -673,7 +705,7 @@ export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writab
   try {
     mapFd = openVolumeEntry(volume, MAP_NAME, writable ? 'write' : 'read');
     if (mapFd === undefined) throw new VbdError(`volume '${m.name}': its position map ${MAP_NAME} is missing, so no slot can be found (nothing was read or written)`);
-    const store = new SealedStore(volume, keys, mapFd, writable, epochFloor);
+    const store = new SealedStore(volume, keys, mapFd, writable, epochFloor, rekeyAt);
     try {
       acceptEpoch?.(store.epoch);
       store.settle();

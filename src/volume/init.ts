@@ -5,7 +5,7 @@
 // or replaced, never written through, and an old backing file is checked before it is cut.
 
 import {
-  closeSync, fstatSync, fsyncSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, renameSync, unlinkSync, writeSync,
+  closeSync, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, unlinkSync,
   constants as fsc, type Stats,
 } from 'node:fs';
 import { basename, resolve } from 'node:path';
@@ -19,11 +19,11 @@ import { createSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
 import {
   MANIFEST_NAME, MAX_CHUNK_SIZE, MAX_DEVICE_SIZE, MAX_FILES, MIN_CHUNK_SIZE, SEALED_MANIFEST_FORMAT,
-  chunkCountProblem, isValidName, serializeManifest,
+  chunkCountProblem, isValidName,
   type AnyManifest, type BackingFile, type LayoutSpec, type Manifest, type ScryptParams, type SealedLayoutSpec, type SealedManifest,
 } from './manifest.js';
 import { currentUser, type Owner } from './owner.js';
-import { MAP_NAME, SEALED_JOURNAL_NAME, unexpectedEntries } from './volume.js';
+import { MAP_NAME, SEALED_JOURNAL_NAME, unexpectedEntries, writeManifest } from './volume.js';
 
 export type LayoutChoice = { kind: 'linear' } | { kind: 'striped' } | { kind: 'keyed'; secret: Buffer } | { kind: 'module'; path: string; params: Record<string, unknown> };
 
@@ -77,7 +77,6 @@ function layoutSpec(choice: LayoutChoice): LayoutSpec {
 }
 
 const O_NONBLOCK = fsc.O_NONBLOCK;
-const TEMP_MANIFEST = `.${MANIFEST_NAME}.tmp`;
 
 /** Path of `name` in the directory held open as `dirFd` (a single component: never re-resolves the directory). */
 function at(dirFd: number, name: string): string {
@@ -144,40 +143,6 @@ function openOldBackingFile(dirFd: number, dir: string, name: string, me: Owner)
   } catch (err) {
     closeSync(fd);
     throw err;
-  }
-}
-
-/**
- * Puts `manifest` in place in the directory held open as `dirFd`: written to a temporary name,
- * synced, renamed over the old one, directory synced. Readers see the old or the new, whole.
- */
-export function writeManifest(dirFd: number, dir: string, manifest: AnyManifest): void {
-  try {
-    unlinkSync(at(dirFd, TEMP_MANIFEST)); // a stale one, or whatever was planted there (unlink never follows)
-  } catch (err) {
-    if (errnoCode(err) !== 'ENOENT') throw failure(`cannot remove stale ${dir}/${TEMP_MANIFEST}`, err);
-  }
-  let fd: number;
-  try {
-    fd = openSync(at(dirFd, TEMP_MANIFEST), fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o644);
-  } catch (err) {
-    throw failure(`cannot create ${dir}/${TEMP_MANIFEST}`, err);
-  }
-  try {
-    const text = Buffer.from(serializeManifest(manifest));
-    let done = 0;
-    while (done < text.length) done += writeSync(fd, text, done, text.length - done);
-    fsyncSync(fd);
-  } catch (err) {
-    throw failure(`cannot write ${dir}/${TEMP_MANIFEST}`, err);
-  } finally {
-    closeSync(fd);
-  }
-  try {
-    renameSync(at(dirFd, TEMP_MANIFEST), at(dirFd, MANIFEST_NAME));
-    fsyncSync(dirFd);
-  } catch (err) {
-    throw failure(`cannot put the manifest in place in ${dir}`, err);
   }
 }
 

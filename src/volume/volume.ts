@@ -4,12 +4,12 @@
 // regular, owned by the volume owner, one link, the size the manifest says. Its identity
 // (owner uid, device, inode, birth time of the directory) keys everything root keeps for it.
 
-import { closeSync, fchownSync, fstatSync, openSync, readdirSync, constants as fsc, type Stats } from 'node:fs';
+import { closeSync, fchownSync, fstatSync, fsyncSync, openSync, readdirSync, renameSync, unlinkSync, writeSync, constants as fsc, type Stats } from 'node:fs';
 import { resolve } from 'node:path';
 import { errnoCode, failure, RefusedError, VbdError } from '../common/errors.js';
 import { readFully } from '../common/fd.js';
 import { openNoSymlinks } from '../sys/open.js';
-import { MANIFEST_NAME, parseAnyManifest, type AnyManifest, type Manifest, type SealedManifest } from './manifest.js';
+import { MANIFEST_NAME, parseAnyManifest, serializeManifest, type AnyManifest, type Manifest, type SealedManifest } from './manifest.js';
 import { ownerOfUid, type Owner } from './owner.js';
 
 export type { Owner } from './owner.js';
@@ -109,6 +109,49 @@ function readManifest(dirFd: number, owner: Owner): AnyManifest {
   } finally {
     closeSync(fd);
   }
+}
+
+const TEMP_MANIFEST = `.${MANIFEST_NAME}.tmp`;
+
+/**
+ * Puts `manifest` in place in the directory held open as `dirFd`: written to a temporary name,
+ * synced, renamed over the old one, directory synced. Readers see the old or the new, whole.
+ */
+export function writeManifest(dirFd: number, dir: string, manifest: AnyManifest, owner?: Owner): void {
+  try {
+    unlinkSync(`/proc/self/fd/${dirFd}/${TEMP_MANIFEST}`); // a stale one, or whatever was planted there (unlink never follows)
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT') throw failure(`cannot remove stale ${dir}/${TEMP_MANIFEST}`, err);
+  }
+  let fd: number;
+  try {
+    fd = openSync(`/proc/self/fd/${dirFd}/${TEMP_MANIFEST}`, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o644);
+  } catch (err) {
+    throw failure(`cannot create ${dir}/${TEMP_MANIFEST}`, err);
+  }
+  try {
+    // Root (a re-key by the daemon) writes it as the owner's, as the owner's own tools would.
+    if (owner !== undefined && process.geteuid?.() === 0) fchownSync(fd, owner.uid, owner.gid);
+    const text = Buffer.from(serializeManifest(manifest));
+    let done = 0;
+    while (done < text.length) done += writeSync(fd, text, done, text.length - done);
+    fsyncSync(fd);
+  } catch (err) {
+    throw failure(`cannot write ${dir}/${TEMP_MANIFEST}`, err);
+  } finally {
+    closeSync(fd);
+  }
+  try {
+    renameSync(`/proc/self/fd/${dirFd}/${TEMP_MANIFEST}`, `/proc/self/fd/${dirFd}/${MANIFEST_NAME}`);
+    fsyncSync(dirFd);
+  } catch (err) {
+    throw failure(`cannot put the manifest in place in ${dir}`, err);
+  }
+}
+
+/** The manifest as the directory holds it now (read through the directory fd, checked like at open). */
+export function rereadManifest(volume: Pick<AnyVolume, 'dirFd' | 'owner'>): AnyManifest {
+  return readManifest(volume.dirFd, volume.owner);
 }
 
 /** Names in the directory that are neither backing files nor the tool's own (dotfiles ignored). */

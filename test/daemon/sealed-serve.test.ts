@@ -193,6 +193,49 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     });
   }
 
+  it('re-key while live: a flush that would pass the re-key point (lowered by VBD_SHADOW_REKEY_AT) moves to the next key generation; the same passphrase opens everything after', async () => {
+    const h = sealedHome('sealed-rekey');
+    initSealed(h, '2M', 3, '4K', 'keyed'); // 512 chunks, sealed once each by init
+    const image = Buffer.alloc(2 * MiB);
+    const manifestBefore = JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { sealed: { keyGeneration: number; wrappedKey: string } };
+    const daemon = startDaemon(h.name, [h.dir, '--key-file', h.key, '--interval', '1h'], undefined, { VBD_SHADOW_REKEY_AT: '600' });
+    const live = await waitLive(daemon);
+    expect(live.sealed).toMatchObject({ keyGeneration: 0, seals: 512, rekeyAt: 600 });
+    const device = live.link ?? '';
+    const writeChunks = (first: number, count: number): void => {
+      const data = randomBytes(count * 4 * KiB);
+      writeAt(device, first * 4 * KiB, data);
+      data.copy(image, first * 4 * KiB);
+    };
+    writeChunks(0, 50);
+    expect(flush(h.name).sealed).toMatchObject({ keyGeneration: 0, seals: 562 });
+    writeChunks(100, 50); // 562 + 50 > 600
+    const rekeyed = flush(h.name);
+    expect(rekeyed.lastFlush?.ok).toBe(true);
+    expect(rekeyed.sealed).toMatchObject({ keyGeneration: 1, seals: 50 });
+    const manifestAfter = JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { sealed: { keyGeneration: number; wrappedKey: string } };
+    expect(manifestAfter.sealed.keyGeneration).toBe(1);
+    expect(manifestAfter.sealed.wrappedKey).not.toBe(manifestBefore.sealed.wrappedKey);
+    writeChunks(300, 100);
+    expect(flush(h.name).sealed).toMatchObject({ keyGeneration: 1, seals: 150 });
+    // A passphrase change while it is served is refused: the next re-key would re-wrap under the old one.
+    const fresh = join(h.home, 'new-pass');
+    writeFileSync(fresh, 'another passphrase\n', { mode: 0o600 });
+    chownSync(fresh, h.user.uid, h.user.gid);
+    const manifestLive = readFileSync(join(h.dir, MANIFEST_NAME), 'utf8');
+    expect(cliAs(h.user, ['passwd', h.dir, '--key-file', h.key, '--new-key-file', fresh]).status).toBe(EXIT.busy);
+    expect(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')).toBe(manifestLive);
+    expect(await stopDaemon(daemon)).toBe(0);
+    // The owner's own tools: the manifest is still hers, the passphrase unchanged, both generations decode.
+    expect(runAs(h.user, 'test', ['-O', join(h.dir, MANIFEST_NAME)]).status).toBe(0);
+    expect(sha256(exportAs(h))).toBe(sha256(image));
+    const again = await serve(h);
+    expect(again.live.sealed).toMatchObject({ keyGeneration: 1, seals: 150 });
+    expect(sha256(readFileSync(again.live.link ?? ''))).toBe(sha256(image));
+    expect(await stopDaemon(again.daemon)).toBe(0);
+    expect(leftovers()).toEqual([]);
+  });
+
   it('a pattern written through a mounted sealed volume is in no file of its directory; on a plain volume it is found', async () => {
     // 64 distinctive bytes, repeated: every 16-byte window of it is searched for in every file.
     const motif = Buffer.from('vbd-shadow:sealed?MARKER<0123456789abcdef>ZYXWVUTSRQPONMLK!pattern', 'ascii').subarray(0, 64);

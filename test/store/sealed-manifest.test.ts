@@ -141,10 +141,14 @@ describe('sealed manifest and its wrap', () => {
     after.wipe();
   });
 
-  it('the next key generation is bound too, and keeps the same volume key', () => {
-    const next = nextKeyGeneration(pass, manifest);
+  it('the next key generation is bound too, keeps the same volume key and passphrase, and needs only the opened keys', () => {
+    const opened = unlockSealedManifest(pass, manifest);
+    const next = nextKeyGeneration(opened, manifest);
+    opened.wipe();
     expect(next.sealed.keyGeneration).toBe(1);
     expect(wrappedKeyOf(next).wrappedKey).not.toBe(manifest.sealed.wrappedKey);
+    expect(wrappedKeyOf(next).kdf).toEqual(wrappedKeyOf(manifest).kdf);
+    expect(() => unlockSealedManifest(Buffer.from('another passphrase'), next)).toThrow(UNWRAP_FAILED);
     const a = unlockSealedManifest(pass, manifest);
     const b = unlockSealedManifest(pass, next);
     expect(a.mapKey.equals(b.mapKey)).toBe(true);

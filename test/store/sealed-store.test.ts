@@ -152,7 +152,7 @@ describe('sealed chunk store: commits', () => {
     await sealedVolume(dir, size, 3, 4096, { kind: 'keyed' }, { count: 5 });
     const image = randomBytes(size);
     const r = await importBuf(dir, image);
-    expect(r).toEqual({ kind: 'sealed', epoch: expect.any(Number), chunks: 64, inFreeSlots: 5, throughJournal: 59, mapBytes: expect.any(Number) });
+    expect(r).toEqual({ kind: 'sealed', epoch: expect.any(Number), chunks: 64, inFreeSlots: 5, throughJournal: 59, mapBytes: expect.any(Number), keyGeneration: 0 });
     expect(existsSync(join(dir, SEALED_JOURNAL_NAME))).toBe(false);
     expect(sha256(await exportBuf(dir))).toBe(sha256(image));
   });
@@ -189,7 +189,7 @@ describe('sealed chunk store: commits', () => {
         expect(w.epoch).toBe(41);
         w.write(3, 4, Buffer.alloc(4096, 1));
         // The reservation (64) and one map log record: header 64 ‖ budget and counts 20 ‖ one entry 20.
-        expect(w.commit()).toEqual({ kind: 'sealed', epoch: 41, chunks: 1, inFreeSlots: 1, throughJournal: 0, mapBytes: 64 + 64 + 20 + 20 });
+        expect(w.commit()).toEqual({ kind: 'sealed', epoch: 41, chunks: 1, inFreeSlots: 1, throughJournal: 0, mapBytes: 64 + 64 + 20 + 20, keyGeneration: 0 });
         expect(store.reservedEpoch).toBe(41);
         expect(store.budget).toEqual({ generation: 0, used: 17 });
       } finally {
