@@ -14,6 +14,7 @@ import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest
 import { slotSize } from '../store/slot.js';
 import { initSealedVolume, initVolume, writeManifest, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
 import { closeVolume, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
+import { registerInspectCommand } from './inspect-command.js';
 import { newSecret, secretFor } from './key-input.js';
 
 function parseCount(text: string): number {
@@ -250,6 +251,8 @@ export function registerOfflineCommands(program: Command): void {
         }
       });
     });
+
+  registerInspectCommand(program);
 
   program
     .command('passwd')
