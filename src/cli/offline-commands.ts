@@ -290,7 +290,7 @@ export function registerOfflineCommands(program: Command): void {
     .description('assemble the whole device image from the files into OUT (offline, no root); a sealed volume is verified chunk by chunk')
     .argument('<dir>', 'volume directory')
     .argument('<out>', 'image file to write (replaced atomically); - = standard output')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input)')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input; default ~/.config/vbd-shadow/NAME.key if present, else asked on a terminal)')
     .option('--zero-damaged', 'sealed: export chunks whose slot fails authentication as zeros, and list them (default: refuse)')
     .action(async (dir: string, out: string, o: { keyFile?: string; zeroDamaged?: boolean }) => {
       // What is said goes to stderr: stdout may be the image itself.
@@ -309,7 +309,7 @@ export function registerOfflineCommands(program: Command): void {
     .description('write a whole device image IN as the volume\'s content (offline, no root; the volume must not be live); a sealed volume commits it as one new epoch')
     .argument('<dir>', 'volume directory')
     .argument('<in>', 'image file, exactly the device size; - = standard input')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input, unless the image comes from there)')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input, unless the image comes from there; default ~/.config/vbd-shadow/NAME.key if present, else asked on a terminal)')
     .action(async (dir: string, input: string, o: { keyFile?: string }) => {
       if (input === STDIO && o.keyFile === STDIO) throw new UsageError('import: the image and --key-file cannot both come from standard input');
       await withStore(dir, o.keyFile, true, (store, volume) => {
