@@ -146,8 +146,10 @@ export interface PromptOptions {
 export async function promptSecret(question: string, options: PromptOptions = {}): Promise<Buffer> {
   const input = process.stdin;
   if (!input.isTTY) throw new VbdError('this volume needs its key: give --key-file FILE (no terminal to ask on)');
-  process.stderr.write(question);
+  // Raw mode (no echo, no line editing by the kernel) before the question shows: what is typed
+  // as soon as it appears is neither echoed nor edited byte by byte by the line discipline.
   input.setRawMode(true);
+  process.stderr.write(question);
   input.resume();
   const bytes: number[] = [];
   try {
