@@ -78,7 +78,7 @@ async function layoutChoice(kind: string, keyFile: string | undefined, params: s
 function refuseLive(identity: VolumeIdentity, name: string, access: 'read' | 'write'): void {
   const daemon = liveDaemon(identity);
   if (daemon === undefined || (access === 'read' && daemon.state === 'waiting')) return;
-  throw new BusyError(`volume '${name}' is live (daemon pid ${daemon.pid}, ${daemon.state}): its RAM image is the truth; stop it first`);
+  throw new BusyError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
 }
 
 /** Prints what opening found (an older map copy used, an interrupted commit completed …). */

@@ -91,7 +91,7 @@ describe.skipIf(!IS_ROOT)(`init --force of a live volume (${IS_ROOT ? 'as root' 
     const before = treeHash(dir);
     const r = cli(['init', dir, ...SHAPE, '--name', name, '--force', '--yes']);
     expect(r.status).toBe(EXIT.busy);
-    expect(r.stderr).toBe(`vbd-shadow: volume '${name}' is live (daemon pid ${daemon.child.pid}, live): its RAM image is the truth; stop it first\n`);
+    expect(r.stderr).toBe(`vbd-shadow: volume '${name}' is live (daemon pid ${daemon.child.pid}): its RAM image is the truth; stop it first\n`);
     expect(treeHash(dir)).toBe(before);
     const inspected = cli(['inspect', dir, '--json']);
     expect((JSON.parse(inspected.stdout) as InspectReport).live).toEqual({ pid: daemon.child.pid, state: 'live' });
