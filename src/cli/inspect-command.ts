@@ -87,6 +87,7 @@ function fileProblems(survey: VolumeSurvey): InspectFileProblem[] {
 /** The key-dependent part of a sealed volume, or why it was left out. */
 async function unlockedPart(survey: VolumeSurvey, keyFile: string | undefined, live: boolean): Promise<{ unlocked: InspectUnlocked | null; skipped: string | null }> {
   if (survey.files.some((f) => f.state !== 'ok')) return { unlocked: null, skipped: 'backing files missing or damaged' };
+  if (survey.unexpected.length > 0) return { unlocked: null, skipped: `the directory holds '${survey.unexpected[0]}', which the manifest does not list (move it out)` };
   if (live) return { unlocked: null, skipped: 'the volume is live: its RAM image is the truth, the files may be mid-commit' };
   const volume = openVolume(survey.dir);
   try {

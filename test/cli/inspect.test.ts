@@ -140,6 +140,12 @@ describe('inspect', () => {
     expect(top(inspectJson([join(scratch, 'p')]))).toEqual(top(inspectJson([join(scratch, 's')])));
     const r = cli(['inspect', join(scratch, 'p'), '--key-file', pass]);
     expect(r.status).toBe(EXIT.usage);
+    // A stray file is named; the key part (which opens the volume for use) is left out, saying why.
+    writeFileSync(join(scratch, 's', 'stray'), 'x');
+    const stray = inspectJson([join(scratch, 's'), '--key-file', pass]);
+    expect(stray.unexpectedEntries).toEqual(['stray']);
+    expect(stray.seal?.unlocked).toBeNull();
+    expect(stray.seal?.unlockedSkipped).toBe("the directory holds 'stray', which the manifest does not list (move it out)");
     expect(cli(['inspect', join(scratch, 'nothing')]).status).toBe(EXIT.notFound);
   });
 });
