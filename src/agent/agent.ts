@@ -7,12 +7,10 @@
 
 
 import { fstatSync, lstatSync } from 'node:fs';
-import { homedir } from 'node:os';
-import { join } from 'node:path';
 import { sleep } from '../common/fd.js';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { checkRootOwnedPath, readStatusAt, type DaemonStatus, type RuntimePaths } from '../daemon/runtime.js';
-import { promptSecret, readKeyFile } from '../layouts/secret.js';
+import { promptSecret, readDefaultKeyFile, readKeyFile } from '../layouts/secret.js';
 import { createNotifier } from '../sys/notify.js';
 import { closePipe, openPipeForWriting, writeMessage } from './pipe.js';
 import type { PipeMessage } from './protocol.js';
@@ -28,19 +26,9 @@ export interface AgentOptions {
 }
 
 
-/** The default key file: ~/.config/vbd-shadow/NAME.key (mode 0600). */
-export function defaultKeyFile(name: string): string {
-  return join(process.env['XDG_CONFIG_HOME'] ?? join(homedir(), '.config'), 'vbd-shadow', `${name}.key`);
-}
-
 async function agentSecret(o: AgentOptions): Promise<Buffer> {
   if (o.keyFile !== undefined) return readKeyFile(o.keyFile);
-  try {
-    return readKeyFile(defaultKeyFile(o.name));
-  } catch (err) {
-    if (!(err instanceof VbdError) || !/no such file/.test(err.message)) throw err;
-  }
-  return promptSecret(`Key for volume '${o.name}': `);
+  return readDefaultKeyFile(o.name) ?? promptSecret(`Key for volume '${o.name}': `);
 }
 
 /**

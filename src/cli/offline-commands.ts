@@ -2,19 +2,21 @@
 // all through the chunk store.
 
 import { closeSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { InvalidArgumentError, type Command } from 'commander';
-import { BusyError, RefusedError, UsageError, VbdError } from '../common/errors.js';
+import { BusyError, InterruptedError, RefusedError, UsageError, VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
-import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
+import { liveDaemon } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
 import { STDIO, exportImage, importImage, spoolStdin } from '../image/offline.js';
 import { describeDamaged, isSealedStore, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
 import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
 import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
-import { initSealedVolume, initVolume, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
-import { closeVolume, isPlainVolume, isSealedVolume, openVolume, writeManifest, type AnyVolume } from '../volume/volume.js';
-import { newSecret, secretFor } from './key-input.js';
+import { initSealedVolume, initVolume, reuseTarget, type ReuseTarget, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
+import { closeVolume, isPlainVolume, isSealedVolume, openVolume, sameIdentity, writeManifest, type AnyVolume, type VolumeIdentity } from '../volume/volume.js';
+import { registerInspectCommand } from './inspect-command.js';
+import { newSecret, withSecret } from './key-input.js';
 
 function parseCount(text: string): number {
   if (!/^\d+$/.test(text)) throw new InvalidArgumentError('expected a whole number.');
@@ -68,61 +70,82 @@ async function layoutChoice(kind: string, keyFile: string | undefined, params: s
   return choice;
 }
 
+/**
+ * Refuses (busy, exit 6) a volume a daemon serves here: its status in the runtime directory of
+ * the volume's identity (readable by the owner) names a running daemon. `read`: a daemon waiting
+ * for its agent holds no RAM image, so the files may be read then.
+ */
+function refuseLive(identity: VolumeIdentity, name: string, access: 'read' | 'write'): void {
+  const daemon = liveDaemon(identity);
+  if (daemon === undefined || (access === 'read' && daemon.state === 'waiting')) return;
+  throw new BusyError(`volume '${name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
+}
+
 /** Prints what opening found (an older map copy used, an interrupted commit completed …). */
 function printNotices(store: ChunkStore): void {
   for (const notice of store.notices) process.stderr.write(`vbd-shadow: warning: ${notice}\n`);
 }
 
-/** Refused (busy) while a daemon serves the volume ('serving'), or while one runs for it at all ('any daemon'). */
-function refuseLive(volume: AnyVolume, when: 'serving' | 'any daemon'): void {
-  const daemon = readStatusAt(runtimePaths(volume.identity));
-  if (daemon !== undefined && daemonRunning(daemon) && (when === 'any daemon' || daemon.state !== 'waiting')) {
-    throw new BusyError(`volume '${volume.manifest.name}' is live (daemon pid ${daemon.pid}): its RAM image is the truth; stop it first`);
-  }
-}
-
 /**
- * Opens a volume and its chunk store (with the key it needs), runs `work`, and always closes
- * and wipes. Refused while a daemon holds the volume's RAM image, or (plain) while an
- * interrupted flush waits in its journal.
+ * Opens a volume and its chunk store (with the key it needs: --key-file, else the default key
+ * file, else asked on the terminal, three tries), runs `work`, and always closes and wipes.
+ * Refused while a daemon holds the volume's RAM image, or (plain) while an interrupted flush
+ * waits in its journal.
  */
-async function withStore(dir: string, keyFile: string | undefined, writable: boolean, work: (store: ChunkStore, volume: AnyVolume) => void): Promise<void> {
+async function withStore(dir: string, keyFile: string | undefined, writable: boolean, work: (store: ChunkStore, volume: AnyVolume) => Promise<void> | void): Promise<void> {
   const volume = openVolume(dir, { writable });
-  let secret: Buffer | undefined;
   try {
     const { name } = volume.manifest;
     // Between sessions (waiting for its agent) a daemon holds no RAM image: the files are the
     // truth and may be read; writing them behind its back is still refused.
-    refuseLive(volume, writable ? 'any daemon' : 'serving');
+    refuseLive(volume.identity, name, writable ? 'write' : 'read');
     if (isPlainVolume(volume) && journalPending(volume)) throw new RefusedError(`volume '${name}' has an interrupted flush in its journal; run 'vbd-shadow recover ${dir}' first`);
-    secret = await secretFor(volume.manifest, keyFile);
     // Root's record of a sealed volume's epochs (readable by all): a write takes epochs above any
     // this machine may have used, and files older than the last commit here are said to be so.
     const record = isSealedVolume(volume) ? readEpochRecord(volume.owner.uid, volume.manifest.sealed.uuid) : undefined;
-    const store = await openChunkStore(volume, { writable, secret, epochFloor: record?.reservedEpoch });
-    secret?.fill(0);
+    const store = await withSecret(volume.manifest, keyFile, (secret) => openChunkStore(volume, { writable, secret, epochFloor: record?.reservedEpoch }));
     try {
       printNotices(store);
       if (record !== undefined && isSealedStore(store) && isRolledBack(record, store.epoch)) {
         process.stderr.write(`vbd-shadow: warning: the files decode to epoch ${store.epoch}, older than epoch ${record.committedEpoch} committed here (${record.at}): restored from an older copy? 'start' refuses them without --accept-rollback\n`);
       }
-      work(store, volume);
+      await work(store, volume);
     } finally {
       store.close();
     }
   } finally {
-    secret?.fill(0);
     closeVolume(volume);
   }
 }
 
-function describeCommit(name: string, r: CommitReport): string {
-  if (r.kind === 'plain') return `imported into '${name}': ${r.chunks} chunks written in place`;
+/** Seconds with two decimals, for the one-line summaries. */
+function seconds(ms: number): string {
+  return `${(ms / 1000).toFixed(2)} s`;
+}
+
+/**
+ * Runs `work` with an AbortSignal that Ctrl-C (SIGINT) fires: the export stops between two
+ * windows, removes its partial file and the command ends with status 130.
+ */
+async function cancellable<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const controller = new AbortController();
+  const onSigint = (): void => controller.abort();
+  process.on('SIGINT', onSigint);
+  try {
+    return await work(controller.signal);
+  } finally {
+    process.off('SIGINT', onSigint);
+  }
+}
+
+/** What an import did, for its summary line. */
+function describeCommit(r: CommitReport): string {
+  if (r.kind === 'plain') return `${r.chunks} chunks written in place`;
   const how = r.throughJournal === 0
     ? `all into free slots (copy-on-write)`
     : `${r.inFreeSlots} into free slots, ${r.throughJournal} through the overflow journal (more chunks than free slots: committed as one whole snapshot, those written twice)`;
   const rekey = r.rekeyedFrom === undefined ? '' : `; re-keyed from key generation ${r.rekeyedFrom} to ${r.keyGeneration} (its nonce budget was spent)`;
-  return `imported into '${name}': ${r.chunks} chunks sealed and committed as epoch ${r.epoch}, ${how}${rekey}`;
+  return `${r.chunks} chunks sealed and committed as epoch ${r.epoch}, ${how}${rekey}`;
 }
 
 interface InitFlags {
@@ -134,6 +157,7 @@ interface InitFlags {
   name?: string;
   keyFile?: string;
   force?: boolean;
+  yes?: boolean;
   sealed?: boolean;
   spare?: string;
 }
@@ -147,14 +171,52 @@ function checkInitOptions(o: InitFlags): void {
   }
   if (o.layoutParams !== undefined && !module) throw new UsageError(`--layout-params: only a module:PATH layout takes parameters, not ${o.layout}`);
   if (o.spare !== undefined && o.sealed !== true) throw new UsageError('--spare only applies to a sealed volume (--sealed)');
+  if (o.yes === true && o.force !== true) throw new UsageError('--yes confirms --force (replacing an old volume); without --force there is nothing to confirm');
+}
+
+/**
+ * `init --force` over an old volume: on a terminal the owner types its name (or yes); --yes
+ * confirms for scripts; without a terminal and without --yes it is refused (usage). Refused
+ * before any secret is asked for, and before anything is touched.
+ */
+async function confirmReuse(dir: string, target: ReuseTarget, yes: boolean): Promise<void> {
+  if (yes) return;
+  const what = target.oldName !== undefined ? `volume '${target.oldName}'` : `${target.entries} entr${target.entries === 1 ? 'y' : 'ies'}`;
+  if (process.stdin.isTTY !== true || process.stderr.isTTY !== true) {
+    throw new UsageError(`init --force: ${dir} holds ${what}, whose data would be lost; confirm on a terminal, or give --yes`);
+  }
+  const accepted = target.oldName !== undefined ? [target.oldName, 'yes'] : ['yes'];
+  const rl = createInterface({ input: process.stdin, output: process.stderr, terminal: true });
+  try {
+    const answer = await new Promise<string>((resolve, reject) => {
+      rl.on('SIGINT', () => reject(new InterruptedError('cancelled; nothing changed')));
+      rl.on('close', () => reject(new RefusedError('init --force: not confirmed; nothing changed')));
+      rl.question(`${dir} holds ${what}: --force replaces it and its data is lost. Type ${target.oldName !== undefined ? `its name (${target.oldName}) or ` : ''}yes to go on: `, resolve);
+    });
+    if (!accepted.includes(answer.trim())) throw new RefusedError(`init --force: not confirmed (typed '${answer.trim()}'); nothing changed`);
+  } finally {
+    rl.removeAllListeners('close');
+    rl.close();
+  }
 }
 
 async function initCommand(dir: string, o: InitFlags): Promise<void> {
   checkInitOptions(o);
-  const common = {
-    dir, deviceSize: parseSize(o.size, '--size'), chunkSize: parseSize(o.chunk, '--chunk'),
-    fileCount: o.files, name: o.name, force: o.force === true,
+  const deviceSize = parseSize(o.size, '--size');
+  const chunkSize = parseSize(o.chunk, '--chunk');
+  // What --force would replace is confirmed (and a live volume refused) before any secret is asked.
+  const target = o.force === true ? reuseTarget(dir) : undefined;
+  if (target !== undefined) {
+    refuseLive(target.identity, target.oldName ?? dir, 'write');
+    await confirmReuse(dir, target, o.yes === true);
+  }
+  const checkReuse = (identity: VolumeIdentity): void => {
+    refuseLive(identity, target?.oldName ?? dir, 'write');
+    if (target === undefined || !sameIdentity(identity, target.identity)) {
+      throw new RefusedError(`init --force: ${dir} changed since it was confirmed (another directory, or filled meanwhile); nothing changed`);
+    }
   };
+  const common = { dir, deviceSize, chunkSize, fileCount: o.files, name: o.name, force: o.force === true, checkReuse };
   if (o.sealed === true) {
     const layout = sealedLayoutChoice(o.layout, o.layoutParams);
     const spare = o.spare !== undefined ? parseSpare(o.spare) : undefined;
@@ -189,11 +251,14 @@ async function passwdCommand(dir: string, o: { keyFile?: string; newKeyFile?: st
     const uid = process.getuid?.();
     if (uid !== volume.owner.uid) throw new VbdError(`passwd runs as the volume's owner (uid ${volume.owner.uid}, ${volume.owner.name}), not uid ${uid}`);
     // A serving daemon re-wraps the manifest under the passphrase it opened with when it re-keys.
-    refuseLive(volume, 'serving');
-    old = await secretFor(volume.manifest, o.keyFile);
-    if (old === undefined) throw new VbdError('internal: no passphrase read');
-    // The old passphrase is checked (unwrapped) before a new one is asked for.
-    unlockSealedManifest(old, volume.manifest).wipe();
+    refuseLive(volume.identity, volume.manifest.name, 'read');
+    // The old passphrase is checked (unwrapped; typed: three tries) before a new one is asked for.
+    const manifest = volume.manifest;
+    old = await withSecret(manifest, o.keyFile, (secret) => {
+      if (secret === undefined) throw new VbdError('internal: no passphrase read');
+      unlockSealedManifest(secret, manifest).wipe();
+      return Promise.resolve(Buffer.from(secret));
+    });
     fresh = await newSecret(o.newKeyFile, 'passphrase');
     const rewrapped = changePassphrase(old, fresh, volume.manifest);
     writeManifest(volume.dirFd, volume.dir, rewrapped);
@@ -219,7 +284,8 @@ export function registerOfflineCommands(program: Command): void {
     .option('--sealed', 'seal every chunk (AES-256-GCM under a key wrapped by your passphrase): the files show nothing of the content')
     .option('--spare <n>', 'sealed: spare slots for copy-on-write commits, PERCENT% of the chunks or a count (default 20%)')
     .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (mode 0600; - = standard input) — else asked twice')
-    .option('--force', 'reuse a non-empty directory holding an old volume of the same shape')
+    .option('--force', 'reuse a non-empty directory holding an old volume (its data is lost): asks for its name on a terminal')
+    .option('--yes', 'with --force: replace the old volume without asking (for scripts)')
     .action(initCommand);
 
   program
@@ -227,15 +293,17 @@ export function registerOfflineCommands(program: Command): void {
     .description('assemble the whole device image from the files into OUT (offline, no root); a sealed volume is verified chunk by chunk')
     .argument('<dir>', 'volume directory')
     .argument('<out>', 'image file to write (replaced atomically); - = standard output')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input)')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input; default ~/.config/vbd-shadow/NAME.key if present, else asked on a terminal)')
     .option('--zero-damaged', 'sealed: export chunks whose slot fails authentication as zeros, and list them (default: refuse)')
     .action(async (dir: string, out: string, o: { keyFile?: string; zeroDamaged?: boolean }) => {
-      // With the image on stdout, what is said goes to stderr.
-      const say = (line: string): void => void (out === STDIO ? process.stderr.write(`${line}\n`) : console.log(line));
-      await withStore(dir, o.keyFile, false, (store) => {
-        const { damaged } = exportImage(store, out, { zeroDamaged: o.zeroDamaged === true });
-        for (const d of damaged) say(`zeroed damaged ${describeDamaged(d)}`);
-        if (store.kind === 'sealed') say(`exported epoch ${store.epoch}: ${store.chunkCount - damaged.length} chunks verified${damaged.length > 0 ? `, ${damaged.length} damaged written as zeros` : ''}`);
+      // What is said goes to stderr: stdout may be the image itself.
+      const say = (line: string): void => void process.stderr.write(`${line}\n`);
+      await withStore(dir, o.keyFile, false, async (store, volume) => {
+        const started = performance.now();
+        const r = await cancellable((signal) => exportImage(store, out, { zeroDamaged: o.zeroDamaged === true, signal }));
+        for (const d of r.damaged) say(`zeroed damaged ${describeDamaged(d)}`);
+        const sealed = store.kind === 'sealed' ? `; epoch ${store.epoch}, ${store.chunkCount - r.damaged.length} chunks verified${r.damaged.length > 0 ? `, ${r.damaged.length} damaged written as zeros` : ''}` : '';
+        say(`exported '${volume.manifest.name}' to ${out === STDIO ? 'standard output' : out}: ${r.bytes} bytes, ${r.chunksWritten} chunks written, ${r.chunksSkipped} all-zero skipped (left as holes), in ${seconds(performance.now() - started)}${sealed}`);
       });
     });
 
@@ -244,20 +312,24 @@ export function registerOfflineCommands(program: Command): void {
     .description('write a whole device image IN as the volume\'s content (offline, no root; the volume must not be live); a sealed volume commits it as one new epoch')
     .argument('<dir>', 'volume directory')
     .argument('<in>', 'image file, exactly the device size; - = standard input')
-    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input, unless the image comes from there)')
+    .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input, unless the image comes from there; default ~/.config/vbd-shadow/NAME.key if present, else asked on a terminal)')
     .action(async (dir: string, input: string, o: { keyFile?: string }) => {
       if (input === STDIO && o.keyFile === STDIO) throw new UsageError('import: the image and --key-file cannot both come from standard input');
       await withStore(dir, o.keyFile, true, (store, volume) => {
+        const started = performance.now();
         // A plain volume is written in place: a stream is spooled first, so one that ends short changes nothing.
         const spool = input === STDIO && store.kind === 'plain' ? spoolStdin(volume.dir) : undefined;
         try {
           const report = spool === undefined ? importImage(store, input) : importImage(store, `/proc/self/fd/${spool}`, 'the image on standard input');
-          if (report.kind === 'sealed') console.log(describeCommit(volume.manifest.name, report));
+          // On stderr, as export's: stdout stays clean for scripts.
+          process.stderr.write(`imported into '${volume.manifest.name}' from ${input === STDIO ? 'standard input' : input}: ${store.chunkCount * store.chunkSize} bytes, ${describeCommit(report)}, in ${seconds(performance.now() - started)}\n`);
         } finally {
           if (spool !== undefined) closeSync(spool);
         }
       });
     });
+
+  registerInspectCommand(program);
 
   program
     .command('passwd')

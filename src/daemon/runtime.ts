@@ -299,3 +299,13 @@ export function releaseLock(lock: DaemonLock, forget = false): void {
   }
   closeSync(lock.fd);
 }
+
+/**
+ * The status of a daemon that runs for the volume of this identity (any state but stopped or
+ * failed, its process alive), else undefined. Readable by the owner without root: offline
+ * commands refuse to write a live volume's files by it.
+ */
+export function liveDaemon(id: VolumeIdentity): DaemonStatus | undefined {
+  const status = readStatusAt(runtimePaths(id));
+  return status !== undefined && daemonRunning(status) ? status : undefined;
+}

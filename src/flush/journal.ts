@@ -134,7 +134,7 @@ export type JournalState =
  * chunk does not verify was interrupted before it was synced, and is reported uncommitted.
  * Entries are checked against the volume (file index, alignment, bounds) as well.
  */
-export function readJournal(fd: number, volume: Volume): JournalState {
+export function readJournal(fd: number, volume: Pick<Volume, 'manifest'>): JournalState {
   const head = readFully(fd, HEADER_BYTES, 0);
   if (head === undefined || !head.subarray(0, 8).equals(HEADER_MAGIC)) return { kind: 'empty' };
   const seq = Number(head.readBigUInt64LE(16));
@@ -178,6 +178,42 @@ export function journalPending(volume: Volume): boolean {
   try {
     const magic = readFully(fd, HEADER_MAGIC.length, 0);
     return magic !== undefined && magic.equals(HEADER_MAGIC);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * What the journal says, for `inspect` (read-only): no journal yet; empty (the last batch was
+ * applied and retired: its number in its session, and when); a batch waiting for recovery
+ * (complete: applied by the next start or recover) or torn (discarded there).
+ */
+export type JournalSummary =
+  | { state: 'none' }
+  | { state: 'empty'; lastBatch: number | undefined; at: Date }
+  | { state: 'pending'; batch: number; chunks: number }
+  | { state: 'torn'; reason: string };
+
+export function journalSummary(volume: Pick<Volume, 'dirFd' | 'manifest'>): JournalSummary {
+  let fd: number;
+  try {
+    fd = openSync(entryPath(volume, JOURNAL_NAME), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return { state: 'none' };
+    throw failure(`cannot read journal '${JOURNAL_NAME}'`, err);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new VbdError(`journal '${JOURNAL_NAME}' is not a regular file`);
+    const head = readFully(fd, HEADER_BYTES, 0);
+    if (head === undefined || !head.subarray(0, 8).equals(HEADER_MAGIC)) {
+      // Retired: only the magic was zeroed; the rest of the last header is still there.
+      const retired = head !== undefined && head.readUInt32LE(8) === 1 && head.readUInt32LE(28) === volume.manifest.chunkSize;
+      return { state: 'empty', lastBatch: retired ? Number(head.readBigUInt64LE(16)) : undefined, at: st.mtime };
+    }
+    const found = readJournal(fd, volume);
+    if (found.kind === 'committed') return { state: 'pending', batch: found.batch.seq, chunks: found.batch.entries.length };
+    return { state: 'torn', reason: found.kind === 'uncommitted' ? found.reason : 'empty' };
   } finally {
     closeSync(fd);
   }

@@ -2,8 +2,8 @@
 // offline, without root or a loop device, through the chunk store (plain or sealed alike).
 // Also how tests see what the files really hold.
 
-import { closeSync, fstatSync, fsyncSync, openSync, renameSync, unlinkSync, writeSync, constants as fsc } from 'node:fs';
-import { IoError, RefusedError, StdoutClosedError, UsageError, VbdError, errnoCode, failure } from '../common/errors.js';
+import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, renameSync, unlinkSync, writeSync, constants as fsc } from 'node:fs';
+import { InterruptedError, IoError, RefusedError, StdoutClosedError, UsageError, VbdError, errnoCode, failure } from '../common/errors.js';
 import { readStream, writeStream } from '../common/fd.js';
 import { startProgress } from '../common/progress.js';
 import { listDamaged, type ChunkStore, type CommitReport, type DamagedChunk } from '../store/chunk-store.js';
@@ -12,15 +12,25 @@ import { windows } from './transfer.js';
 const WINDOW_BYTES = 64 * 2 ** 20;
 /** Damaged chunks named in a refusal; the rest are counted. */
 
-function writeAll(fd: number, buf: Uint8Array, length: number, what: string): void {
+/** Writes `length` bytes of `buf` from `offset`: at `position` of the file, or (undefined) at its current position. */
+function writeAll(fd: number, buf: Uint8Array, length: number, what: string, offset = 0, position?: number): void {
   let done = 0;
   while (done < length) {
     try {
-      done += writeSync(fd, buf, done, length - done);
+      done += writeSync(fd, buf, offset + done, length - done, position === undefined ? null : position + done);
     } catch (err) {
       throw failure(what, err);
     }
   }
+}
+
+/** Lets signal handlers run between two windows (the copy itself is synchronous). */
+function turn(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+function checkAborted(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted === true) throw new InterruptedError(what);
 }
 
 /** Reads up to `length` bytes from the current position; fewer only at the end of the input. */
@@ -46,11 +56,18 @@ export const STDIO = '-';
 export interface ExportOptions {
   /** Write zeros for chunks whose slot fails authentication (and list them) instead of refusing. */
   zeroDamaged?: boolean;
+  /** Stops the export between two windows (Ctrl-C): an InterruptedError, the partial file removed. */
+  signal?: AbortSignal | undefined;
 }
 
 export interface ExportResult {
   /** Chunks written as zeros because their slot failed authentication (only with zeroDamaged). */
   damaged: DamagedChunk[];
+  /** Bytes of the image (the device size). */
+  bytes: number;
+  /** Chunks written, and all-zero chunks skipped with a seek (a file stays sparse there; never on a stream). */
+  chunksWritten: number;
+  chunksSkipped: number;
 }
 
 function imageWindow(store: ChunkStore): Buffer {
@@ -72,7 +89,7 @@ function refuseDamaged(damaged: readonly DamagedChunk[], consequence: string): I
  * authentication stops it before that window is written (the reader gets a short image and
  * the command fails), unless `zeroDamaged`. A closed stdout (`| head`) ends it quietly.
  */
-function exportToStdout(store: ChunkStore, options: ExportOptions): ExportResult {
+async function exportToStdout(store: ChunkStore, options: ExportOptions): Promise<ExportResult> {
   const { chunkSize, chunkCount } = store;
   if (process.stdout.isTTY) throw new RefusedError('export: standard output is a terminal; redirect it to a file or a pipe (or give a file name)');
   const progress = startProgress('export', chunkCount * chunkSize);
@@ -80,6 +97,8 @@ function exportToStdout(store: ChunkStore, options: ExportOptions): ExportResult
   try {
     const damaged: DamagedChunk[] = [];
     for (const { first, end } of windows(chunkCount, chunkSize, window.length)) {
+      await turn();
+      checkAborted(options.signal, `export interrupted: standard output got the image only up to chunk ${first} (byte ${first * chunkSize}): incomplete`);
       const found = store.read(first, end, window, { damaged: 'zero' });
       if (found.length > 0 && options.zeroDamaged !== true) {
         throw refuseDamaged(found, `standard output got the image only up to chunk ${first} (byte ${first * chunkSize}): incomplete`);
@@ -93,14 +112,37 @@ function exportToStdout(store: ChunkStore, options: ExportOptions): ExportResult
       }
       progress.advance((end - first) * chunkSize);
     }
-    return { damaged };
+    return { damaged, bytes: chunkCount * chunkSize, chunksWritten: chunkCount, chunksSkipped: 0 };
   } finally {
     window.fill(0);
     progress.done();
   }
 }
 
-export function exportImage(store: ChunkStore, outPath: string, options: ExportOptions = {}): ExportResult {
+/**
+ * Writes the chunks [first, end) held in `window` at their places in `out`, skipping all-zero
+ * chunks (a seek: the file keeps a hole there); runs of non-zero chunks go as one write.
+ * Returns how many chunks were written.
+ */
+function writeSparse(out: number, window: Buffer, first: number, end: number, chunkSize: number, zero: Buffer, what: string): number {
+  let written = 0;
+  let runStart = -1;
+  const flush = (upTo: number): void => {
+    if (runStart < 0) return;
+    writeAll(out, window, (upTo - runStart) * chunkSize, what, (runStart - first) * chunkSize, runStart * chunkSize);
+    written += upTo - runStart;
+    runStart = -1;
+  };
+  for (let c = first; c < end; c++) {
+    const at = (c - first) * chunkSize;
+    if (window.subarray(at, at + chunkSize).equals(zero)) flush(c);
+    else if (runStart < 0) runStart = c;
+  }
+  flush(end);
+  return written;
+}
+
+export async function exportImage(store: ChunkStore, outPath: string, options: ExportOptions = {}): Promise<ExportResult> {
   if (outPath === STDIO) return exportToStdout(store, options);
   const { chunkSize, chunkCount } = store;
   const temp = `${outPath}.partial-${process.pid}`;
@@ -112,20 +154,30 @@ export function exportImage(store: ChunkStore, outPath: string, options: ExportO
   }
   const progress = startProgress('export', chunkCount * chunkSize);
   const window = imageWindow(store);
+  const zero = Buffer.alloc(chunkSize);
   let closed = false;
   try {
     const damaged: DamagedChunk[] = [];
+    let written = 0;
     for (const { first, end } of windows(chunkCount, chunkSize, window.length)) {
+      await turn();
+      checkAborted(options.signal, `export interrupted; the partial image ${temp} was removed`);
       damaged.push(...store.read(first, end, window, { damaged: 'zero' }));
-      writeAll(out, window, (end - first) * chunkSize, `write to ${temp}`);
+      written += writeSparse(out, window, first, end, chunkSize, zero, `write to ${temp}`);
       progress.advance((end - first) * chunkSize);
     }
     if (damaged.length > 0 && options.zeroDamaged !== true) throw refuseDamaged(damaged, 'nothing was written');
+    // Skipped chunks at the end are a hole too: the file gets its full length.
+    try {
+      ftruncateSync(out, chunkCount * chunkSize);
+    } catch (err) {
+      throw failure(`cannot size ${temp} to ${chunkCount * chunkSize} bytes`, err);
+    }
     fsyncSync(out);
     closeSync(out);
     closed = true;
     renameSync(temp, outPath);
-    return { damaged };
+    return { damaged, bytes: chunkCount * chunkSize, chunksWritten: written, chunksSkipped: chunkCount - written };
   } catch (err) {
     if (!closed) closeSync(out);
     unlinkSync(temp);

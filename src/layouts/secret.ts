@@ -4,7 +4,9 @@
 
 import { createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
 import { closeSync, fstatSync, openSync, constants as fsc } from 'node:fs';
-import { InterruptedError, RefusedError, UsageError, VbdError, WrongKeyError, failure } from '../common/errors.js';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { InterruptedError, RefusedError, UsageError, VbdError, WrongKeyError, errnoCode, failure } from '../common/errors.js';
 import { readFully, readStdinUpTo } from '../common/fd.js';
 import { scryptCostProblem, type ScryptParams } from '../volume/manifest.js';
 
@@ -105,22 +107,64 @@ export function readKeyFile(path: string): Buffer {
   }
 }
 
-/** Reads a passphrase from the terminal without echo. */
-export async function promptSecret(question: string): Promise<Buffer> {
+/** The default key file of volume `name`: ~/.config/vbd-shadow/NAME.key ($XDG_CONFIG_HOME if set), mode 0600. */
+export function defaultKeyFile(name: string): string {
+  return join(process.env['XDG_CONFIG_HOME'] ?? join(homedir(), '.config'), 'vbd-shadow', `${name}.key`);
+}
+
+/**
+ * The secret in the default key file of volume `name`, or undefined if there is none. The agent
+ * and every command that needs a key read it when no --key-file is given; a file that is there
+ * but unfit (a symlink, readable by others, empty) is refused, never skipped.
+ */
+export function readDefaultKeyFile(name: string): Buffer | undefined {
+  try {
+    return readKeyFile(defaultKeyFile(name));
+  } catch (err) {
+    if (err instanceof VbdError && errnoCode(err.cause) === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+/** Drops the last UTF-8 character of `bytes` (a lead byte and its continuation bytes), as Backspace does on a terminal. */
+export function eraseLastCharacter(bytes: number[]): void {
+  while (bytes.length > 0) {
+    const byte = bytes.pop() ?? 0;
+    if ((byte & 0xc0) !== 0x80) return; // not a continuation byte: the character's first byte
+  }
+}
+
+export interface PromptOptions {
+  /** An empty answer (just Enter) returns an empty buffer instead of being refused. */
+  allowEmpty?: boolean;
+}
+
+/**
+ * Reads a passphrase from the terminal without echo. Backspace (DEL or ^H) erases one UTF-8
+ * character, ^U the whole line, ^C cancels (exit 130).
+ */
+export async function promptSecret(question: string, options: PromptOptions = {}): Promise<Buffer> {
   const input = process.stdin;
   if (!input.isTTY) throw new VbdError('this volume needs its key: give --key-file FILE (no terminal to ask on)');
-  process.stderr.write(question);
+  // Raw mode (no echo, no line editing by the kernel) before the question shows: what is typed
+  // as soon as it appears is neither echoed nor edited byte by byte by the line discipline.
   input.setRawMode(true);
+  process.stderr.write(question);
   input.resume();
   const bytes: number[] = [];
   try {
     await new Promise<void>((resolve, reject) => {
       const onData = (data: Buffer): void => {
-        for (const byte of data) {
-          if (byte === 0x03) return reject(new InterruptedError('cancelled'));
-          if (byte === 0x0d || byte === 0x0a) return resolve();
-          if (byte === 0x7f) bytes.pop();
-          else bytes.push(byte);
+        try {
+          for (const byte of data) {
+            if (byte === 0x03) return reject(new InterruptedError('cancelled'));
+            if (byte === 0x0d || byte === 0x0a) return resolve();
+            if (byte === 0x7f || byte === 0x08) eraseLastCharacter(bytes);
+            else if (byte === 0x15) bytes.fill(0).length = 0;
+            else bytes.push(byte);
+          }
+        } finally {
+          data.fill(0);
         }
       };
       input.on('data', onData);
@@ -133,6 +177,6 @@ export async function promptSecret(question: string): Promise<Buffer> {
   }
   const secret = Buffer.from(bytes);
   bytes.fill(0);
-  if (secret.length === 0) throw new VbdError('empty passphrase');
+  if (secret.length === 0 && options.allowEmpty !== true) throw new VbdError('empty passphrase');
   return secret;
 }

@@ -103,6 +103,9 @@ export interface SealedState {
   rekeyAt: number;
   /** Slots no chunk uses: a flush of more changed chunks than this goes through the overflow journal. */
   freeSlots: number;
+  /** The copy of the position map (A or B) the files decode from, and the bytes of map log appended to it since. */
+  mapCopy: 'A' | 'B';
+  mapLogBytes: number;
 }
 
 export interface ChunkStore {

@@ -350,7 +350,7 @@ export class MapCommitter {
   }
 
   /** For tests and reports: the checkpoint copy in use, its epoch, and the end of its log. */
-  get place(): MapPlace & { copy: string } {
+  get place(): MapPlace & { copy: (typeof COPY_NAMES)[number] } {
     return { ...this.#place, copy: COPY_NAMES[this.#place.region] };
   }
 }

@@ -186,9 +186,10 @@ class SealedStore implements ChunkStore {
 
   sealedState(): SealedState {
     const m = this.#committed;
+    const place = this.#mapCommitter.place;
     return {
       epoch: m.epoch, reservedEpoch: this.reservedEpoch, keyGeneration: this.#budget.generation, seals: this.#budget.used,
-      rekeyAt: this.#budget.threshold, freeSlots: m.slotCount - m.chunkCount,
+      rekeyAt: this.#budget.threshold, freeSlots: m.slotCount - m.chunkCount, mapCopy: place.copy, mapLogBytes: place.logEnd,
     };
   }
 

@@ -5,7 +5,7 @@
 // or replaced, never written through, and an old backing file is checked before it is cut.
 
 import {
-  closeSync, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, unlinkSync,
+  closeSync, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, unlinkSync,
   constants as fsc, type Stats,
 } from 'node:fs';
 import { basename, resolve } from 'node:path';
@@ -19,11 +19,11 @@ import { createSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
 import {
   MANIFEST_NAME, MAX_CHUNK_SIZE, MAX_DEVICE_SIZE, MAX_FILES, MIN_CHUNK_SIZE, SEALED_MANIFEST_FORMAT,
-  chunkCountProblem, isValidName,
+  chunkCountProblem, isValidName, parseAnyManifest,
   type AnyManifest, type BackingFile, type LayoutSpec, type Manifest, type ScryptParams, type SealedLayoutSpec, type SealedManifest,
 } from './manifest.js';
 import { currentUser, type Owner } from './owner.js';
-import { MAP_NAME, SEALED_JOURNAL_NAME, unexpectedEntries, writeManifest } from './volume.js';
+import { MAP_NAME, SEALED_JOURNAL_NAME, identityOf, unexpectedEntries, writeManifest, type VolumeIdentity } from './volume.js';
 
 export type LayoutChoice = { kind: 'linear' } | { kind: 'striped' } | { kind: 'keyed'; secret: Buffer } | { kind: 'module'; path: string; params: Record<string, unknown> };
 
@@ -36,6 +36,53 @@ export interface InitOptions {
   name?: string | undefined;
   /** Allow a non-empty directory (only a previous volume's own entries may be in it). */
   force?: boolean;
+  /**
+   * Called (with --force) when the directory, held open, is not empty, before anything in it is
+   * touched: throws to refuse (a live volume, a directory other than the one confirmed).
+   */
+  checkReuse?: ((identity: VolumeIdentity) => void) | undefined;
+}
+
+/** What `init --force` would replace: the directory's identity, the old volume's name if its manifest reads. */
+export interface ReuseTarget {
+  identity: VolumeIdentity;
+  oldName: string | undefined;
+  entries: number;
+}
+
+/** The old manifest's name, if the directory holds one that parses (else undefined). */
+function oldVolumeName(dirFd: number): string | undefined {
+  let fd: number;
+  try {
+    fd = openSync(at(dirFd, MANIFEST_NAME), fsc.O_RDONLY | fsc.O_NOFOLLOW | O_NONBLOCK);
+  } catch {
+    return undefined;
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile() || st.size > MAX_OLD_MANIFEST) return undefined;
+    return parseAnyManifest(readFileSync(fd, 'utf8')).name;
+  } catch {
+    return undefined;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * What `init --force DIR` would replace: undefined if DIR does not exist or is empty. The CLI
+ * asks for confirmation with it, and refuses a live volume, before any secret is asked for.
+ */
+export function reuseTarget(dir: string): ReuseTarget | undefined {
+  const dirFd = openDir(resolve(dir), true);
+  if (dirFd === undefined) return undefined;
+  try {
+    const entries = readdirSync(at(dirFd, '')).length;
+    if (entries === 0) return undefined;
+    return { identity: identityOf(dirFd), oldName: oldVolumeName(dirFd), entries };
+  } finally {
+    closeSync(dirFd);
+  }
 }
 
 /** Names like file001 … file100: zero-padded so `ls` shows them in order. */
@@ -77,6 +124,7 @@ function layoutSpec(choice: LayoutChoice): LayoutSpec {
 }
 
 const O_NONBLOCK = fsc.O_NONBLOCK;
+const MAX_OLD_MANIFEST = 4 * 2 ** 20;
 
 /** Path of `name` in the directory held open as `dirFd` (a single component: never re-resolves the directory). */
 function at(dirFd: number, name: string): string {
@@ -175,6 +223,7 @@ interface Creation<M extends AnyManifest> {
   me: Owner;
   /** The manifest (runs layout code: only after an existing directory was checked). */
   build: () => Promise<M>;
+  checkReuse?: ((identity: VolumeIdentity) => void) | undefined;
   /** Writes the files' contents (sealed: every slot, and the map) once they exist at their sizes. */
   fill?: (fds: number[], dirFd: number, manifest: M) => void;
 }
@@ -190,7 +239,10 @@ async function createVolume<M extends AnyManifest>(c: Creation<M>): Promise<M> {
   let dirFd = openDir(dir, true);
   const fds: (number | undefined)[] = [];
   try {
-    if (dirFd !== undefined) checkDir(dirFd, dir, me, files, force);
+    if (dirFd !== undefined) {
+      checkDir(dirFd, dir, me, files, force);
+      if (readdirSync(at(dirFd, '')).length > 0) c.checkReuse?.(identityOf(dirFd));
+    }
     const manifest = await c.build();
     if (dirFd === undefined) {
       try {
@@ -240,7 +292,7 @@ export async function initVolume(o: InitOptions): Promise<Manifest> {
   const me = currentUser();
   const files = spread(o.fileCount, o.deviceSize / o.chunkSize, o.chunkSize);
   return createVolume({
-    dir, files, force: o.force === true, me,
+    dir, files, force: o.force === true, me, checkReuse: o.checkReuse,
     build: async () => {
       const manifest: Manifest = { format: 1, name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout: layoutSpec(o.layout) };
       // The placement: a module layout runs confined, as whoever runs init.
@@ -301,7 +353,7 @@ export async function initSealedVolume(o: SealedInitOptions): Promise<SealedMani
   let slotOfChunk: Uint32Array | undefined;
   try {
     return await createVolume<SealedManifest>({
-      dir, files, force: o.force === true, me,
+      dir, files, force: o.force === true, me, checkReuse: o.checkReuse,
       build: async () => {
         const layout = sealedLayoutSpec(o.layout);
         const draft = { name, deviceSize: o.deviceSize, chunkSize: o.chunkSize, files, layout, spareSlots, kdf: o.kdf ?? DEFAULT_KDF };

@@ -222,6 +222,68 @@ export function openVolume(dir: string, options: LoadOptions = {}): AnyVolume {
   }
 }
 
+/** What `inspect` found of one backing file, without requiring it to be right. */
+export type FileSurvey =
+  | { path: string; size: number; state: 'ok' }
+  | { path: string; size: number; state: 'missing' }
+  | { path: string; size: number; state: 'wrong-size'; actual: number }
+  | { path: string; size: number; state: 'refused'; reason: string };
+
+/** A volume looked at, not opened for use: the manifest and what each backing file is. */
+export interface VolumeSurvey {
+  dir: string;
+  manifest: AnyManifest;
+  owner: Owner;
+  identity: VolumeIdentity;
+  /** The directory, held open while `work` runs (entries are reached through it). */
+  dirFd: number;
+  files: FileSurvey[];
+  /** Names in the directory that are neither backing files nor the tool's own. */
+  unexpected: string[];
+}
+
+function surveyFile(dirFd: number, file: { path: string; size: number }, owner: Owner): FileSurvey {
+  let fd: number;
+  try {
+    fd = openSync(`/proc/self/fd/${dirFd}/${file.path}`, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (err) {
+    const code = errnoCode(err);
+    if (code === 'ENOENT') return { ...file, state: 'missing' };
+    return { ...file, state: 'refused', reason: code === 'ELOOP' ? 'a symbolic link' : failure('cannot open it', err).message };
+  }
+  try {
+    const st = fstatSync(fd);
+    try {
+      checkOwnedRegular(st, file.path, owner, 'backing file');
+    } catch (err) {
+      return { ...file, state: 'refused', reason: err instanceof Error ? err.message : String(err) };
+    }
+    return st.size === file.size ? { ...file, state: 'ok' } : { ...file, state: 'wrong-size', actual: st.size };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Looks at a volume without opening it for use (inspect): the directory and the manifest are
+ * checked as openVolume checks them, but each backing file is only reported (missing, wrong
+ * size, refused), never required. `work` runs with the directory held open.
+ */
+export function surveyVolume<T>(dir: string, work: (survey: VolumeSurvey) => T): T {
+  const absolute = resolve(dir);
+  const dirFd = openDirectoryNoSymlinks(absolute, `cannot open volume directory ${absolute}`);
+  try {
+    const { uid } = fstatSync(dirFd);
+    const owner = ownerOfUid(uid, `volume directory ${absolute} is owned by uid ${uid}, which`);
+    const manifest = readManifest(dirFd, owner);
+    const files = manifest.files.map((f) => surveyFile(dirFd, f, owner));
+    const unexpected = unexpectedEntries(`/proc/self/fd/${dirFd}`, manifest);
+    return work({ dir: absolute, manifest, owner, identity: identityOf(dirFd), dirFd, files, unexpected });
+  } finally {
+    closeSync(dirFd);
+  }
+}
+
 /**
  * Opens an entry of the volume directory that the tool keeps (map, journal) through the
  * directory fd, never following a symlink, and checks it like a backing file: regular, owned by

@@ -25,12 +25,12 @@ export async function placement(dir: string, secret?: Buffer): Promise<Placement
 }
 
 /** Runs `work` with the volume's chunk store (a keyed secret or a sealed passphrase in `secret`). */
-export async function withStore<T>(dir: string, secret: Buffer | undefined, writable: boolean, work: (store: ChunkStore) => T): Promise<T> {
+export async function withStore<T>(dir: string, secret: Buffer | undefined, writable: boolean, work: (store: ChunkStore) => T | Promise<T>): Promise<T> {
   const volume = openVolume(dir, { writable });
   try {
     const store = await openChunkStore(volume, { writable, secret: secret === undefined ? undefined : Buffer.from(secret) });
     try {
-      return work(store);
+      return await work(store);
     } finally {
       store.close();
     }

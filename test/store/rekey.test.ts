@@ -34,7 +34,7 @@ async function withRekeyStore<T>(dir: string, rekeyAt: number | undefined, writa
     const store: ChunkStore = await openChunkStore(volume, { writable, secret: Buffer.from(PASS), rekeyAt });
     try {
       if (store.kind !== 'sealed') throw new Error('expected a sealed store');
-      return work(store as SealedStore);
+      return await work(store as SealedStore);
     } finally {
       store.close();
     }

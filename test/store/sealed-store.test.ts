@@ -236,10 +236,10 @@ describe('sealed chunk store: commits', () => {
       keys.wipe();
     }
     const out = join(scratch, 'out.img');
-    await withStore(dir, PASS, false, (store) => {
+    await withStore(dir, PASS, false, async (store) => {
       expect(store.notices).toEqual([expect.stringMatching(/^the commit of epoch \d+ was interrupted while copying 2 chunks from vbd-shadow.sealed-journal into place: they are read from the journal/)]);
       expect(store.locate(5)).toEqual({ file: -1, name: SEALED_JOURNAL_NAME, offset: 64 + slotSize(4096), bytes: slotSize(4096) });
-      exportImage(store, out);
+      await exportImage(store, out);
     });
     expect(readFileSync(out).equals(want)).toBe(true);
 
@@ -249,9 +249,9 @@ describe('sealed chunk store: commits', () => {
     const bad = Buffer.from(good);
     bad[15] ^= 1;
     writeFileSync(journalPath, bad);
-    await withStore(dir, PASS, false, (store) => {
+    await withStore(dir, PASS, false, async (store) => {
       expect(store.notices[0]).toMatch(/put 2 chunks through vbd-shadow.sealed-journal, which belongs to another commit or volume: those chunks are read from their slots/);
-      expect(() => exportImage(store, out)).toThrow(/export refused: 2 chunks fail authentication .*: chunk 2 \(file00\d at offset \d+, epoch \d+\), chunk 5 /);
+      await expect(exportImage(store, out)).rejects.toThrow(/export refused: 2 chunks fail authentication .*: chunk 2 \(file00\d at offset \d+, epoch \d+\), chunk 5 /);
     });
     await expect(withStore(dir, PASS, true, () => undefined)).rejects.toThrow(/waits to be completed from vbd-shadow.sealed-journal, which belongs to another commit or volume: refusing to write/);
     writeFileSync(journalPath, good);
