@@ -236,7 +236,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     let agent: ChildProcess | undefined;
     let lastError: Error | undefined;
     for (;;) {
-      ctx.setStatus({ state: 'waiting', device: undefined, link: undefined, mountpoint: undefined });
+      ctx.setStatus({ state: 'waiting', device: undefined, link: undefined, mountpoint: undefined, nbd: undefined, nbdError: undefined });
       const connecting = waitForAgent(ctx, pipe, needsSecret, stopped);
       if (o.canary === 'spawn' && agent === undefined) {
         agent = spawnAgent(volume, o.agentArgs ?? [], log);

@@ -11,6 +11,7 @@ import { isValidName } from '../volume/manifest.js';
 import { tryLockExclusive } from '../sys/libc.js';
 import { identityKey, type VolumeIdentity } from '../volume/volume.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
+import type { NbdState } from '../device/nbd.js';
 
 export const RUN_ROOT = '/run/vbd-shadow';
 
@@ -125,6 +126,10 @@ export interface DaemonStatus {
   device?: string;
   link?: string;
   mountpoint?: string;
+  /** --nbd: the running export (nbdkit): its URI, socket or address, TLS, pid. */
+  nbd?: NbdState | undefined;
+  /** --nbd: why the export ended by itself during the session, if it did. */
+  nbdError?: string | undefined;
   image?: string;
   startedAt: string;
   populateMs?: number;
