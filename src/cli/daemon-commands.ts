@@ -307,6 +307,7 @@ export function registerDaemonCommands(program: Command): void {
     .option('--nbd', 'export the device over NBD with nbdkit, as the owner, on an owner-only Unix socket in the runtime directory (its URI is in status); not with --mount')
     .option('--nbd-tcp <host:port>', 'export over TCP on this IP address and port instead (implies --nbd; only with --nbd-tls-psk)')
     .option('--nbd-tls-psk <file>', 'with --nbd-tcp: require TLS with the pre-shared keys in FILE (nbdkit --tls-psk format, read by nbdkit as the owner)')
+    .option('--options-file <file>', 'more arguments, one per line exactly as a word of the command line (no quoting: a path with spaces is one line; # comments); -FILE: none if FILE does not exist (the unit passes -/etc/vbd-shadow/INSTANCE.options); root\'s, writable by nobody else')
     .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
     .addOption(new Option('--expect-identity <key>', 'refuse unless the directory is still this volume (used by the background start)').hideHelp())
     .action(async (dir: string, o: StartOptions) => {
