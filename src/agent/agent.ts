@@ -10,7 +10,7 @@ import { fstatSync, lstatSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { sleep } from '../common/fd.js';
-import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { VbdError, errnoCode, failure, type ErrorKind } from '../common/errors.js';
 import { checkRootOwnedPath, readStatusAt, type DaemonStatus, type RuntimePaths } from '../daemon/runtime.js';
 import { promptSecret, readKeyFile } from '../layouts/secret.js';
 import { createNotifier } from '../sys/notify.js';
@@ -27,6 +27,9 @@ export interface AgentOptions {
   say: (line: string) => void;
 }
 
+
+/** Kinds of a daemon's refusal the agent exits with (anything else, or none: 1). */
+const REPORTED_KINDS: readonly ErrorKind[] = ['usage', 'not-found', 'refused', 'wrong-key', 'busy', 'io'];
 
 /** The default key file: ~/.config/vbd-shadow/NAME.key (mode 0600). */
 export function defaultKeyFile(name: string): string {
@@ -123,7 +126,9 @@ export async function runAgent(o: AgentOptions): Promise<number> {
     if (s === undefined) throw new VbdError(`volume '${o.name}': the daemon's status is gone`);
     if (s.refused !== undefined && s.refused.at >= connectedAt && s.state !== 'live') {
       closePipe(fd);
-      throw new VbdError(`the daemon refused this session: ${s.refused.reason}`);
+      // Its kind decides the exit status: a wrong key is 5, as when the CLI itself finds it wrong.
+      const kind = REPORTED_KINDS.find((k) => k === s.refused?.kind) ?? 'failed';
+      throw new VbdError(`the daemon refused this session: ${s.refused.reason}`, { kind });
     }
     if (s.state === 'live' && live === undefined) {
       live = s;
