@@ -8,7 +8,7 @@
 
 import { fstatSync, lstatSync } from 'node:fs';
 import { sleep } from '../common/fd.js';
-import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { VbdError, errnoCode, failure, type ErrorKind } from '../common/errors.js';
 import { checkRootOwnedPath, readStatusAt, type DaemonStatus, type RuntimePaths } from '../daemon/runtime.js';
 import { promptSecret, readDefaultKeyFile, readKeyFile } from '../layouts/secret.js';
 import { createNotifier } from '../sys/notify.js';
@@ -25,6 +25,9 @@ export interface AgentOptions {
   say: (line: string) => void;
 }
 
+
+/** Kinds of a daemon's refusal the agent exits with (anything else, or none: 1). */
+const REPORTED_KINDS: readonly ErrorKind[] = ['usage', 'not-found', 'refused', 'wrong-key', 'busy', 'io'];
 
 async function agentSecret(o: AgentOptions): Promise<Buffer> {
   if (o.keyFile !== undefined) return readKeyFile(o.keyFile);
@@ -111,7 +114,9 @@ export async function runAgent(o: AgentOptions): Promise<number> {
     if (s === undefined) throw new VbdError(`volume '${o.name}': the daemon's status is gone`);
     if (s.refused !== undefined && s.refused.at >= connectedAt && s.state !== 'live') {
       closePipe(fd);
-      throw new VbdError(`the daemon refused this session: ${s.refused.reason}`);
+      // Its kind decides the exit status: a wrong key is 5, as when the CLI itself finds it wrong.
+      const kind = REPORTED_KINDS.find((k) => k === s.refused?.kind) ?? 'failed';
+      throw new VbdError(`the daemon refused this session: ${s.refused.reason}`, { kind });
     }
     if (s.state === 'live' && live === undefined) {
       live = s;

@@ -5,7 +5,7 @@
 
 import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { runAgent } from '../agent/agent.js';
 import { closePipe, openPipeForWriting, writeMessage } from '../agent/pipe.js';
 import type { PipeMessage } from '../agent/protocol.js';
@@ -19,6 +19,7 @@ import { EXIT } from '../common/exit-codes.js';
 import { parseDuration } from '../common/duration.js';
 import { formatSize, parseSize } from '../common/size.js';
 import { MKFS_TYPES, parseMkfsType } from '../device/mkfs.js';
+import { parseNbdAddress, type NbdListen } from '../device/nbd.js';
 import { requireRoot, runDaemon, type CanaryMode } from '../daemon/daemon.js';
 import { createLog, priorityPrefix } from '../daemon/log.js';
 import { recoverLeftover } from '../daemon/recover.js';
@@ -46,6 +47,9 @@ interface StartOptions {
   expectIdentity?: string;
   acceptRollback?: boolean;
   zeroDamaged?: boolean;
+  nbd?: boolean;
+  nbdTcp?: string;
+  nbdTlsPsk?: string;
 }
 
 /** A volume named on the command line, as the caller may see it. */
@@ -125,6 +129,27 @@ function checkStartOptions(o: StartOptions): void {
   if (o.mkfs !== undefined) parseMkfsType(o.mkfs);
   if (o.canary === 'wait' && o.keyFile !== undefined) throw new UsageError('--key-file with --canary wait: the key comes from the owner\'s agent (its --key-file or ~/.config/vbd-shadow/NAME.key)');
   if (o.rawAccess === true && o.mount === undefined) throw new UsageError('--raw-access only matters with --mount (without it the owner always gets the device node)');
+  nbdListen(o);
+}
+
+/**
+ * --nbd (the owner-only Unix socket), --nbd-tcp HOST:PORT (only with --nbd-tls-psk FILE): where
+ * the export listens, or undefined without one. Never with --mount: two writers on one device.
+ */
+function nbdListen(o: StartOptions): NbdListen | undefined {
+  const wanted = o.nbd === true || o.nbdTcp !== undefined;
+  if (!wanted) {
+    if (o.nbdTlsPsk !== undefined) throw new UsageError('--nbd-tls-psk only goes with --nbd-tcp (the Unix socket of --nbd is owner-only)');
+    return undefined;
+  }
+  if (o.mount !== undefined) throw new UsageError('--nbd and --mount together would make two writers of one device (a remote client\'s filesystem and the local mount); choose one');
+  if (o.nbdTcp === undefined) {
+    if (o.nbdTlsPsk !== undefined) throw new UsageError('--nbd-tls-psk only goes with --nbd-tcp (the Unix socket of --nbd is owner-only)');
+    return { kind: 'unix' };
+  }
+  const { host, port } = parseNbdAddress(o.nbdTcp);
+  if (o.nbdTlsPsk === undefined) throw new UsageError('--nbd-tcp without TLS would put the device on the network unauthenticated and in clear text; give --nbd-tls-psk FILE (a PSK file, see nbdkit-tls(1))');
+  return { kind: 'tcp', host, port, tlsPsk: resolve(o.nbdTlsPsk) };
 }
 
 async function startForeground(volume: AnyVolume, canary: CanaryMode, o: StartOptions): Promise<number> {
@@ -144,7 +169,7 @@ async function startForeground(volume: AnyVolume, canary: CanaryMode, o: StartOp
       volume, canary, agentArgs: o.keyFile !== undefined ? ['--key-file', o.keyFile] : [],
       mount: o.mount, mkfs: o.mkfs !== undefined ? parseMkfsType(o.mkfs) : undefined, rawAccess: o.rawAccess === true,
       intervalMs: parseDuration(o.interval, '--interval'), maxDirtyBytes: maxDirtyBytes(o, volume),
-      acceptRollback: o.acceptRollback === true, zeroDamaged: o.zeroDamaged === true,
+      acceptRollback: o.acceptRollback === true, zeroDamaged: o.zeroDamaged === true, nbd: nbdListen(o),
       secret: secret !== undefined && secret.length > 0 ? secret : undefined, log: createLog(volume.manifest.name),
     });
   } finally {
@@ -154,7 +179,8 @@ async function startForeground(volume: AnyVolume, canary: CanaryMode, o: StartOp
 
 function describeLive(s: DaemonStatus): string {
   const mounted = s.mountpoint !== undefined ? `, mounted on ${s.mountpoint}` : '';
-  return `volume '${s.name}' is live: ${s.link} -> ${s.device} (${formatSize(s.deviceSize)})${mounted}`;
+  const exported = s.nbd !== undefined ? `, exported over NBD on ${s.nbd.uri}` : '';
+  return `volume '${s.name}' is live: ${s.link} -> ${s.device} (${formatSize(s.deviceSize)})${mounted}${exported}`;
 }
 
 /** /var/log/vbd-shadow/UID/NAME-DEV.INO.log: root's, keyed like the runtime state. */
@@ -186,6 +212,9 @@ async function startBackground(volume: AnyVolume, o: StartOptions): Promise<numb
   if (o.mount !== undefined) args.push('--mount', o.mount);
   if (o.mkfs !== undefined) args.push('--mkfs', o.mkfs);
   if (o.rawAccess === true) args.push('--raw-access');
+  if (o.nbd === true) args.push('--nbd');
+  if (o.nbdTcp !== undefined) args.push('--nbd-tcp', o.nbdTcp);
+  if (o.nbdTlsPsk !== undefined) args.push('--nbd-tls-psk', resolve(o.nbdTlsPsk));
   const child = spawn(process.execPath, args, { detached: true, stdio: ['pipe', logFd, logFd] });
   closeSync(logFd);
   child.stdin?.end(secret ?? Buffer.alloc(0));
@@ -238,6 +267,8 @@ function printStatus(s: DaemonStatus): void {
   console.log(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.sealedVolume === true ? 'sealed, ' : ''}${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
   if (s.device !== undefined) console.log(`  device   ${s.link} -> ${s.device}`);
   if (s.mountpoint !== undefined) console.log(`  mounted  ${s.mountpoint}`);
+  if (s.nbd !== undefined) console.log(`  nbd      ${s.nbd.uri} (nbdkit pid ${s.nbd.pid} as uid ${s.nbd.uid}${s.nbd.tls === 'psk' ? ', TLS with PSK required' : ', owner-only socket'})`);
+  if (s.nbdError !== undefined) console.log(`  nbd      ENDED: ${s.nbdError}`);
   if (s.populateMs !== undefined) console.log(`  populate ${s.populateMs} ms`);
   if (s.tracking !== undefined) console.log(`  tracking ${s.tracking}`);
   const f = s.lastFlush;
@@ -272,6 +303,10 @@ export function registerDaemonCommands(program: Command): void {
     .option('--key-file <file>', 'keyed layout: the secret; sealed volume: the passphrase (- = standard input; else asked on the terminal)')
     .option('--accept-rollback', 'sealed: serve files that decode to an older epoch than this machine committed (a volume moved between machines, or restored from a backup on purpose); also a plain manifest where a sealed volume was')
     .option('--zero-damaged', 'sealed: serve the volume even though some slots fail authentication, with those chunks zeroed (listed in the log and status; the next flush seals them anew)')
+    .option('--nbd', 'export the device over NBD with nbdkit, as the owner, on an owner-only Unix socket in the runtime directory (its URI is in status); not with --mount')
+    .option('--nbd-tcp <host:port>', 'export over TCP on this IP address and port instead (implies --nbd; only with --nbd-tls-psk)')
+    .option('--nbd-tls-psk <file>', 'with --nbd-tcp: require TLS with the pre-shared keys in FILE (nbdkit --tls-psk format, read by nbdkit as the owner)')
+    .option('--options-file <file>', 'more arguments, one per line exactly as a word of the command line (no quoting: a path with spaces is one line; # comments); -FILE: none if FILE does not exist (the unit passes -/etc/vbd-shadow/INSTANCE.options); root\'s, writable by nobody else')
     .addOption(new Option('--key-stdin', 'read the secret from stdin (used by the background start)').hideHelp())
     .addOption(new Option('--expect-identity <key>', 'refuse unless the directory is still this volume (used by the background start)').hideHelp())
     .action(async (dir: string, o: StartOptions) => {

@@ -10,6 +10,7 @@ import { EXIT, EXIT_SUMMARY, type ExitStatus } from '../common/exit-codes.js';
 import { priorityPrefix } from '../daemon/log.js';
 import { registerDaemonCommands } from './daemon-commands.js';
 import { registerOfflineCommands } from './offline-commands.js';
+import { expandOptionsFiles } from './options-file.js';
 import { registerSetupCommands } from './setup-commands.js';
 
 /** The exit status of each kind of error; a new kind without a status does not compile. */
@@ -96,7 +97,7 @@ function isLongLived(argv: readonly string[]): boolean {
 export async function main(argv: string[]): Promise<number> {
   if (!isLongLived(argv)) quietOnClosedStdout();
   try {
-    await buildProgram().parseAsync(argv);
+    await buildProgram().parseAsync(expandOptionsFiles(argv));
     // A command that ends with a code of its own (the daemon, the agent) set process.exitCode.
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {

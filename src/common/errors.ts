@@ -107,6 +107,8 @@ const errnoText: Record<string, string> = {
   EDQUOT: 'disk quota exceeded',
   EFBIG: 'file too large',
   EPIPE: 'broken pipe',
+  EADDRINUSE: 'address already in use',
+  EADDRNOTAVAIL: 'address not available on this machine',
 };
 
 /** The errno code of a Node system error, if it is one. */
@@ -138,6 +140,7 @@ const errnoKind: Record<string, ErrorKind> = {
   EROFS: 'io',
   EFBIG: 'io',
   EPIPE: 'io',
+  EADDRINUSE: 'busy',
 };
 
 /** The kind of failure an errno code stands for. */

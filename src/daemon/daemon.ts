@@ -8,7 +8,7 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, readFileSync } from 'node:fs';
-import { VbdError } from '../common/errors.js';
+import { VbdError, kindOf } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
 import { createFifo, readPipe, servePipe } from '../agent/pipe.js';
 import { dispatch, type Handlers, type PipeMessage } from '../agent/protocol.js';
@@ -236,7 +236,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     let agent: ChildProcess | undefined;
     let lastError: Error | undefined;
     for (;;) {
-      ctx.setStatus({ state: 'waiting', device: undefined, link: undefined, mountpoint: undefined });
+      ctx.setStatus({ state: 'waiting', device: undefined, link: undefined, mountpoint: undefined, nbd: undefined, nbdError: undefined });
       const connecting = waitForAgent(ctx, pipe, needsSecret, stopped);
       if (o.canary === 'spawn' && agent === undefined) {
         agent = spawnAgent(volume, o.agentArgs ?? [], log);
@@ -251,7 +251,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
         log(`session refused: ${message}`, 'err');
-        ctx.setStatus({ refused: { at: new Date().toISOString(), reason: message } });
+        ctx.setStatus({ refused: { at: new Date().toISOString(), reason: message, kind: kindOf(err) } });
         connection.stop();
         if (o.canary === 'spawn') throw err;
       }

@@ -23,7 +23,7 @@ export function statusLine(s: DaemonStatus, stopping: boolean): string {
     case 'live': {
       const f = s.lastFlush;
       const flush = f === undefined ? 'no flush yet' : f.ok ? `last flush ${f.at}` : `last flush FAILED at ${f.at} (${s.flushFailures} failures): ${f.error ?? 'see the log'}`;
-      return `live on ${s.device ?? '?'}${s.mountpoint !== undefined ? `, mounted on ${s.mountpoint}` : ''}, ${flush}`;
+      return `live on ${s.device ?? '?'}${s.mountpoint !== undefined ? `, mounted on ${s.mountpoint}` : ''}${s.nbd !== undefined ? `, exported on ${s.nbd.uri}` : ''}, ${flush}`;
     }
     case 'stopping': return stopping ? 'stopping: writing back' : 'agent gone: writing back';
     case 'stopped': return 'stopped: everything written back';

@@ -6,11 +6,12 @@
 
 import { chmodSync, closeSync, fchmodSync, fstatSync, lstatSync, mkdirSync, rmSync, rmdirSync, openSync, readFileSync, readdirSync, renameSync, writeSync, ftruncateSync, constants as fsc } from 'node:fs';
 import { join } from 'node:path';
-import { VbdError, errnoCode, failure } from '../common/errors.js';
+import { VbdError, errnoCode, failure, type ErrorKind } from '../common/errors.js';
 import { isValidName } from '../volume/manifest.js';
 import { tryLockExclusive } from '../sys/libc.js';
 import { identityKey, type VolumeIdentity } from '../volume/volume.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
+import type { NbdState } from '../device/nbd.js';
 
 export const RUN_ROOT = '/run/vbd-shadow';
 
@@ -125,6 +126,10 @@ export interface DaemonStatus {
   device?: string;
   link?: string;
   mountpoint?: string;
+  /** --nbd: the running export (nbdkit): its URI, socket or address, TLS, pid. */
+  nbd?: NbdState | undefined;
+  /** --nbd: why the export ended by itself during the session, if it did. */
+  nbdError?: string | undefined;
   image?: string;
   startedAt: string;
   populateMs?: number;
@@ -139,8 +144,8 @@ export interface DaemonStatus {
   /** The start time of the latest flush that completed: the files hold at least that state. */
   lastGoodFlush?: string;
   externalChanges: number;
-  /** The latest agent session refused (e.g. a wrong key), for the agent to report. */
-  refused?: { at: string; reason: string };
+  /** The latest agent session refused (e.g. a wrong key), for the agent to report — and to exit with the status of its kind. */
+  refused?: { at: string; reason: string; kind?: ErrorKind };
   lastExternalChange?: { at: string; name: string; what: string; keptAs: string | undefined };
   /** The owner's loop devices of earlier sessions still held open (never reused; removed later). */
   quarantinedLoops?: number[];

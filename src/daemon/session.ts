@@ -12,6 +12,7 @@ import { formatSize } from '../common/size.js';
 import { MAX_QUARANTINED, attachLoop, detachLoop, disableDiscard, giveDevice, publishName, quarantine, retryQuarantine, unpublishName, type LoopDevice } from '../device/loop.js';
 import { makeFilesystem, needsRootChown, type MkfsType } from '../device/mkfs.js';
 import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../device/mount.js';
+import { startNbdExport, type NbdListen } from '../device/nbd.js';
 import { FlushEngine, type FlushResult, type SealedCommit } from '../flush/engine.js';
 import { ExternalChangeWatcher } from '../flush/external.js';
 import { ChangeTracker } from '../flush/tracking.js';
@@ -35,6 +36,8 @@ export interface SessionOptions {
   maxDirtyBytes: number;
   /** Sealed: serve even though slots fail authentication, with those chunks zeroed (and listed). */
   zeroDamaged: boolean;
+  /** --nbd: export the device with nbdkit (never together with a mount: one writer). */
+  nbd?: NbdListen | undefined;
 }
 
 export interface SessionContext {
@@ -141,6 +144,21 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ device, link });
 
     const formatted = o.mkfs !== undefined && (await formatIfNew(loop, o.mkfs, image, owner, ownerHasNode, log));
+    if (o.nbd !== undefined) {
+      if (o.mountPoint !== undefined) throw new VbdError('an NBD export and a mount of the same device are two writers; refusing');
+      const nbd = await startNbdExport(loop, owner, paths.dir, o.nbd, log, (why) => {
+        log(`NBD export ended by itself: nbdkit ${why}; the volume stays live`, 'err');
+        setStatus({ nbd: undefined, nbdError: `nbdkit ${why}` });
+      });
+      // Unwound before the final writeback: nothing writes through NBD after the last flush.
+      cleanup.push(`end the NBD export (nbdkit pid ${nbd.state.pid})`, async () => {
+        await nbd.stop();
+        setStatus({ nbd: undefined });
+        log('NBD export ended (nbdkit gone) before the final writeback', 'notice');
+      });
+      log(`exporting ${device} over NBD with nbdkit (pid ${nbd.state.pid}, uid ${owner.uid}${nbd.state.tls === 'psk' ? ', TLS with PSK required' : ''}): ${nbd.state.uri}`, 'notice');
+      setStatus({ nbd: nbd.state });
+    }
     const point = o.mountPoint;
     if (point !== undefined) {
       const mounted = mountDevice(loop, point, owner, formatted ? o.mkfs : undefined);

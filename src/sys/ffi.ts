@@ -9,7 +9,7 @@ export const libc = koffi.load('libc.so.6');
 const ERRNO_NAMES: Record<number, string> = {
   1: 'EPERM', 2: 'ENOENT', 3: 'ESRCH', 5: 'EIO', 6: 'ENXIO', 9: 'EBADF', 11: 'EAGAIN', 12: 'ENOMEM', 13: 'EACCES',
   16: 'EBUSY', 17: 'EEXIST', 18: 'EXDEV', 19: 'ENODEV', 20: 'ENOTDIR', 21: 'EISDIR', 22: 'EINVAL', 25: 'ENOTTY',
-  28: 'ENOSPC', 30: 'EROFS', 40: 'ELOOP', 75: 'EOVERFLOW', 95: 'EOPNOTSUPP',
+  28: 'ENOSPC', 30: 'EROFS', 40: 'ELOOP', 75: 'EOVERFLOW', 95: 'EOPNOTSUPP', 98: 'EADDRINUSE', 99: 'EADDRNOTAVAIL',
 };
 
 export type SyscallError = VbdError & { code: string };

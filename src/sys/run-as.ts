@@ -78,11 +78,12 @@ export function closeOnExecAll(): void {
   }
 }
 
-function tool(name: string): string {
+/** The absolute path of a system tool (never looked up through $PATH); `need` says what for. */
+export function tool(name: string, need = `${name} (util-linux) is needed to confine user code`): string {
   for (const dir of ['/usr/bin', '/bin', '/usr/sbin', '/sbin']) {
     if (existsSync(`${dir}/${name}`)) return `${dir}/${name}`;
   }
-  throw new VbdError(`cannot find ${name} (util-linux) in /usr/bin or /bin; it is needed to confine user code`);
+  throw new VbdError(`cannot find ${name} in /usr/bin, /bin, /usr/sbin or /sbin: ${need}`);
 }
 
 function limitArgs(timeoutMs: number): string[] {

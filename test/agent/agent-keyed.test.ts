@@ -1,9 +1,12 @@
 // A keyed volume's secret comes from the owner through the agent: the right key attaches and
-// mounts; a wrong one is refused with a clear message before anything is read or written.
+// mounts; a wrong one is refused with a clear message before anything is read or written, and
+// the agent exits with the wrong-key status (5; a sealed volume's wrong passphrase likewise, in
+// test/daemon/sealed-serve.test.ts).
 
 import { chownSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { EXIT } from '../../src/common/exit-codes.js';
 import { startAgent } from '../helpers/agent.js';
 import { treeHash } from '../helpers/cli.js';
 import { startDaemon, stopDaemon, waitLive, waitState } from '../helpers/daemon.js';
@@ -31,7 +34,7 @@ describe.skipIf(!IS_ROOT)(`keyed volume through the agent (${IS_ROOT ? 'as root'
     await waitState(daemon, 'waiting');
     const before = treeHash(dir);
     const wrong = startAgent(user, [dir, '--key-file', wrongPath]);
-    expect(await wrong.exited).toBe(1);
+    expect(await wrong.exited).toBe(EXIT.wrongKey); // 5: the unit's RestartPreventExitStatus= stops restarts
     expect(wrong.output()).toMatch(/vbd-shadow: the daemon refused this session: wrong key: .*nothing was read or written/);
     expect(treeHash(dir)).toBe(before);
     expect(daemon.output()).toMatch(/session refused: wrong key/);

@@ -38,6 +38,7 @@ describe('bash completion', () => {
     // The volume directory: directories only; export's OUT and --key-file: files too.
     expect(complete(file, ['vbd-shadow', 'start', 'vo'], scratch)).toEqual(['vol']);
     expect(complete(file, ['vbd-shadow', 'export', 'vol', 'vo'], scratch)).toEqual(['vol', 'vol.img']);
+    expect(complete(file, ['vbd-shadow', 'start', 'vol', '--nbd-tls-psk', 'vo'], scratch)).toEqual(['vol', 'vol.img']);
     expect(complete(file, ['vbd-shadow', 'export', '--key-file', 'k', 'vol', 'vo'], scratch)).toEqual(['vol', 'vol.img']);
     expect(complete(file, ['vbd-shadow', 'import', 'vol', '--key-file', 'vol.'], scratch)).toEqual(['vol.img']);
     // Hidden options stay hidden.

@@ -33,7 +33,7 @@ describe.skipIf(!IS_ROOT)(`install-units (${IS_ROOT ? 'as root' : ROOT_SKIP_REAS
       expect(words.slice(0, 2)).toEqual([realpathSync(process.execPath), realpathSync(BIN)]);
       expect(readFileSync(path, 'utf8')).toContain(`Documentation=file://${PACKAGE}/README.md`);
     }
-    expect(execStart(readFileSync(system, 'utf8')).slice(2)).toEqual(['start', '%f', '--canary', 'wait', '--foreground', '$VBD_SHADOW_OPTS']);
+    expect(execStart(readFileSync(system, 'utf8')).slice(2)).toEqual(['start', '%f', '--canary', 'wait', '--foreground', '--options-file', '-/etc/vbd-shadow/%i.options', '$VBD_SHADOW_OPTS']);
     expect(execStart(readFileSync(agent, 'utf8')).slice(2)).toEqual(['agent', '%f']);
     expect(statSync(join(stage, 'etc/vbd-shadow')).isDirectory()).toBe(true);
     // The sleep and hibernation units, with the same command and their hook.

@@ -385,7 +385,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     await waitState(daemon, 'waiting');
     const before = treeHash(h.dir);
     const refused = startAgent(h.user, [h.dir, '--key-file', wrong]);
-    expect(await refused.exited).toBe(1);
+    expect(await refused.exited).toBe(EXIT.wrongKey); // 5, not 1: the agent unit stops restarting
     expect(treeHash(h.dir)).toBe(before);
     await waitState(daemon, 'waiting');
 

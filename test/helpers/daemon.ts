@@ -30,7 +30,12 @@ eachTestCleanup(Stage.Processes, async () => {
 eachTestCleanup(Stage.Kernel, sweep);
 
 export function startDaemon(name: string, args: string[], input?: string, env: Record<string, string> = {}): TestDaemon {
-  const [cmd, argv] = cliArgv(['start', ...args, '--foreground']);
+  return startDaemonArgv(name, ['start', ...args, '--foreground'], input, env);
+}
+
+/** The CLI with exactly `args` (e.g. a unit's ExecStart= words after the program), as a test daemon. */
+export function startDaemonArgv(name: string, args: string[], input?: string, env: Record<string, string> = {}): TestDaemon {
+  const [cmd, argv] = cliArgv(args);
   const child = spawn(cmd, argv, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   let text = '';
   child.stdout?.on('data', (d: Buffer) => (text += d.toString()));

@@ -40,9 +40,14 @@ export function cliAs(user: User, args: string[]): { status: number | null; stdo
   return runAs(user, process.execPath, [BIN, ...args]);
 }
 
+/** A field of /proc/self/mounts as the path it names (the kernel writes space, tab, newline and \\ as octal escapes). */
+function unescapeMountField(field: string): string {
+  return field.replace(/\\([0-7]{3})/g, (_m, octal: string) => String.fromCharCode(parseInt(octal, 8)));
+}
+
 function mountsUnder(predicate: (source: string, target: string) => boolean): string[] {
   return readFileSync('/proc/self/mounts', 'utf8').split('\n')
-    .map((l) => l.split(' '))
+    .map((l) => l.split(' ').map(unescapeMountField))
     .filter((f) => f[1] !== undefined && predicate(f[0] ?? '', f[1]))
     .map((f) => f[1] ?? '');
 }

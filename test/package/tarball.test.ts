@@ -86,7 +86,7 @@ describe('the packed tarball', () => {
     expect(r.status).toBe(0);
     const unit = readFileSync(join(stage, 'etc/systemd/system/vbd-shadow@.service'), 'utf8');
     const bin = join(realpathSync(prefix), 'lib', 'node_modules', 'vbd-shadow', 'bin', 'vbd-shadow');
-    expect(unit).toContain(`\nExecStart=${realpathSync(process.execPath)} ${bin} start %f --canary wait --foreground $VBD_SHADOW_OPTS\n`);
+    expect(unit).toContain(`\nExecStart=${realpathSync(process.execPath)} ${bin} start %f --canary wait --foreground --options-file -/etc/vbd-shadow/%i.options $VBD_SHADOW_OPTS\n`);
   });
 
   it.skipIf(!IS_ROOT)('as root: init, start, write, flush, stop and export work from the installation', () => {
