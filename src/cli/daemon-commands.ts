@@ -22,6 +22,7 @@ import { MKFS_TYPES, parseMkfsType } from '../device/mkfs.js';
 import { parseNbdAddress, type NbdListen } from '../device/nbd.js';
 import { requireRoot, runDaemon, type CanaryMode } from '../daemon/daemon.js';
 import { createLog, priorityPrefix } from '../daemon/log.js';
+import { createReporter } from '../daemon/events.js';
 import { recoverLeftover } from '../daemon/recover.js';
 import {
   acquireLock, checkRootOwnedPath, daemonRunning, findVolumeByName, isAlive, knownVolumes, readStatusAt, releaseLock, runtimePaths,
@@ -372,14 +373,15 @@ export function registerDaemonCommands(program: Command): void {
       const volume = openServedVolume(dir);
       const { name } = volume.manifest;
       const paths = runtimePaths(volume.identity);
-      const say = (line: string): void => console.log(line);
+      // recover runs in the foreground: the events go to the terminal, one line each.
+      const say = createReporter((line) => console.log(line));
       let secret: Buffer | undefined;
       let journalFd: number | undefined;
       try {
         const current = readStatusAt(paths);
         if (current !== undefined && daemonRunning(current)) throw new BusyError(`volume '${name}' is live (pid ${current.pid}); stop it first`);
         let settled = 'empty';
-        checkNotStripped({ volume, log: say, setStatus: () => undefined }, o.acceptRollback === true, process.geteuid?.() === 0);
+        checkNotStripped({ volume, report: say, setStatus: () => undefined }, o.acceptRollback === true, process.geteuid?.() === 0);
         if (isPlainVolume(volume)) {
           journalFd = openJournal(volume);
           settled = await settleJournal(volume, journalFd, say);
@@ -394,7 +396,7 @@ export function registerDaemonCommands(program: Command): void {
         const lock = leftover ? acquireLock(paths, name) : undefined;
         try {
           // Root keeps the record of a sealed volume's epochs; the owner's recover checks against it.
-          const served = await openServedStore({ volume, log: say, setStatus: () => undefined }, secret, o.acceptRollback === true, leftover);
+          const served = await openServedStore({ volume, report: say, setStatus: () => undefined }, secret, o.acceptRollback === true, leftover);
           try {
             if (!leftover) {
               console.log(`volume '${name}': sealed, epoch ${served.store.epoch}${served.store.notices.length === 0 ? ', every map copy authentic' : ''}; no RAM image left behind`);

@@ -2,7 +2,7 @@
 // (or when start fails halfway). A step marked `guard` protects user data: if it fails,
 // unwinding stops there so that nothing below it (the RAM image) is freed.
 
-import type { Log } from './log.js';
+import type { Report } from './events.js';
 
 interface Step {
   what: string;
@@ -22,7 +22,7 @@ export class CleanupStack {
   }
 
   /** Undoes everything; returns the error of a failed guard step (then the rest is kept). */
-  async unwind(log: Log): Promise<Error | undefined> {
+  async unwind(report: Report): Promise<Error | undefined> {
     let firstError: Error | undefined;
     while (this.steps.length > 0) {
       const step = this.steps.pop() as Step;
@@ -30,7 +30,7 @@ export class CleanupStack {
         await step.undo();
       } catch (err) {
         const error = err instanceof Error ? err : new Error(String(err));
-        log(`teardown: ${step.what} failed: ${error.message}`, 'err');
+        report({ kind: 'teardown-step-failed', step: step.what, error: error.message });
         firstError ??= error;
         if (step.guard) return error;
       }

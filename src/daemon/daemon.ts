@@ -9,7 +9,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, readFileSync } from 'node:fs';
 import { VbdError, kindOf } from '../common/errors.js';
-import { formatSize } from '../common/size.js';
 import { createFifo, readPipe, servePipe } from '../agent/pipe.js';
 import { dispatch, type Handlers, type PipeMessage } from '../agent/protocol.js';
 import { settleJournal } from '../flush/apply.js';
@@ -20,6 +19,7 @@ import { closeVolume, identityKey, isPlainVolume, isSealedVolume, type AnyVolume
 import { checkNotStripped, openServedStore, type ServedStore } from './served-store.js';
 import { createNotifier } from '../sys/notify.js';
 import type { Log } from './log.js';
+import { MAX_RECORDED, createReporter, messageOf, type DaemonEvent, type Report } from './events.js';
 import { ServiceReadiness } from './readiness.js';
 import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonLock, type DaemonStatus } from './runtime.js';
 import { serveSession, type SessionContext, type SessionOptions } from './session.js';
@@ -48,12 +48,12 @@ export function requireRoot(command: string): void {
 }
 
 /** Resolves on the first SIGTERM or SIGINT, or a stop command (with the reason). */
-function stopRequests(log: Log): { stopped: Promise<string>; stop: (reason: string) => void } {
+function stopRequests(report: Report): { stopped: Promise<string>; stop: (reason: string) => void } {
   let stop: (reason: string) => void = () => undefined;
   const stopped = new Promise<string>((resolveStop) => {
     let done = false;
     stop = (reason) => {
-      if (done) return log(`${reason} during teardown: still writing back, please wait`, 'notice');
+      if (done) return report({ kind: 'signal-during-teardown', signal: reason });
       done = true;
       resolveStop(reason);
     };
@@ -82,7 +82,7 @@ interface AgentConnection {
  */
 function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped: Promise<string>): Promise<AgentConnection | undefined> {
   // `keyed`: the agent brings a secret (a keyed layout's key or a sealed volume's passphrase).
-  const { log } = ctx;
+  const { report } = ctx;
   return new Promise((resolveAgent) => {
     let hello: Extract<PipeMessage, { kind: 'hello' }> | undefined;
     let settled = false;
@@ -102,25 +102,25 @@ function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped
         } catch {
           who += ' (gone already)';
         }
-        log(`agent connected: ${who}`, 'notice');
+        report({ kind: 'agent-connected', who });
         if (!keyed) ready(undefined);
       },
       key: (m) => {
-        if (hello === undefined || !keyed || settled) return log('agent pipe: ignored a key message out of turn', 'warning');
+        if (hello === undefined || !keyed || settled) return report({ kind: 'pipe-ignored', pipe: 'agent', what: 'a key message out of turn', suspicious: true });
         ready(Buffer.from(m.secret, 'base64'));
       },
       flush: () => ctx.requestFlush?.('agent request'),
       teardown: () => endSession('the agent asked for teardown (logout)'),
-      stop: () => log('agent pipe: ignored a stop message (use the control pipe)'),
+      stop: () => report({ kind: 'pipe-ignored', pipe: 'agent', what: 'a stop message (use the control pipe)', suspicious: false }),
     };
     const stopReading = readPipe(pipe, {
       message: (m) => dispatch(m, handlers),
-      garbage: (what) => log(`agent pipe: ignored ${what}`, 'warning'),
+      garbage: (what) => report({ kind: 'pipe-ignored', pipe: 'agent', what, suspicious: true }),
       closed: () => {
         endSession('the agent is gone (its pipe closed)');
         if (!settled) {
           settled = true;
-          log('agent pipe closed before the agent was ready', 'warning');
+          report({ kind: 'agent-pipe-closed-early' });
           resolveAgent({ gone, secret: undefined, stop: () => undefined });
         }
       },
@@ -140,23 +140,35 @@ function waitForAgent(ctx: SessionContext, pipe: string, keyed: boolean, stopped
  * Starts the owner's agent as the owner (passwd gid and groups, clean environment), on our
  * terminal — which is hers: spawn is only allowed when the owner herself ran sudo.
  */
-function spawnAgent(volume: AnyVolume, args: string[], log: Log): ChildProcess {
+function spawnAgent(volume: AnyVolume, args: string[], report: Report): ChildProcess {
   const { uid, gid } = volume.owner;
   const child = spawn('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--init-groups', '--reset-env', '--', process.execPath, process.argv[1] ?? '', 'agent', volume.dir, ...args], {
     stdio: 'inherit',
     env: { PATH: '/usr/bin:/bin' },
   });
-  child.on('error', (err) => log(`cannot start the agent as uid ${volume.owner.uid}: ${err.message}`, 'err'));
+  child.on('error', (err) => report({ kind: 'agent-spawn-failed', uid, error: err.message }));
   return child;
 }
 
 /** Runs the daemon until stopped; returns the process exit code. */
 export async function runDaemon(o: DaemonOptions): Promise<number> {
   requireRoot('vbd-shadow start');
-  const { log, volume } = o;
-  const { stopped, stop } = stopRequests(log);
+  const { volume } = o;
+  /** The newest events, for the status (written with the next status change, or shortly after). */
+  const recorded: DaemonEvent[] = [];
+  let recordTimer: NodeJS.Timeout | undefined;
+  const report = createReporter(o.log, (event) => {
+    recorded.push(event);
+    if (recorded.length > MAX_RECORDED) recorded.shift();
+    // Coalesced: a flood of events (pipe garbage) costs one status write per 100 ms at most.
+    recordTimer ??= setTimeout(() => {
+      recordTimer = undefined;
+      ctx.setStatus({});
+    }, 100).unref();
+  });
+  const { stopped, stop } = stopRequests(report);
   // Under systemd (Type=notify): READY, STATUS, STOPPING and EXTEND_TIMEOUT_USEC (readiness.ts).
-  const readiness = new ServiceReadiness(createNotifier((message) => log(message, 'warning')), o.canary);
+  const readiness = new ServiceReadiness(createNotifier((message) => report({ kind: 'notify-failed', message })), o.canary);
   let stopping = false;
   void stopped.then(() => {
     stopping = true;
@@ -171,11 +183,11 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
   let stopControl: (() => void) | undefined;
   let status: DaemonStatus | undefined;
   const ctx: SessionContext = {
-    volume, paths, journalFd: undefined, log,
+    volume, paths, journalFd: undefined, report,
     status: () => status as DaemonStatus,
     setStatus: (change) => {
       if (status === undefined) return;
-      status = { ...status, ...change };
+      status = { ...status, ...change, events: [...recorded] };
       writeStatus(paths, status);
       readiness.update(status);
     },
@@ -193,24 +205,27 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       startedAt: new Date().toISOString(), flushFailures: 0, flushChecks: 0, externalChanges: 0, sessions: 0,
     };
     ctx.setStatus({});
-    log(`starting: volume ${volume.dir}, ${formatSize(manifest.deviceSize)}, ${manifest.files.length} files, ${isSealedVolume(volume) ? 'sealed, ' : ''}${manifest.layout.kind} layout, ${formatSize(manifest.chunkSize)} chunks, canary ${o.canary}`, 'notice');
+    report({
+      kind: 'starting', dir: volume.dir, deviceSize: manifest.deviceSize, files: manifest.files.length, sealed: isSealedVolume(volume),
+      layout: manifest.layout.kind, chunkSize: manifest.chunkSize, canary: o.canary,
+    });
     checkNotStripped(ctx, o.acceptRollback, true);
     // A plain volume's flushes go through its journal; a sealed one commits copy-on-write.
     if (isPlainVolume(volume)) {
       journalFd = openJournal(volume);
       ctx.journalFd = journalFd;
-      await settleJournal(volume, journalFd, log);
+      await settleJournal(volume, journalFd, report);
     }
 
     const control = paths.controlFifo;
     createFifo(control, owner);
     stopControl = servePipe(control, (m) => dispatch(m, {
-      hello: () => log('control pipe: ignored a hello'),
-      key: () => log('control pipe: ignored a key'),
+      hello: () => report({ kind: 'pipe-ignored', pipe: 'control', what: 'a hello', suspicious: false }),
+      key: () => report({ kind: 'pipe-ignored', pipe: 'control', what: 'a key', suspicious: false }),
       flush: () => ctx.requestFlush?.('flush command'),
-      teardown: () => log('control pipe: ignored a teardown (the agent sends those)'),
+      teardown: () => report({ kind: 'pipe-ignored', pipe: 'control', what: 'a teardown (the agent sends those)', suspicious: false }),
       stop: () => stop('stop command'),
-    }), (what) => log(`control pipe: ignored ${what}`, 'warning'));
+    }), (what) => report({ kind: 'pipe-ignored', pipe: 'control', what, suspicious: true }));
     process.on('SIGUSR1', () => ctx.requestFlush?.('signal'));
 
     /** One session: the store opened with `secret` (wiped), served until `ended`, closed. */
@@ -239,18 +254,18 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       ctx.setStatus({ state: 'waiting', device: undefined, link: undefined, mountpoint: undefined, nbd: undefined, nbdError: undefined });
       const connecting = waitForAgent(ctx, pipe, needsSecret, stopped);
       if (o.canary === 'spawn' && agent === undefined) {
-        agent = spawnAgent(volume, o.agentArgs ?? [], log);
+        agent = spawnAgent(volume, o.agentArgs ?? [], report);
         agent.on('exit', (code) => stop(`the agent exited (${code ?? 'killed'})`));
       }
-      if (o.canary === 'wait') log('waiting for the owner\'s agent', 'notice');
+      if (o.canary === 'wait') report({ kind: 'waiting-for-agent' });
       const connection = await connecting;
       if (connection === undefined) break;
       try {
         if (needsSecret && connection.secret === undefined) throw new VbdError('the agent left before giving the key');
         lastError = await session(connection.secret, Promise.race([connection.gone, stopped]));
       } catch (err) {
-        const message = err instanceof Error ? err.message : String(err);
-        log(`session refused: ${message}`, 'err');
+        const message = messageOf(err);
+        report({ kind: 'session-refused', message });
         ctx.setStatus({ refused: { at: new Date().toISOString(), reason: message, kind: kindOf(err) } });
         connection.stop();
         if (o.canary === 'spawn') throw err;
@@ -262,7 +277,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
     return finish(lastError);
   } catch (err) {
     readiness.stop();
-    ctx.setStatus({ state: 'failed', error: err instanceof Error ? err.message : String(err) });
+    ctx.setStatus({ state: 'failed', error: messageOf(err) });
     cleanupProcess();
     throw err;
   }
@@ -274,8 +289,8 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       ctx.setStatus({ state: 'failed', error: error.message });
       return 1;
     }
+    report({ kind: 'stopped' });
     ctx.setStatus({ state: 'stopped' });
-    log('stopped: everything written back, device detached, RAM freed', 'notice');
     return 0;
   }
 

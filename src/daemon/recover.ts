@@ -9,7 +9,6 @@ import { join } from 'node:path';
 import { VbdError } from '../common/errors.js';
 import { sleep } from '../common/fd.js';
 import { runOk } from '../common/exec.js';
-import { formatSize } from '../common/size.js';
 import { detachLoop, loopsBoundTo, quarantine, unpublishName } from '../device/loop.js';
 import { thawIfFrozen } from '../device/freeze.js';
 import { holdersOf, mountsOfLoop, unmountDevice } from '../device/mount.js';
@@ -17,7 +16,7 @@ import { FlushEngine } from '../flush/engine.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image.js';
 import type { AnyVolume } from '../volume/volume.js';
-import type { Log } from './log.js';
+import type { Report } from './events.js';
 import type { RuntimePaths } from './runtime.js';
 
 const UNMOUNT_ATTEMPTS = 20;
@@ -25,32 +24,32 @@ const UNMOUNT_ATTEMPTS = 20;
 /** Returns true if a leftover image was found and written back. */
 /** `journalFd`: a plain volume's flush journal (undefined for a sealed one). */
 /** `hooks`: a sealed volume's epoch record, kept before and after the commit (see FlushEngine). */
-export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, log: Log, hooks: Pick<FlushEngine, 'beforeCommit' | 'afterCommit'> = { beforeCommit: undefined, afterCommit: undefined }): Promise<boolean> {
+export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, report: Report, hooks: Pick<FlushEngine, 'beforeCommit' | 'afterCommit'> = { beforeCommit: undefined, afterCommit: undefined }): Promise<boolean> {
   if (!isTmpfsMounted(paths.shadow)) return false;
   const imagePath = join(paths.shadow, 'image');
   if (!existsSync(imagePath)) {
-    log(`recovery: empty private tmpfs at ${paths.shadow} from an earlier run; removing it`);
+    report({ kind: 'recovery-empty-tmpfs', path: paths.shadow });
     await runOk('umount', [paths.shadow]);
     return false;
   }
-  log(`recovery: found the RAM image of an earlier daemon at ${imagePath}; writing it back before anything else`, 'warning');
+  report({ kind: 'recovery-found-image', path: imagePath });
   const image = openLeftoverImage(paths.shadow, volume.identity);
   try {
     for (const loop of await loopsBoundTo(image.backing)) {
       for (const mounted of mountsOfLoop(loop.index)) {
-        if (thawIfFrozen(mounted)) log(`recovery: thawed ${mounted.path}, left frozen by the daemon that died mid-flush`);
+        if (thawIfFrozen(mounted)) report({ kind: 'recovery-thawed', path: mounted.path });
         // Processes of the crashed session may still be exiting: retry for a while.
-        for (let attempt = 1; !unmountDevice(mounted, log); attempt++) {
+        for (let attempt = 1; !unmountDevice(mounted, report); attempt++) {
           if (attempt === UNMOUNT_ATTEMPTS) {
             throw new VbdError(`the earlier daemon's filesystem at ${mounted.path} is busy (held by ${holdersOf(mounted.path).join(', ') || 'an unknown user'}); close it and start again`);
           }
           await sleep(500);
         }
-        log(`recovery: unmounted ${mounted.path}`);
+        report({ kind: 'recovery-unmounted', path: mounted.path });
       }
-      if ((await detachLoop(loop, image.backing, log)) === 'quarantined') quarantine(volume.owner.uid, loop.index);
+      if ((await detachLoop(loop, image.backing, report)) === 'quarantined') quarantine(volume.owner.uid, loop.index);
       unpublishName(volume.owner, volume.manifest.name, loop);
-      log(`recovery: detached ${loop.path}`);
+      report({ kind: 'recovery-detached', device: loop.path });
     }
   } catch (err) {
     closeSync(image.fd);
@@ -61,13 +60,13 @@ export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, st
   }
   // The image's flush state died with its daemon: compare against what the files hold and
   // write the difference as one commit, like any flush.
-  const engine = new FlushEngine(volume, image, store, journalFd, log);
+  const engine = new FlushEngine(volume, image, store, journalFd, report);
   engine.beforeCommit = hooks.beforeCommit;
   engine.afterCommit = hooks.afterCommit;
   engine.hashFiles();
   const result = await engine.flush('recovery', true);
   if (!result.ok) throw new VbdError(`recovery of the leftover image failed, it is kept at ${imagePath}: ${result.error}`);
-  log(`recovery: wrote ${result.chunksChanged} changed chunks (${formatSize(result.bytesWritten)}) back to the files in ${Math.round(result.durationMs)} ms`);
+  report({ kind: 'recovered', chunks: result.chunksChanged, bytes: result.bytesWritten, ms: result.durationMs });
   await destroyImage(image);
   return true;
 }

@@ -12,6 +12,7 @@ import { tryLockExclusive } from '../sys/libc.js';
 import { identityKey, type VolumeIdentity } from '../volume/volume.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
 import type { NbdState } from '../device/nbd.js';
+import type { DaemonEvent } from './events.js';
 
 export const RUN_ROOT = '/run/vbd-shadow';
 
@@ -155,6 +156,8 @@ export interface DaemonStatus {
   damagedChunks?: DamagedChunk[];
   /** What opening the volume found that its owner must hear (an older map copy used, a commit completed …). */
   notices?: string[];
+  /** The newest events the daemon reported (src/daemon/events.ts), oldest first, at most MAX_RECORDED. */
+  events?: DaemonEvent[];
   error?: string;
 }
 

@@ -3,14 +3,14 @@
 // the agent); and after a failure, retried with back-off (1 s, 2 s, 4 s … at most 60 s).
 
 import type { FlushEngine, FlushResult } from '../flush/engine.js';
-import type { Log } from './log.js';
+import type { Report } from './events.js';
 
 export interface SchedulerOptions {
   intervalMs: number;
   /** Flush early once this many bytes were written since the last flush. */
   maxDirtyBytes: number;
   onResult: (result: FlushResult) => void;
-  log: Log;
+  report: Report;
 }
 
 const MAX_BACKOFF_MS = 60_000;
@@ -65,13 +65,13 @@ export class FlushScheduler {
   private record(result: FlushResult): void {
     this.o.onResult(result);
     if (result.ok) {
-      if (!result.idle) this.o.log(`flush (${result.reason}): ${result.chunksChanged} chunks, ${result.bytesWritten} bytes to the files + ${result.journalBytes} journal, ${result.durationMs.toFixed(1)} ms`);
+      if (!result.idle) this.o.report({ kind: 'flushed', reason: result.reason, chunks: result.chunksChanged, bytes: result.bytesWritten, journalBytes: result.journalBytes, ms: result.durationMs });
       this.failures = 0;
       return;
     }
     this.failures++;
     const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** (this.failures - 1));
-    this.o.log(`FLUSH FAILED (${result.reason}, attempt ${this.failures}): ${result.error}; the data stays in RAM; retrying in ${delay / 1000} s`, 'err');
+    this.o.report({ kind: 'flush-failed', reason: result.reason, attempt: this.failures, error: result.error ?? 'unknown error', retryMs: delay });
     if (this.timers.length > 0) {
       if (this.retry !== undefined) clearTimeout(this.retry);
       this.retry = setTimeout(() => void this.request('retry'), delay);

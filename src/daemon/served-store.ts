@@ -8,7 +8,7 @@ import { isSealedStore, openChunkStore, type ChunkStore } from '../store/chunk-s
 import { identityKey, isSealedVolume, type AnyVolume } from '../volume/volume.js';
 import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal } from './epoch-record.js';
 import type { DaemonStatus } from './runtime.js';
-import type { Log } from './log.js';
+import type { Report } from './events.js';
 
 /** The chunk store a session moves chunks through, and (sealed) root's record of its epochs. */
 export interface ServedStore {
@@ -18,7 +18,7 @@ export interface ServedStore {
 
 export interface StoreContext {
   volume: AnyVolume;
-  log: Log;
+  report: Report;
   setStatus: (change: Partial<DaemonStatus>) => void;
 }
 
@@ -29,7 +29,7 @@ export interface StoreContext {
  * root forgets the sealed volume (`forget`: root's own run).
  */
 export function checkNotStripped(ctx: StoreContext, acceptRollback: boolean, forget: boolean): void {
-  const { volume, log } = ctx;
+  const { volume, report } = ctx;
   if (isSealedVolume(volume)) return;
   const { uid } = volume.owner;
   for (const record of recordsOfDirectory(uid, volume.identity)) {
@@ -38,7 +38,7 @@ export function checkNotStripped(ctx: StoreContext, acceptRollback: boolean, for
         `its manifest was replaced, which would make the daemon write plaintext; nothing was exposed or written. If you replaced it on purpose, start it with --accept-rollback`);
     }
     if (forget) forgetEpochRecord(uid, record.uuid);
-    log(`--accept-rollback: this directory held sealed volume ${record.uuid}; serving it as the plain volume it is now${forget ? ", root's record of the sealed one removed" : ''}`, 'warning');
+    report({ kind: 'sealed-record-dropped', uuid: record.uuid, forgotten: forget });
   }
 }
 
@@ -61,7 +61,7 @@ function rekeyPointFromEnv(): number | undefined {
  * only checked (the owner's recover).
  */
 export async function openServedStore(ctx: StoreContext, secret: Buffer | undefined, acceptRollback: boolean, keepRecord = true): Promise<ServedStore> {
-  const { volume, log } = ctx;
+  const { volume, report } = ctx;
   const { uid } = volume.owner;
   const name = volume.manifest.name;
   if (!isSealedVolume(volume)) {
@@ -75,11 +75,11 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
       const refusal = rollbackRefusal(name, record, epoch);
       if (refusal === undefined) return;
       if (!acceptRollback) throw new RefusedError(refusal);
-      log(`--accept-rollback: serving the files at epoch ${epoch} although epoch ${record?.committedEpoch} was committed here; root's record now follows them (new commits take epochs above ${record?.reservedEpoch})`, 'warning');
+      if (record !== undefined) report({ kind: 'rollback-accepted', filesEpoch: epoch, committedEpoch: record.committedEpoch, reservedEpoch: record.reservedEpoch });
     },
   });
   try {
-    for (const notice of store.notices) log(`NOTICE: ${notice}`, 'warning');
+    for (const notice of store.notices) report({ kind: 'store-notice', notice });
     ctx.setStatus({ notices: [...store.notices] });
     if (!keepRecord) return { store, epochs: undefined };
     if (!isSealedStore(store)) throw new VbdError(`internal: sealed volume '${name}' opened as a plain store`);

@@ -8,7 +8,6 @@ import { existsSync } from 'node:fs';
 import { sleep } from '../common/fd.js';
 import { IoError, VbdError } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
-import { formatSize } from '../common/size.js';
 import { MAX_QUARANTINED, attachLoop, detachLoop, disableDiscard, giveDevice, publishName, quarantine, retryQuarantine, unpublishName, type LoopDevice } from '../device/loop.js';
 import { makeFilesystem, needsRootChown, type MkfsType } from '../device/mkfs.js';
 import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../device/mount.js';
@@ -21,7 +20,7 @@ import { listDamaged, type DamagedChunk } from '../store/chunk-store.js';
 import type { AnyVolume, Owner } from '../volume/volume.js';
 import { CleanupStack } from './cleanup.js';
 import type { ServedStore } from './served-store.js';
-import type { Log } from './log.js';
+import { messageOf, type Report } from './events.js';
 import { recoverLeftover } from './recover.js';
 import type { DaemonStatus, RuntimePaths } from './runtime.js';
 import { FlushScheduler } from './scheduler.js';
@@ -45,7 +44,7 @@ export interface SessionContext {
   paths: RuntimePaths;
   /** A plain volume's flush journal; undefined for a sealed volume (copy-on-write commits). */
   journalFd: number | undefined;
-  log: Log;
+  report: Report;
   status: () => DaemonStatus;
   setStatus: (change: Partial<DaemonStatus>) => void;
   /** Set while live: how flush requests (signal, control pipe, agent) reach this session. */
@@ -56,7 +55,7 @@ export interface SessionContext {
 /** Serves the volume until `ended` resolves; returns the teardown's error, if any (image kept). */
 export async function serveSession(ctx: SessionContext, served: ServedStore, o: SessionOptions, ended: Promise<string>): Promise<Error | undefined> {
   const { store, epochs } = served;
-  const { volume, paths, journalFd, log, setStatus } = ctx;
+  const { volume, paths, journalFd, report, setStatus } = ctx;
   const { manifest, owner } = volume;
   const status = ctx.status;
   const cleanup = new CleanupStack();
@@ -64,11 +63,11 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ state: 'recovering' });
     const afterCommit = epochs === undefined ? undefined : (c: SealedCommit): void => {
       epochs.committed();
-      if (c.rekeyedFrom !== undefined) log(`re-keyed: key generation ${c.rekeyedFrom} reached its nonce budget; epoch ${c.epoch} and later seal under generation ${c.keyGeneration} (manifest re-wrapped, passphrase unchanged; older slots keep their key until rewritten)`, 'notice');
+      if (c.rekeyedFrom !== undefined) report({ kind: 'rekeyed', from: c.rekeyedFrom, to: c.keyGeneration, epoch: c.epoch });
       setStatus({ sealed: store.sealedState() });
     };
     const beforeCommit = epochs === undefined ? undefined : (): void => epochs.beforeCommit();
-    await recoverLeftover(paths, volume, store, journalFd, log, { beforeCommit, afterCommit });
+    await recoverLeftover(paths, volume, store, journalFd, report, { beforeCommit, afterCommit });
     const held = retryQuarantine(owner.uid);
     setStatus({ quarantinedLoops: held });
     if (held.length >= MAX_QUARANTINED) {
@@ -77,7 +76,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
 
     const image = await createImage(paths.shadow, manifest.deviceSize, volume.identity);
     cleanup.push('free the RAM image', () => destroyImage(image));
-    log(`RAM image: ${formatSize(image.size)} in ${image.path}, mapped and locked`);
+    report({ kind: 'ram-image', size: image.size, path: image.path });
 
     setStatus({ state: 'populating', image: image.path });
     const started = performance.now();
@@ -88,20 +87,20 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     if (damaged.length > 0) {
       // Nothing is exposed until the owner decides: a refusal, or --zero-damaged.
       if (!o.zeroDamaged) throw new IoError(damagedRefusal(manifest.name, damaged));
-      log(`--zero-damaged: ${damaged.length} chunks fail authentication and are served as zeros: ${listDamaged(damaged, MAX_LISTED_DAMAGED)}`, 'warning');
+      report({ kind: 'damaged-served-as-zeros', damaged: { count: damaged.length, listed: listDamaged(damaged, MAX_LISTED_DAMAGED) } });
       setStatus({ damagedChunks: damaged.slice(0, MAX_LISTED_DAMAGED) });
     }
-    log(`populated ${formatSize(manifest.deviceSize)} from the files in ${populateMs} ms${store.kind === 'sealed' ? ` (sealed, epoch ${store.epoch})` : ''}`);
+    report({ kind: 'populated', size: manifest.deviceSize, ms: populateMs, sealedEpoch: store.epoch });
     setStatus({ populateMs, sealed: store.sealedState() });
-    const engine = new FlushEngine(volume, image, store, journalFd, log);
+    const engine = new FlushEngine(volume, image, store, journalFd, report);
     engine.beforeCommit = beforeCommit;
     engine.afterCommit = afterCommit;
-    const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, log, trackerOptions());
+    const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, report, trackerOptions());
     engine.tracker = tracker;
     engine.hashImage();
     // Damaged slots must not stay referenced: the next flush seals the chunks (zeros) anew.
     engine.markDirty(damaged.map((d) => d.chunk));
-    const report = (r: FlushResult): void => {
+    const recordFlush = (r: FlushResult): void => {
       const { idle, ...flush } = r;
       // One status write per flush check (each is a file write and a rename).
       setStatus({
@@ -116,7 +115,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     // when that fails and the rest of the teardown is held back.
     cleanup.push('final writeback to the files', async () => {
       try {
-        await finalFlush(engine, report, log);
+        await finalFlush(engine, recordFlush, report);
       } finally {
         tracker.stop();
       }
@@ -125,7 +124,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     const loop = await attachLoop(image.fd, image.path, image.backing);
     const device = loop.path;
     cleanup.push(`detach ${device}`, async () => {
-      if ((await detachLoop(loop, image.backing, log, () => tracker.seal())) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
+      if ((await detachLoop(loop, image.backing, report, () => tracker.seal())) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
       engine.device = undefined;
     });
     disableDiscard(loop);
@@ -140,23 +139,23 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     // filesystem's bytes underneath the kernel is a known attack surface.
     const ownerHasNode = o.mountPoint === undefined || o.rawAccess;
     if (ownerHasNode) giveDevice(loop, owner);
-    log(`attached ${device} as ${link}${ownerHasNode ? `, node owned by uid ${owner.uid}` : ', node kept root-only while mounted'}`, 'notice');
+    report({ kind: 'attached', device, link, ownerNode: ownerHasNode, uid: owner.uid });
     setStatus({ device, link });
 
-    const formatted = o.mkfs !== undefined && (await formatIfNew(loop, o.mkfs, image, owner, ownerHasNode, log));
+    const formatted = o.mkfs !== undefined && (await formatIfNew(loop, o.mkfs, image, owner, ownerHasNode, report));
     if (o.nbd !== undefined) {
       if (o.mountPoint !== undefined) throw new VbdError('an NBD export and a mount of the same device are two writers; refusing');
-      const nbd = await startNbdExport(loop, owner, paths.dir, o.nbd, log, (why) => {
-        log(`NBD export ended by itself: nbdkit ${why}; the volume stays live`, 'err');
+      const nbd = await startNbdExport(loop, owner, paths.dir, o.nbd, report, (why) => {
+        report({ kind: 'nbd-ended-by-itself', why });
         setStatus({ nbd: undefined, nbdError: `nbdkit ${why}` });
       });
       // Unwound before the final writeback: nothing writes through NBD after the last flush.
       cleanup.push(`end the NBD export (nbdkit pid ${nbd.state.pid})`, async () => {
         await nbd.stop();
         setStatus({ nbd: undefined });
-        log('NBD export ended (nbdkit gone) before the final writeback', 'notice');
+        report({ kind: 'nbd-ended' });
       });
-      log(`exporting ${device} over NBD with nbdkit (pid ${nbd.state.pid}, uid ${owner.uid}${nbd.state.tls === 'psk' ? ', TLS with PSK required' : ''}): ${nbd.state.uri}`, 'notice');
+      report({ kind: 'nbd-exporting', device, pid: nbd.state.pid, uid: owner.uid, tlsPsk: nbd.state.tls === 'psk', uri: nbd.state.uri });
       setStatus({ nbd: nbd.state });
     }
     const point = o.mountPoint;
@@ -165,21 +164,21 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       engine.mounted = mounted;
       cleanup.push(`unmount ${point.path}`, async () => {
         // Busy: say who holds it (unmountDevice logs), keep the files current, retry.
-        while (!unmountDevice(mounted, log)) {
-          report(await engine.flush('waiting for unmount'));
+        while (!unmountDevice(mounted, report)) {
+          recordFlush(await engine.flush('waiting for unmount'));
           await sleep(2000);
         }
         engine.mounted = undefined;
-        log(`unmounted ${point.path}`, 'notice');
+        report({ kind: 'unmounted', path: point.path });
       });
       // ext* got its root owner from mkfs; other new filesystems get it here.
       if (formatted && o.mkfs !== undefined && needsRootChown(o.mkfs)) chownMountRoot(mounted, owner);
-      log(`mounted ${device} on ${point.path} (nosuid,nodev)`, 'notice');
+      report({ kind: 'mounted', device, path: point.path });
       setStatus({ mountpoint: point.path });
     }
 
     // The scheduler's timers also keep Node's event loop alive (signal handlers alone do not).
-    const scheduler = new FlushScheduler(engine, { intervalMs: o.intervalMs, maxDirtyBytes: o.maxDirtyBytes, onResult: report, log });
+    const scheduler = new FlushScheduler(engine, { intervalMs: o.intervalMs, maxDirtyBytes: o.maxDirtyBytes, onResult: recordFlush, report });
     cleanup.push('stop periodic flushes', () => {
       scheduler.stop();
       ctx.requestFlush = undefined;
@@ -187,28 +186,28 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     ctx.requestFlush = (why) => void scheduler.request(why);
     scheduler.start();
     const watcher = new ExternalChangeWatcher(volume, () => engine.settled(), (change) => {
-      log(`EXTERNAL CHANGE: backing file '${change.name}' was ${change.what} by someone else; kept aside as ${change.keptAs ?? '(nothing to keep)'}; the chunks that differ from RAM will be rewritten`, 'warning');
+      report({ kind: 'external-change', file: change.name, what: change.what, keptAs: change.keptAs });
       setStatus({ externalChanges: status().externalChanges + 1, lastExternalChange: { at: new Date().toISOString(), ...change } });
       engine.hashFiles(change.file);
       void scheduler.request('external change');
-    }, log);
+    }, report);
     engine.afterWrite = () => watcher.recordOwnWrites();
     await watcher.start();
     cleanup.push('stop watching the backing files', () => watcher.stop());
     setStatus({ state: 'live' });
-    log(`live; flushing every ${o.intervalMs / 1000} s or after ${formatSize(o.maxDirtyBytes)} written`, 'notice');
+    report({ kind: 'live', intervalMs: o.intervalMs, maxDirtyBytes: o.maxDirtyBytes });
     const reason = await ended;
-    log(`tearing down: ${reason}`, 'notice');
+    report({ kind: 'tearing-down', reason });
     setStatus({ state: 'stopping' });
   } catch (err) {
-    log(`start failed: ${err instanceof Error ? err.message : String(err)}`, 'err');
-    const undoError = await cleanup.unwind(log);
-    if (undoError !== undefined) keepImageNotice(paths.shadow, volume.dir, log);
+    report({ kind: 'start-failed', error: messageOf(err) });
+    const undoError = await cleanup.unwind(report);
+    if (undoError !== undefined) keepImageNotice(paths.shadow, volume.dir, report);
     throw err;
   }
-  const error = await cleanup.unwind(log);
-  if (error !== undefined) keepImageNotice(paths.shadow, volume.dir, log);
-  else log('session over: everything written back, device detached, RAM freed', 'notice');
+  const error = await cleanup.unwind(report);
+  if (error !== undefined) keepImageNotice(paths.shadow, volume.dir, report);
+  else report({ kind: 'session-over' });
   return error;
 }
 
@@ -232,33 +231,33 @@ function damagedRefusal(name: string, damaged: readonly DamagedChunk[]): string 
 }
 
 /** The last flush, after detach: everything that differs from the files, retried twice. */
-async function finalFlush(engine: FlushEngine, report: (r: FlushResult) => void, log: Log): Promise<void> {
+async function finalFlush(engine: FlushEngine, recordFlush: (r: FlushResult) => void, report: Report): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     const r = await engine.flush('teardown', true);
-    report(r);
+    recordFlush(r);
     if (r.ok) {
-      log(`final flush: ${r.chunksChanged} chunks, ${formatSize(r.bytesWritten)} to the files in ${r.durationMs.toFixed(0)} ms`);
+      report({ kind: 'final-flush', chunks: r.chunksChanged, bytes: r.bytesWritten, ms: r.durationMs });
       return;
     }
-    log(`final flush failed (attempt ${attempt} of 3): ${r.error}`, 'err');
+    report({ kind: 'final-flush-failed', attempt, of: 3, error: r.error ?? 'unknown error' });
     if (attempt === 3) throw new VbdError(r.error ?? 'final flush failed');
     await sleep(1000 * attempt);
   }
 }
 
-function keepImageNotice(shadow: string, dir: string, log: Log): void {
+function keepImageNotice(shadow: string, dir: string, report: Report): void {
   if (existsSync(`${shadow}/image`)) {
-    log(`the RAM image is KEPT at ${shadow}/image (root-only) so nothing is lost; fix the cause, then run 'vbd-shadow recover ${dir}' or start the volume again`, 'err');
+    report({ kind: 'image-kept', path: `${shadow}/image`, dir });
   }
 }
 
 /** Formats only a device that has never held data (all zero): never mkfs over a user's bytes. */
-async function formatIfNew(loop: LoopDevice, type: MkfsType, image: ShadowImage, owner: Owner, asOwner: boolean, log: Log): Promise<boolean> {
+async function formatIfNew(loop: LoopDevice, type: MkfsType, image: ShadowImage, owner: Owner, asOwner: boolean, report: Report): Promise<boolean> {
   if (!isAllZero(image)) {
-    log(`--mkfs ${type}: the device holds data already; not formatting`);
+    report({ kind: 'mkfs-skipped', fsType: type });
     return false;
   }
   await makeFilesystem(loop, type, owner, asOwner);
-  log(`formatted ${loop.path} as ${type} (no discard${asOwner ? ', as the owner' : ''})`);
+  report({ kind: 'formatted', device: loop.path, fsType: type, asOwner });
   return true;
 }

@@ -11,7 +11,7 @@ import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { sleep } from '../common/fd.js';
 import { addLoopDevice, clearLoop, configureLoop, loopBacking, loopStatus, removeLoopDevice } from '../sys/loop.js';
 import type { Owner } from '../volume/volume.js';
-import type { Log } from '../daemon/log.js';
+import type { Report } from '../daemon/events.js';
 
 export const NAME_DIR = '/dev/vbd-shadow';
 const LOOP_MAJOR = 7;
@@ -184,23 +184,23 @@ function stillBound(loop: Pick<LoopDevice, 'index'>): boolean {
  * we wait for that (saying who holds it), then remove the device; 'quarantined' if it is
  * still open by then.
  */
-export async function detachLoop(loop: LoopDevice, backing: Backing, log: Log, onUnbound?: () => void): Promise<'removed' | 'quarantined'> {
+export async function detachLoop(loop: LoopDevice, backing: Backing, report: Report, onUnbound?: () => void): Promise<'removed' | 'quarantined'> {
   takeBackDevice(loop);
   fsyncSync(loop.fd);
   const bound = loopBacking(loop.fd, loop.path);
-  if (bound === undefined) log(`${loop.path} had been unbound by someone holding it (LOOP_CLR_FD); nothing to detach`, 'warning');
-  else if (bound.ino !== backing.ino || bound.dev !== backing.dev) log(`${loop.path} is bound to another file now; leaving it alone`, 'warning');
+  if (bound === undefined) report({ kind: 'loop-unbound-by-other', device: loop.path });
+  else if (bound.ino !== backing.ino || bound.dev !== backing.dev) report({ kind: 'loop-rebound', device: loop.path });
   else clearLoop(loop.fd, `LOOP_CLR_FD of ${loop.path}`);
   closeSync(loop.fd);
   for (let waited = 0; bound !== undefined && bound.ino === backing.ino && stillBound(loop); waited++) {
-    if (waited % 50 === 0) log(`waiting: ${loop.path} is still open by ${holdersOfDevice(loop.path).join(', ') || 'a process'}; it detaches when that closes it`, 'warning');
+    if (waited % 50 === 0) report({ kind: 'loop-busy-waiting', device: loop.path, holders: holdersOfDevice(loop.path) });
     await sleep(100);
   }
   // Unbound: no more writes can reach the image through it (the number is still ours).
   onUnbound?.();
   const removed = removeLoopDevice(loop.index);
   if (removed === 'busy') {
-    log(`${loop.path} is still open (${holdersOfDevice(loop.path).join(', ') || 'by someone'}); quarantined: it is never reused by vbd-shadow and is removed at a later start`, 'warning');
+    report({ kind: 'loop-quarantined', device: loop.path, holders: holdersOfDevice(loop.path) });
     return 'quarantined';
   }
   return 'removed';

@@ -11,7 +11,7 @@ import { MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, fdPath, mountIdOf, mountOnFd, unmo
 import { O_PATH, openNoSymlinks } from '../sys/open.js';
 import type { Owner } from '../volume/volume.js';
 import type { LoopDevice } from './loop.js';
-import type { Log } from '../daemon/log.js';
+import { messageOf, type Report } from '../daemon/events.js';
 
 /** A directory the owner asked us to mount on, reached through its held parent. */
 export interface MountPoint {
@@ -228,7 +228,7 @@ export function holdersOf(mountpoint: string): string[] {
  * A real (never lazy) unmount of our mount, found by its id. Resolves false if it cannot be
  * done now — busy (who holds it is logged), or its path is being moved around — to be retried.
  */
-export function unmountDevice(m: Mounted, log: Log): boolean {
+export function unmountDevice(m: Mounted, report: Report): boolean {
   if (m.rootFd !== undefined) {
     closeSync(m.rootFd);
     m.rootFd = undefined;
@@ -237,7 +237,7 @@ export function unmountDevice(m: Mounted, log: Log): boolean {
   try {
     where = locateMount(m);
   } catch (err) {
-    log(`unmount of ${m.path}: ${err instanceof Error ? err.message : String(err)}; retrying`, 'warning');
+    report({ kind: 'unmount-retry', path: m.path, error: messageOf(err) });
     return false;
   }
   if (where === undefined) return true; // someone (root) unmounted it already
@@ -247,7 +247,7 @@ export function unmountDevice(m: Mounted, log: Log): boolean {
     closeSync(where.parentFd);
   }
   const holders = holdersOf(where.point);
-  log(`unmount of ${where.point} failed: busy; held by ${holders.length > 0 ? holders.join(', ') : 'an unknown user'}; retrying`, 'warning');
+  report({ kind: 'unmount-busy', path: where.point, holders });
   return false;
 }
 

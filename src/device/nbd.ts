@@ -17,7 +17,7 @@ import { VbdError, UsageError } from '../common/errors.js';
 import { listenTcp, listenUnix } from '../sys/socket.js';
 import { tool } from '../sys/run-as.js';
 import type { Owner } from '../volume/owner.js';
-import type { Log } from '../daemon/log.js';
+import type { Report } from '../daemon/events.js';
 import type { LoopDevice } from './loop.js';
 
 /** Where the export listens: the owner-only Unix socket, or TCP with TLS (a PSK file). */
@@ -123,7 +123,7 @@ function probe(listen: NbdListen, socket: string | undefined, exited: Promise<st
  * connection (so a bad PSK file or a missing plugin fails the start, with nbdkit's own words).
  * `onExit` is told if nbdkit ends by itself later.
  */
-export async function startNbdExport(loop: LoopDevice, owner: Owner, runtimeDir: string, listen: NbdListen, log: Log, onExit: (why: string) => void): Promise<NbdExport> {
+export async function startNbdExport(loop: LoopDevice, owner: Owner, runtimeDir: string, listen: NbdListen, report: Report, onExit: (why: string) => void): Promise<NbdExport> {
   const nbdkit = tool('nbdkit', 'the NBD export (--nbd) is served by nbdkit (Debian package nbdkit)');
   const setpriv = tool('setpriv');
   const { fd, socket } = makeListener(listen, runtimeDir, owner);
@@ -153,7 +153,7 @@ export async function startNbdExport(loop: LoopDevice, owner: Owner, runtimeDir:
     if (stream === null) continue;
     createInterface({ input: stream }).on('line', (line) => {
       stderrTail = line;
-      log(`nbdkit: ${line}`, 'warning');
+      report({ kind: 'nbdkit-said', line });
     });
   }
   let stopping = false;

@@ -5,7 +5,7 @@ import { failure } from '../common/errors.js';
 import { syncFilesystem } from '../sys/libc.js';
 import { fileName, type Volume } from '../volume/volume.js';
 import { readJournal, retireJournal, type Batch, type JournalEntry } from './journal.js';
-import type { Log } from '../daemon/log.js';
+import type { Report } from '../daemon/events.js';
 
 const IOV_MAX = 1024;
 
@@ -53,19 +53,19 @@ export type SettleResult = 'empty' | 'discarded' | 'applied';
  * Recovery of an interrupted flush: a committed batch is applied again (idempotent) and the
  * journal retired; an uncommitted one is discarded (the files were never touched by it).
  */
-export async function settleJournal(volume: Volume, journalFd: number, log: Log): Promise<SettleResult> {
+export async function settleJournal(volume: Volume, journalFd: number, report: Report): Promise<SettleResult> {
   const state = readJournal(journalFd, volume);
   switch (state.kind) {
     case 'empty':
       return 'empty';
     case 'uncommitted':
-      log(`journal: discarding an interrupted, uncommitted flush (${state.reason}); the files hold the flush before it`, 'warning');
+      report({ kind: 'journal-discarded', reason: state.reason });
       retireJournal(journalFd);
       return 'discarded';
     case 'committed': {
       const { bytes } = await applyBatch(volume, state.batch);
       retireJournal(journalFd);
-      log(`journal: completed an interrupted flush (batch ${state.batch.seq}, ${state.batch.entries.length} chunks, ${bytes} bytes)`, 'warning');
+      report({ kind: 'journal-completed', batch: state.batch.seq, chunks: state.batch.entries.length, bytes });
       return 'applied';
     }
   }

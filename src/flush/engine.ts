@@ -29,6 +29,7 @@ import type { FlushReport } from '../daemon/runtime.js';
 import { applyBatch, settleJournal } from './apply.js';
 import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
 import type { ChangeTracker } from './tracking.js';
+import { formatEvent, type DaemonEvent, type Report } from '../daemon/events.js';
 
 /** Set (to 1) by the test suite: every tracked flush also scans and fails if the set missed a change. */
 export const VERIFY_TRACKING_ENV = 'VBD_SHADOW_VERIFY_TRACKING';
@@ -102,7 +103,7 @@ export class FlushEngine {
     private readonly image: ShadowImage,
     private readonly store: ChunkStore,
     private readonly journalFd: number | undefined,
-    private readonly log: (line: string) => void,
+    private readonly report: Report,
   ) {
     const { chunkSize, deviceSize } = volume.manifest;
     if (store.kind === 'plain' && journalFd === undefined) throw new VbdError('internal: a plain volume flushes through its journal');
@@ -331,7 +332,7 @@ export class FlushEngine {
       }
       // A batch committed by a flush whose apply failed must reach the files first (a sealed
       // commit is whole or absent: there is nothing to settle).
-      if (this.lastFailed && isPlainVolume(this.volume) && this.journalFd !== undefined && (await settleJournal(this.volume, this.journalFd, this.log)) === 'applied') this.afterWrite?.();
+      if (this.lastFailed && isPlainVolume(this.volume) && this.journalFd !== undefined && (await settleJournal(this.volume, this.journalFd, this.report)) === 'applied') this.afterWrite?.();
 
       // The thaw's own writes ride along with a flush that runs anyway.
       const deferred = tracker?.takeDeferred() ?? [];
@@ -415,8 +416,8 @@ export class FlushEngine {
       if (performance.now() > deadline) break;
       await new Promise((r) => setTimeout(r, 50));
     }
-    const line = `TRACKING VERIFICATION FAILED: ${missed.length} chunks differ from the files with no write traced (chunks ${missed.slice(0, 10).join(', ')}${missed.length > 10 ? ', …' : ''})`;
-    this.log(line);
-    throw new VbdError(line);
+    const event: DaemonEvent = { kind: 'tracking-verification-failed', chunks: missed };
+    this.report(event);
+    throw new VbdError(formatEvent(event).text);
   }
 }

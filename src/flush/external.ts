@@ -16,7 +16,7 @@ import { closeSync, fchownSync, fstatSync, readlinkSync, ftruncateSync, lstatSyn
 import { watch, type FSWatcher } from 'chokidar';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { ASIDE_DIR, entryPath, type AnyVolume } from '../volume/volume.js';
-import type { Log } from '../daemon/log.js';
+import { messageOf, type Report } from '../daemon/events.js';
 
 interface FileIdentity {
   ino: bigint;
@@ -44,7 +44,7 @@ export class ExternalChangeWatcher {
     /** Resolves when no flush is writing (so our own writes have been recorded). */
     private readonly quiet: () => Promise<unknown>,
     private readonly onChange: (change: ExternalChange) => void,
-    private readonly log: Log,
+    private readonly report: Report,
   ) {
     this.known = volume.fds.map((fd) => identity(fstatSync(fd, { bigint: true })));
   }
@@ -63,7 +63,7 @@ export class ExternalChangeWatcher {
     this.watcher = watch(root, { depth: 0, ignoreInitial: true, followSymlinks: false, persistent: true, ignored: (path: string) => !listed(path) });
     const onEvent = (path: string): void => {
       const file = path.startsWith(`${root}/`) ? names.get(path.slice(root.length + 1)) : undefined;
-      if (file !== undefined) void this.quiet().then(() => this.check(file)).catch((err: unknown) => this.log(`external change check failed: ${err instanceof Error ? err.message : String(err)}`, 'err'));
+      if (file !== undefined) void this.quiet().then(() => this.check(file)).catch((err: unknown) => this.report({ kind: 'external-check-failed', error: messageOf(err) }));
     };
     this.watcher.on('change', onEvent).on('unlink', onEvent).on('add', onEvent);
     // Out of inotify watches and the like: said once, never fatal (the RAM image stays the truth).
@@ -71,7 +71,7 @@ export class ExternalChangeWatcher {
     this.watcher.on('error', (err: unknown) => {
       if (reported) return;
       reported = true;
-      this.log(`watching the backing files failed (${err instanceof Error ? err.message : String(err)}); external changes may go unnoticed until the next start`, 'err');
+      this.report({ kind: 'watch-failed', error: messageOf(err) });
     });
     await new Promise<void>((resolve) => this.watcher?.on('ready', () => resolve()));
   }
@@ -110,7 +110,7 @@ export class ExternalChangeWatcher {
     } catch (err) {
       // Keeping a copy failed (the owner's aside directory is not usable): still repair the
       // volume, so writes after this reach the files.
-      this.log(`could not keep '${name}' aside: ${err instanceof Error ? err.message : String(err)}`, 'err');
+      this.report({ kind: 'keep-aside-failed', file: name, error: messageOf(err) });
     } finally {
       if (source !== fd) closeSync(source);
     }

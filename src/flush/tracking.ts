@@ -31,6 +31,7 @@ import { VbdError } from '../common/errors.js';
 import { deviceCounters, loopSignature, traceDeviceNumber, type DeviceCounters, type LoopDevice } from '../device/loop.js';
 import { TracePipe, cpuLoss, createInstance, ensureTracefs, instanceCpus, listInstances, readControl, removeInstance, writeControl, type CpuLoss } from '../sys/tracefs.js';
 import type { VolumeIdentity } from '../volume/volume.js';
+import type { DaemonEvent, Report } from '../daemon/events.js';
 
 const DRAIN_MS = 100;
 const DEFAULT_BUFFER_KB = 4096;
@@ -98,7 +99,7 @@ export class ChangeTracker {
     private readonly identity: VolumeIdentity,
     private readonly chunkSize: number,
     chunkCount: number,
-    private readonly log: (line: string) => void,
+    private readonly report: Report,
     options: { bufferKb?: number; off?: string } = {},
   ) {
     this.pending = new Uint8Array(chunkCount);
@@ -120,7 +121,7 @@ export class ChangeTracker {
   /** Creates the instance for `loop` (before anyone else can write to it). Never throws: tracking off instead. */
   start(loop: LoopDevice): void {
     if (this.unavailable !== undefined) {
-      this.once('off', `change tracking off: ${this.unavailable}; every flush scans the whole image`);
+      this.once('off', { kind: 'tracking-fallback', reason: this.unavailable, scans: 'every flush' });
       return;
     }
     try {
@@ -154,7 +155,7 @@ export class ChangeTracker {
       this.timer.unref();
     } catch (err) {
       this.unavailable = `tracefs unavailable: ${err instanceof Error ? err.message : String(err)}`;
-      this.once('off', `change tracking off: ${this.unavailable}; every flush scans the whole image`);
+      this.once('off', { kind: 'tracking-fallback', reason: this.unavailable, scans: 'every flush' });
       this.stop();
     }
   }
@@ -181,16 +182,16 @@ export class ChangeTracker {
     this.traced = { written: 0, discarded: 0 };
   }
 
-  private once(kind: string, line: string): void {
+  private once(kind: string, event: DaemonEvent): void {
     if (this.logged.has(kind)) return;
     this.logged.add(kind);
-    this.log(line);
+    this.report(event);
   }
 
   /** Asks the next flush to scan everything (the reason is shown and logged once per kind). */
   requireScan(reason: string, kind = reason): void {
     this.scanReason ??= reason;
-    this.once(`scan:${kind}`, `change tracking: the next flush scans the whole image (${reason})`);
+    this.once(`scan:${kind}`, { kind: 'tracking-fallback', reason, scans: 'the next flush' });
   }
 
   /** Adds chunks to the set (chunks the engine knows differ from the files). */
@@ -325,7 +326,7 @@ export class ChangeTracker {
         this.collect();
         const problem = this.check(before);
         if (problem !== undefined) {
-          this.once(`problem:${problem.replace(/[\d()]+/g, '')}`, `change tracking: ${problem}; this flush scans the whole image`);
+          this.once(`problem:${problem.replace(/[\d()]+/g, '')}`, { kind: 'tracking-fallback', reason: problem, scans: 'this flush' });
           reason = problem;
           this.rearm();
         } else {
@@ -334,7 +335,7 @@ export class ChangeTracker {
         }
       } catch (err) {
         reason = `tracking check failed: ${err instanceof Error ? err.message : String(err)}`;
-        this.once('check', `change tracking: ${reason}; this flush scans the whole image`);
+        this.once('check', { kind: 'tracking-fallback', reason, scans: 'this flush' });
       }
     }
     const scanReason = this.scanReason ?? reason;

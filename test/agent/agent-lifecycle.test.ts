@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { startAgent } from '../helpers/agent.js';
-import { startDaemon, stopDaemon, waitLive, waitState } from '../helpers/daemon.js';
+import { eventsOf, startDaemon, stopDaemon, waitLive, waitState } from '../helpers/daemon.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, leftovers, runAs, runtimeDirOf, isMounted } from '../helpers/system.js';
 
@@ -60,7 +60,7 @@ describe.skipIf(!IS_ROOT)(`agent lifecycle (${IS_ROOT ? 'as root, agent as a rea
     expect(await second.exited).toBe(0);
     expect(second.output()).toMatch(/SIGTERM: asked the daemon to write everything back and detach/);
     await waitState(daemon, 'waiting');
-    expect(daemon.output()).toMatch(/tearing down: the agent asked for teardown \(logout\)/);
+    expect(eventsOf(daemon.name)).toContainEqual({ kind: 'tearing-down', reason: 'the agent asked for teardown (logout)' });
     expect(leftovers()).toEqual([]);
     expect(fileInVolume(user, dir, home, '/two.txt')).toBe('second session\n');
     expect(fileInVolume(user, dir, home, '/one.txt')).toBe('first session\n');

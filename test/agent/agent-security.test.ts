@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readStatus } from '../../src/daemon/runtime.js';
 import { startAgent } from '../helpers/agent.js';
-import { startDaemon, waitLive, waitState } from '../helpers/daemon.js';
+import { eventsOf, startDaemon, waitEvent, waitLive, waitState } from '../helpers/daemon.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, OTHER_USER, cliAs, ensureUser, runAs, runtimeDirOf } from '../helpers/system.js';
 
@@ -41,10 +41,11 @@ describe.skipIf(!IS_ROOT)(`agent pipe security (${IS_ROOT ? 'as root, two real u
       writeSync(fd, 'this is not json\n{"kind":"launch-missiles"}\n[1,2]\n{"kind":"hello","version":9}\n{"kind":"flu');
       closeSync(fd);
     }
-    await new Promise((r) => setTimeout(r, 300));
-    expect(daemon.output()).toMatch(/agent pipe: ignored not JSON/);
-    expect(daemon.output()).toMatch(/control pipe: ignored unknown kind "launch-missiles"/);
-    expect(daemon.output()).toMatch(/control pipe: ignored an unterminated message/);
+    await waitEvent(name, 'pipe-ignored', (e) => e.pipe === 'control' && e.what.startsWith('an unterminated message'));
+    const ignored = eventsOf(name).filter((e) => e.kind === 'pipe-ignored');
+    expect(ignored).toContainEqual({ kind: 'pipe-ignored', pipe: 'agent', what: expect.stringMatching(/^not JSON/), suspicious: true });
+    expect(ignored).toContainEqual({ kind: 'pipe-ignored', pipe: 'control', what: 'unknown kind "launch-missiles"', suspicious: true });
+    expect(ignored).toContainEqual({ kind: 'pipe-ignored', pipe: 'control', what: expect.stringMatching(/^an unterminated message \(\d+ bytes\) at close$/), suspicious: true });
     expect(readStatus(name)?.state).toBe('live');
     expect(daemon.child.exitCode).toBeNull();
 

@@ -14,7 +14,7 @@ import { createNotifier, sendDatagram } from '../../src/sys/notify.js';
 import { startAgent } from '../helpers/agent.js';
 import { trackedChildren } from '../helpers/children.js';
 import { cliOk } from '../helpers/cli.js';
-import { startDaemon, stopDaemon, waitLive, waitState } from '../helpers/daemon.js';
+import { startDaemon, stopDaemon, waitEvent, waitLive, waitState } from '../helpers/daemon.js';
 import { listenForNotifications } from '../helpers/notify-listener.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, isMounted } from '../helpers/system.js';
@@ -113,7 +113,9 @@ describe.skipIf(!IS_ROOT)(`Type=notify (${IS_ROOT ? 'as root, agent as a real us
     await waitState(daemon, 'stopping');
     const second = await manager.waitFor('a second EXTEND_TIMEOUT_USEC', (m) => m['EXTEND_TIMEOUT_USEC'] !== undefined && manager.messages().indexOf(m) > first.index, EXTEND_EVERY_MS + 5000);
     expect(second.message['EXTEND_TIMEOUT_USEC']).toBe(String(EXTEND_BY_USEC));
-    expect(daemon.output()).toMatch(/unmount of .*mnt failed: busy; held by .*sleep/);
+    const busy = await waitEvent(daemon.name, 'unmount-busy');
+    expect(busy.path).toMatch(/mnt$/);
+    expect(busy.holders.some((h) => h.includes('sleep'))).toBe(true);
     expect(isMounted(mnt)).toBe(true);
     expect(manager.messages().map((m) => m['STATUS'])).toContain('stopping: writing back');
 

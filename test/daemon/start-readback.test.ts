@@ -6,7 +6,7 @@ import { readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { cliOk, sha256 } from '../helpers/cli.js';
-import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
+import { eventsOf, startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers, procStatus } from '../helpers/system.js';
 import { keyFile, tempDir } from '../helpers/tmp.js';
 
@@ -36,7 +36,7 @@ describe.skipIf(!IS_ROOT)(`start: device equals export (${IS_ROOT ? 'as root' : 
 
       expect(await stopDaemon(daemon)).toBe(0);
       expect(leftovers()).toEqual([]);
-      expect(daemon.output()).toMatch(/stopped: everything written back/);
+      expect(eventsOf(daemon.name).at(-1)).toEqual({ kind: 'stopped' });
     });
   }
 });

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readStatus } from '../../src/daemon/runtime.js';
 import { cliOk, sha256 } from '../helpers/cli.js';
-import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
+import { eventsOf, startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX } from '../helpers/system.js';
 import { keyFile, tempDir } from '../helpers/tmp.js';
 import { withStore } from '../helpers/volumes.js';
@@ -39,7 +39,7 @@ describe.skipIf(!IS_ROOT)(`external changes (${IS_ROOT ? 'as root' : ROOT_SKIP_R
     closeSync(fd);
     // Repaired in the file, and that flush's report in the status (written just after it).
     await until('the external write to be reported and repaired', () => (readStatus(name)?.externalChanges ?? 0) >= 1 && readFileSync(join(dir, 'file002')).equals(file2) && readStatus(name)?.lastFlush !== undefined);
-    expect(daemon.output()).toMatch(/EXTERNAL CHANGE: backing file 'file002' was modified/);
+    expect(eventsOf(name)).toContainEqual({ kind: 'external-change', file: 'file002', what: 'modified', keptAs: expect.stringMatching(/^vbd-shadow-aside\/file002/) });
     const aside = readdirSync(join(dir, 'vbd-shadow-aside'));
     expect(aside).toHaveLength(1);
     const kept = readFileSync(join(dir, 'vbd-shadow-aside', aside[0] ?? ''));
@@ -48,7 +48,7 @@ describe.skipIf(!IS_ROOT)(`external changes (${IS_ROOT ? 'as root' : ROOT_SKIP_R
 
     rmSync(join(dir, 'file003'));
     await until('the delete to be reported and the file recreated', () => (readStatus(name)?.externalChanges ?? 0) >= 2 && readFileSync(join(dir, 'file003')).equals(truth.subarray(2 * 2 ** 20, 3 * 2 ** 20)));
-    expect(daemon.output()).toMatch(/backing file 'file003' was deleted/);
+    expect(eventsOf(name)).toContainEqual(expect.objectContaining({ kind: 'external-change', file: 'file003', what: 'deleted' }));
     const keptDeleted = readdirSync(join(dir, 'vbd-shadow-aside')).find((n) => n.startsWith('file003'));
     expect(sha256(readFileSync(join(dir, 'vbd-shadow-aside', keptDeleted ?? '')))).toBe(sha256(truth.subarray(2 * 2 ** 20, 3 * 2 ** 20)));
 

@@ -6,7 +6,7 @@ import { existsSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { cliOk, sha256 } from '../helpers/cli.js';
-import { stopDaemon } from '../helpers/daemon.js';
+import { eventsOf, stopDaemon } from '../helpers/daemon.js';
 import { liveVolumeOnFullFs } from '../helpers/full-fs.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers, runtimeDirOf } from '../helpers/system.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -23,8 +23,11 @@ describe.skipIf(!IS_ROOT)(`teardown with a failing final flush (${IS_ROOT ? 'as 
     expect(existsSync(image)).toBe(true);
     expect(statSync(image).size).toBe(16 * 2 ** 20);
     expect(statSync(`${runtimeDirOf(name)}/shadow`).mode & 0o077).toBe(0);
-    expect(daemon.output()).toMatch(/final flush failed \(attempt 3 of 3\): .*no space left on device/);
-    expect(daemon.output()).toMatch(new RegExp(`the RAM image is KEPT at .*image \\(root-only\\) so nothing is lost; fix the cause, then run 'vbd-shadow recover ${dir}'`));
+    const events = eventsOf(name);
+    const failures = events.filter((e) => e.kind === 'final-flush-failed');
+    expect(failures.map((e) => e.kind === 'final-flush-failed' && e.attempt)).toEqual([1, 2, 3]);
+    expect(failures.every((e) => e.kind === 'final-flush-failed' && /no space left on device/.test(e.error))).toBe(true);
+    expect(events).toContainEqual({ kind: 'image-kept', path: image, dir });
     expect(leftovers()).toEqual([`mount ${runtimeDirOf(name)}/shadow`]);
 
     rmSync(filler);

@@ -2,6 +2,7 @@
 // awaited until live, and always stopped (then swept) after the test.
 
 import { spawn, type ChildProcess } from 'node:child_process';
+import type { DaemonEvent, EventKind, EventOf } from '../../src/daemon/events.js';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
 import { cliArgv } from './cli.js';
 import { Stage, eachTestCleanup } from './cleanup.js';
@@ -16,6 +17,25 @@ export interface TestDaemon {
 }
 
 const running: TestDaemon[] = [];
+
+/** The events the daemon of volume `name` recorded in its status (src/daemon/events.ts), oldest first. */
+export function eventsOf(name: string): DaemonEvent[] {
+  const s = readStatus(name);
+  if (s === undefined) throw new Error(`no status for ${name}`);
+  if (s.events === undefined) throw new Error(`the status of ${name} has no events`);
+  return s.events;
+}
+
+/** Waits until the daemon of `name` has recorded an event matching `match` (a status write may lag 100 ms). */
+export async function waitEvent<K extends EventKind>(name: string, kind: K, match: (e: EventOf<K>) => boolean = () => true, timeoutMs = 10_000): Promise<EventOf<K>> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const found = (readStatus(name)?.events ?? []).find((e): e is EventOf<K> => e.kind === kind && match(e as EventOf<K>));
+    if (found !== undefined) return found;
+    if (Date.now() > deadline) throw new Error(`no '${kind}' event from ${name} after ${timeoutMs} ms; it recorded: ${JSON.stringify(readStatus(name)?.events?.map((e) => e.kind))}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
 
 eachTestCleanup(Stage.Processes, async () => {
   for (const d of running.splice(0)) {
