@@ -40,7 +40,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     const v = rootVolume();
     const before = v.targetHash();
     symlinkSync(v.target, join(v.dir, `.${MANIFEST_NAME}.tmp`));
-    const r = cli(['init', v.dir, ...SHAPE, '--force']);
+    const r = cli(['init', v.dir, ...SHAPE, '--force', '--yes']);
     expect(r.status, r.stderr).toBe(0);
     expect(v.targetHash()).toBe(before);
     expect(lstatSync(join(v.dir, MANIFEST_NAME)).isFile()).toBe(true);
@@ -54,7 +54,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     symlinkSync(v.target, join(v.dir, 'file002'));
     const before = v.targetHash();
     const volume = treeHash(v.dir);
-    const r = cli(['init', v.dir, ...SHAPE, '--force']);
+    const r = cli(['init', v.dir, ...SHAPE, '--force', '--yes']);
     expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, /cannot reuse backing file .*\/vol\/file002: is a symbolic link \(refused\)/);
     expect(v.targetHash()).toBe(before);
@@ -67,7 +67,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     linkSync(join(v.dir, 'file003'), outside);
     const before = sha256(readFileSync(outside));
     const volume = treeHash(v.dir);
-    const r = cli(['init', v.dir, ...SHAPE, '--force']);
+    const r = cli(['init', v.dir, ...SHAPE, '--force', '--yes']);
     expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, /cannot reuse backing file .*\/vol\/file003: it has 2 hard links/);
     expect(sha256(readFileSync(outside))).toBe(before);
@@ -91,7 +91,7 @@ describe.skipIf(!IS_ROOT)(`init --force as root does not write through planted l
     const made = cliAs(user, ['init', dir, ...SHAPE]);
     expect(made.status, made.stderr).toBe(0);
     const before = treeHash(home);
-    const r = cli(['init', dir, ...SHAPE, '--force']);
+    const r = cli(['init', dir, ...SHAPE, '--force', '--yes']);
     expect(r.status).toBe(4); // refused (src/common/exit-codes.ts)
     expectOneLine(r.stderr, new RegExp(`vol is owned by uid ${user.uid}, not by uid 0 \\(root\\) who runs init; run init as the directory's owner`));
     expect(treeHash(home)).toBe(before);
