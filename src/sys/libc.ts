@@ -54,6 +54,16 @@ export function viewOf(ptr: Pointer, length: number): Buffer {
   return Buffer.from(koffi.view(ptr, length) as ArrayBuffer);
 }
 
+/**
+ * A Buffer over `length` bytes at `address` in this process (no copy): how a worker thread
+ * reads a mapping the daemon's thread made (threads share the address space). The mapping
+ * must outlive every use of the view; nothing here can check that.
+ */
+export function viewAtAddress(address: bigint, length: number): Buffer {
+  const ptr: Pointer = koffi.decode(new BigUint64Array([address]), 'void *');
+  return viewOf(ptr, length);
+}
+
 /** ioctl with an int (or no) argument; returns its result. */
 export function ioctl(fd: number, request: number, arg: number, what: string): number {
   const r = c.ioctlInt(fd, request, arg) as number;

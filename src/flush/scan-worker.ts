@@ -1,0 +1,34 @@
+// One thread of the scan pool (src/flush/scan-pool.ts). It holds nothing between jobs: each job
+// names the image's windows by address (the daemon's mapping; threads share the address
+// space), and the thread claims pieces of the job from a shared counter until none is left,
+// writing each chunk's hash into the shared result array. A piece that fails stops the job
+// for every thread and is reported with its number, so the daemon can name its chunks.
+
+import { parentPort } from 'node:worker_threads';
+import { viewAtAddress } from '../sys/libc.js';
+import { ChunkViews, STOP_CLAIMS, hashItems, itemCount, type ScanJob, type ScanReply } from './scan-job.js';
+
+function run(job: ScanJob): ScanReply {
+  let piece = -1;
+  try {
+    const views = new ChunkViews(job.windows.map((w) => ({ offset: w.offset, length: w.length, view: viewAtAddress(w.address, w.length) })), job.chunkSize);
+    const count = itemCount(job.items);
+    for (;;) {
+      piece = Atomics.add(job.next, 0, 1);
+      const first = piece * job.pieceItems;
+      if (first >= count) break;
+      Atomics.store(job.busy, job.slot, piece);
+      hashItems(views, job.items, first, Math.min(count, first + job.pieceItems), job.out);
+    }
+    Atomics.store(job.busy, job.slot, -1);
+    return { kind: 'done' };
+  } catch (err) {
+    Atomics.store(job.next, 0, STOP_CLAIMS);
+    return { kind: 'failed', piece, message: err instanceof Error ? err.message : String(err) };
+  }
+}
+
+const port = parentPort;
+if (port === null) throw new Error('scan-worker.js runs as a worker thread of the scan pool');
+port.on('message', (job: ScanJob) => port.postMessage(run(job)));
+port.postMessage({ kind: 'ready' } satisfies ScanReply);
