@@ -62,13 +62,18 @@ export function hashItems(views: ChunkViews, items: ScanItems, first: number, en
 }
 
 /**
- * A job is cut into pieces of about this many bytes that the threads claim one at a time
- * (an atomic counter), so a thread the machine slows down takes fewer of them.
+ * A job is cut into pieces that the threads claim one at a time (an atomic counter), so a
+ * thread the machine slows down takes fewer of them: at most PIECE_BYTES, at least
+ * MIN_PIECE_BYTES, and else small enough that each thread can take about four.
  */
 export const PIECE_BYTES = 16 * 2 ** 20;
+const MIN_PIECE_BYTES = 2 ** 20;
 
-export function piecesOf(chunkSize: number): number {
-  return Math.max(1, Math.floor(PIECE_BYTES / chunkSize));
+/** Items per piece for a job of `count` chunks on `threads` threads. */
+export function pieceItems(chunkSize: number, count: number, threads: number): number {
+  const most = Math.max(1, Math.floor(PIECE_BYTES / chunkSize));
+  const least = Math.max(1, Math.floor(MIN_PIECE_BYTES / chunkSize));
+  return Math.max(least, Math.min(most, Math.ceil(count / (threads * 4))));
 }
 
 /** A claim counter set to this stops every thread at its next claim (one of them failed). */

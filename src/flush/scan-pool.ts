@@ -16,7 +16,7 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { VbdError } from '../common/errors.js';
-import { describePiece, itemCount, piecesOf, type ScanItems, type ScanJob, type ScanReply } from './scan-job.js';
+import { describePiece, itemCount, pieceItems as piecesFor, type ScanItems, type ScanJob, type ScanReply } from './scan-job.js';
 
 const WORKER_URL = new URL('./scan-worker.js', import.meta.url);
 
@@ -100,7 +100,7 @@ export class ScanPool {
 
   /**
    * Hashes `items` of the image into out[chunk] (`out` on a SharedArrayBuffer), the threads
-   * claiming pieces of PIECE_BYTES. Jobs run one at a time.
+   * claiming pieces of it (scan-job.ts, pieceItems). Jobs run one at a time.
    */
   hash(windows: readonly PoolWindow[], chunkSize: number, items: ScanItems, out: BigUint64Array): Promise<void> {
     const run = this.running.then(() => this.run(windows, chunkSize, items, out));
@@ -115,7 +115,7 @@ export class ScanPool {
       if (this.members[slot] === undefined || this.members[slot]?.gone === true) this.members[slot] = this.spawn(slot);
     }
     const members = this.members.slice(0, this.threads);
-    const pieceItems = piecesOf(chunkSize);
+    const pieceItems = piecesFor(chunkSize, itemCount(items), members.length);
     const next = new Int32Array(new SharedArrayBuffer(4));
     const busy = new Int32Array(new SharedArrayBuffer(4 * members.length)).fill(-1);
     // Referenced while the job runs (their start included): an awaited job keeps the process alive.
