@@ -46,7 +46,7 @@ const REHASH_BYTES = 64 * 2 ** 20;
  * Fewer bytes to hash than this are hashed on the daemon's thread: handing them to the pool
  * costs more than it saves (bench: `--only scan`).
  */
-export const POOL_MIN_BYTES = 64 * 2 ** 20;
+export const POOL_MIN_BYTES = 128 * 2 ** 20;
 
 interface StagedChunk {
   slot: number;
