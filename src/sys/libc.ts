@@ -92,6 +92,17 @@ export function tryLockExclusive(fd: number, what: string): boolean {
   throw err;
 }
 
+/** flock(LOCK_EX), waiting on a libuv thread until the lock is ours (released with the fd). */
+export function lockExclusive(fd: number, what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    c.flock.async(fd, LOCK_EX, (err: unknown, r: number) => {
+      if (err !== null && err !== undefined) reject(err);
+      else if (r !== 0) reject(syscallError('flock', what));
+      else resolve();
+    });
+  });
+}
+
 /** Async ioctl for calls that can block a while (FIFREEZE syncs the filesystem first). */
 export function ioctlAsync(fd: number, request: number, arg: number, what: string): Promise<number> {
   return new Promise((resolve, reject) => {
