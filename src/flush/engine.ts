@@ -170,7 +170,13 @@ export class FlushEngine {
   /** Records the image as the files' state (right after populate). */
   async hashImage(): Promise<void> {
     const all = { from: 0, to: this.hashes.length };
-    const current = await this.hashMany(all);
+    let current: BigUint64Array | undefined;
+    try {
+      current = await this.hashMany(all);
+    } catch (err) {
+      // Nothing to retry here (no flush): said once, and hashed on the daemon's thread (the pool is off now).
+      this.log(`${err instanceof Error ? err.message : String(err)}; hashing on the daemon's thread`);
+    }
     if (current !== undefined) this.hashes.set(current);
     else hashItems(this.views, all, 0, this.hashes.length, this.hashes);
   }

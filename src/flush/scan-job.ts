@@ -106,7 +106,7 @@ export function describePiece(items: ScanItems, pieceItems: number, piece: numbe
   const end = Math.min(itemCount(items), first + pieceItems);
   if (piece < 0 || first >= end) return undefined;
   if (items instanceof Uint32Array) {
-    return `chunks ${items[first]} … ${items[end - 1]} (${end - first} chunks of the tracked set, items ${first}–${end - 1})`;
+    return `chunks ${items[first]} … ${items[end - 1]} (${end - first} chunks of a list, items ${first}–${end - 1})`;
   }
   const from = items.from + first;
   const to = items.from + end - 1;

@@ -149,7 +149,7 @@ describe('scan pool', () => {
     const out = sharedHashes(n, 0n);
     const err = await pool.hash(m.windows, 4096, list, out).then(() => undefined, (e: unknown) => e as Error);
     expect(err?.message).toContain('full scan of 4 chunks: thread ');
-    expect(err?.message).toContain(`failed hashing chunks 3 … 2 (4 chunks of the tracked set, items 0–3): internal: chunk ${n + 5} is outside the ${MiB}-byte image`);
+    expect(err?.message).toContain(`failed hashing chunks 3 … 2 (4 chunks of a list, items 0–3): internal: chunk ${n + 5} is outside the ${MiB}-byte image`);
     expect(pool.usable).toBe(false);
     expect(pool.state().threads).toBe(1);
     expect(pool.state().off).toContain(`chunk ${n + 5} is outside`);
