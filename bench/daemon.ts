@@ -12,7 +12,8 @@ export interface BenchDaemon {
   name: string;
   status: () => DaemonStatus;
   flush: () => DaemonStatus;
-  stop: () => Promise<void>;
+  /** SIGTERM and wait for the exit: how long the teardown took, and the daemon's last status. */
+  stop: () => Promise<{ exitMs: number; last: DaemonStatus | undefined }>;
 }
 
 export function cli(args: string[]): string {
@@ -52,9 +53,13 @@ export async function startBenchDaemon(name: string, args: string[], env: Record
     },
     stop: async () => {
       const { paths } = findVolumeByName(name);
+      const t = performance.now();
       child.kill('SIGTERM');
       await exited;
+      const exitMs = performance.now() - t;
+      const last = readStatus(name);
       rmSync(paths.dir, { recursive: true, force: true }); // its last status, no longer needed
+      return { exitMs, last };
     },
   };
 }

@@ -4,12 +4,12 @@
 
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, cpSync, mkdirSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, cpSync, existsSync, mkdirSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { formatSize } from '../src/common/size.js';
 import { startBenchDaemon } from './daemon.js';
 import { initVolume } from '../src/volume/init.js';
-import { filledVolume, median, table } from './lib.js';
+import { filledVolume, median, table, withLock } from './lib.js';
 
 const GiB = 2 ** 30;
 const CHUNK = 65536;
@@ -169,6 +169,25 @@ function measureRsync(work: string): { mode: string; ms: number; written: number
   return results;
 }
 
+/** Before issue 13 (every flush scans, one thread), a full scan on the pool, and block-layer tracking. */
+export const CHANGE_MODES = ['old', 'scan', 'tracked'] as const;
+export type ChangeMode = (typeof CHANGE_MODES)[number];
+const MODE_ENV: Record<ChangeMode, Record<string, string>> = {
+  old: { VBD_SHADOW_TRACKING: 'off', VBD_SHADOW_SCAN_THREADS: '1' },
+  scan: { VBD_SHADOW_TRACKING: 'off' },
+  tracked: {},
+};
+const MODE_TITLE: Record<ChangeMode, string> = { old: 'full scan, 1 thread (before)', scan: 'full scan, pool', tracked: 'tracked' };
+type Kind = 'raw' | 'mounted';
+
+/** The changes flushed: the same 10 MiB whatever the size, then a share of the device. */
+const CHANGES = [
+  { label: '10 MiB', chunks: (_size: number): number => (10 * 2 ** 20) / CHUNK },
+  { label: '0.1 %', chunks: (size: number): number => Math.round((size / CHUNK) * 0.001) },
+  { label: '1 %', chunks: (size: number): number => Math.round((size / CHUNK) * 0.01) },
+  { label: '10 %', chunks: (size: number): number => Math.round((size / CHUNK) * 0.1) },
+] as const;
+
 interface ChangeFigures {
   flushMs: number;
   scanMs: number;
@@ -177,57 +196,137 @@ interface ChangeFigures {
   tracking: string;
 }
 
-/** The same 10 MiB change (160 random 64 KiB chunks) flushed, with tracking on or off (VBD_SHADOW_TRACKING=off: every flush scans). */
-async function measureChange(work: string, gib: number, tracking: 'on' | 'off', rounds: number): Promise<ChangeFigures> {
-  const name = `bench-change-${gib}g-${tracking}`;
-  const dir = join(work, name);
-  await filledVolume(dir, gib * GiB, 100, CHUNK, { kind: 'linear' });
-  const d = await startBenchDaemon(name, [dir], tracking === 'off' ? { VBD_SHADOW_TRACKING: 'off' } : {});
+interface DaemonFigures {
+  change: Record<string, ChangeFigures>;
+  idleUs: number;
+  finalFlushMs: number;
+  teardownMs: number;
+}
+
+/** `count` distinct random 64 KiB pieces of [0, span), new random data at each. */
+function writeRandomPieces(path: string, span: number, count: number): void {
+  const picked = new Set<number>();
+  while (picked.size < count) picked.add(Math.floor(Math.random() * (span / CHUNK)));
+  writeChunks(path, [...picked].sort((a, b) => a - b), (c) => c * CHUNK);
+}
+
+/**
+ * One daemon on the volume in `dir`: the session's first flush (a full scan in every mode),
+ * then each change `rounds` times (written through the raw device, or into a file of the
+ * mounted ext4), idle checks, and the teardown of the unchanged volume.
+ */
+async function measureDaemon(dir: string, mnt: string, size: number, kind: Kind, mode: ChangeMode, rounds: number): Promise<DaemonFigures> {
+  const name = basename(dir);
+  const args = kind === 'mounted' ? [dir, '--mkfs', 'ext4', '--mount', mnt] : [dir];
+  const d = await startBenchDaemon(name, args, MODE_ENV[mode]);
+  let stopped = false;
   try {
     const device = d.status().device ?? '';
-    d.flush(); // the session's first flush scans either way
-    const figures: ChangeFigures[] = [];
-    for (let round = 0; round < rounds; round++) {
-      const chunks = new Set<number>();
-      while (chunks.size < (10 * 2 ** 20) / CHUNK) chunks.add(Math.floor(Math.random() * ((gib * GiB) / CHUNK)));
-      writeChunks(device, [...chunks].sort((a, b) => a - b), (c) => c * CHUNK);
-      const f = d.flush().lastFlush;
-      if (f?.ok !== true) throw new Error(`flush failed: ${f?.error}`);
-      figures.push({ flushMs: f.durationMs, scanMs: f.timings?.['scanMs'] ?? 0, hashed: f.chunksHashed ?? 0, changed: f.chunksChanged, tracking: f.tracking ?? '' });
+    // Half the filesystem, allocated once (the first daemon on the volume), holds the mounted changes.
+    const data = join(mnt, 'data');
+    const span = kind === 'raw' ? size : size / 2;
+    if (kind === 'mounted' && !existsSync(data)) execFileSync('fallocate', ['-l', String(span), data]);
+    d.flush(); // the session's first flush scans in every mode
+    const change: Record<string, ChangeFigures> = {};
+    for (const c of CHANGES) {
+      const figures: ChangeFigures[] = [];
+      for (let round = 0; round < rounds; round++) {
+        writeRandomPieces(kind === 'raw' ? device : data, span, c.chunks(size));
+        const f = d.flush().lastFlush;
+        if (f?.ok !== true) throw new Error(`flush failed: ${f?.error}`);
+        figures.push({ flushMs: f.durationMs, scanMs: f.timings?.['scanMs'] ?? 0, hashed: f.chunksHashed ?? 0, changed: f.chunksChanged, tracking: f.tracking ?? '' });
+      }
+      const pick = (k: 'flushMs' | 'scanMs' | 'hashed' | 'changed'): number => median(figures.map((x) => x[k]));
+      change[c.label] = { flushMs: pick('flushMs'), scanMs: pick('scanMs'), hashed: pick('hashed'), changed: pick('changed'), tracking: figures[figures.length - 1]?.tracking ?? '' };
     }
-    const pick = (k: 'flushMs' | 'scanMs' | 'hashed' | 'changed'): number => median(figures.map((x) => x[k]));
-    return { flushMs: pick('flushMs'), scanMs: pick('scanMs'), hashed: pick('hashed'), changed: pick('changed'), tracking: figures[figures.length - 1]?.tracking ?? '' };
+    const idle: number[] = [];
+    for (let i = 0; i < 20; i++) {
+      const s = d.flush();
+      if (s.lastCheck?.idle === true) idle.push(s.lastCheck.durationMs * 1000);
+    }
+    stopped = true;
+    const { exitMs, last } = await d.stop();
+    const final = last?.lastFlush;
+    if (final?.reason !== 'teardown' || final.ok !== true) throw new Error(`no successful teardown flush in the last status (${JSON.stringify(final)})`);
+    return { change, idleUs: median(idle), finalFlushMs: final.durationMs, teardownMs: exitMs };
   } finally {
-    await d.stop();
-    rmSync(dir, { recursive: true, force: true });
+    if (!stopped) await d.stop();
   }
 }
 
-/** Before (full scan) and after (block-layer tracking), side by side in one run. */
-export async function benchChange(work: string, sizesGiB: number[], rounds: number): Promise<string> {
-  const rows: (string | number)[][] = [];
-  const byMode: Record<string, number[]> = { off: [], on: [] };
+/**
+ * The scaling table (issue 13): per volume size and kind (raw device, mounted ext4), one volume
+ * served by a daemon per mode in turn — before (full scan on one thread), full scan on the
+ * pool, block-layer tracking — each flushing the same changes. Each size holds the loop lock
+ * once (`lock`), and its volumes are removed right after.
+ */
+export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[], modes: ChangeMode[], rounds: number, lock: string | undefined): Promise<string> {
+  const results = new Map<string, DaemonFigures>();
+  const key = (gib: number, kind: Kind, mode: ChangeMode): string => `${gib}/${kind}/${mode}`;
   for (const gib of sizesGiB) {
-    const pair: Record<string, ChangeFigures> = {};
-    for (const mode of ['off', 'on'] as const) {
-      process.stderr.write(`flush: 10 MiB change on ${gib} GiB, tracking ${mode}\n`);
-      const f = await measureChange(work, gib, mode, rounds);
-      pair[mode] = f;
-      byMode[mode]?.push(f.flushMs);
-    }
-    const off = pair['off'];
-    const on = pair['on'];
-    if (off === undefined || on === undefined) continue;
-    rows.push([`${gib} GiB`, off.flushMs.toFixed(1), off.scanMs.toFixed(1), off.hashed, on.flushMs.toFixed(1), on.scanMs.toFixed(1), on.hashed, on.changed, on.tracking, (off.flushMs / on.flushMs).toFixed(1)]);
+    await withLock(lock, `${gib} GiB`, async () => {
+      for (const kind of kinds) {
+        const dir = join(work, `bench-change-${gib}g-${kind}`); // the directory's name is the volume's name
+        const mnt = join(work, `change-mnt-${gib}g`);
+        try {
+          if (kind === 'raw') await filledVolume(dir, gib * GiB, 100, CHUNK, { kind: 'linear' });
+          else await initVolume({ dir, deviceSize: gib * GiB, fileCount: 100, chunkSize: CHUNK, layout: { kind: 'linear' }, force: true });
+          mkdirSync(mnt, { recursive: true });
+          for (const mode of modes) {
+            process.stderr.write(`change: ${gib} GiB ${kind}, ${MODE_TITLE[mode]}\n`);
+            results.set(key(gib, kind, mode), await measureDaemon(dir, mnt, gib * GiB, kind, mode, rounds));
+          }
+        } finally {
+          rmSync(dir, { recursive: true, force: true });
+          rmSync(mnt, { recursive: true, force: true });
+        }
+      }
+    });
   }
-  const scale = (mode: string): string => {
-    const list = byMode[mode] ?? [];
-    return list.length > 1 ? `${((list[list.length - 1] ?? 0) / (list[0] ?? 1)).toFixed(2)}×` : 'n/a';
-  };
+  const get = (gib: number, kind: Kind, mode: ChangeMode): DaemonFigures | undefined => results.get(key(gib, kind, mode));
+  const ms = (x: number | undefined): string => (x === undefined ? '–' : x.toFixed(1));
+  const ratio = (a: number | undefined, b: number | undefined): string => (a === undefined || b === undefined || b === 0 ? '–' : `${(a / b).toFixed(2)}×`);
+  const smallest = Math.min(...sizesGiB);
+
+  const same: (string | number)[][] = [];
+  const fractions: (string | number)[][] = [];
+  const idle: (string | number)[][] = [];
+  const summary: string[] = [];
+  for (const kind of kinds) {
+    for (const gib of sizesGiB) {
+      const c = (mode: ChangeMode, label: string): ChangeFigures | undefined => get(gib, kind, mode)?.change[label];
+      const tracked = c('tracked', '10 MiB');
+      same.push([`${gib} GiB`, kind, ms(c('old', '10 MiB')?.flushMs), ms(c('scan', '10 MiB')?.flushMs), ms(tracked?.flushMs), ms(tracked?.scanMs), tracked?.hashed ?? '–', tracked?.changed ?? '–',
+        tracked?.tracking ?? '–', ratio(tracked?.flushMs, get(smallest, kind, 'tracked')?.change['10 MiB']?.flushMs), ratio(c('old', '10 MiB')?.flushMs, tracked?.flushMs)]);
+      for (const label of ['0.1 %', '1 %', '10 %']) {
+        const t = c('tracked', label);
+        fractions.push([`${gib} GiB`, kind, label, t?.changed ?? '–', ms(c('old', label)?.flushMs), ms(c('scan', label)?.flushMs), ms(t?.flushMs), t?.hashed ?? '–', ratio(c('old', label)?.flushMs, t?.flushMs)]);
+      }
+      const f = (mode: ChangeMode): DaemonFigures | undefined => get(gib, kind, mode);
+      const us = (x: number | undefined): string => (x === undefined ? '–' : x.toFixed(0));
+      idle.push([`${gib} GiB`, kind, us(f('old')?.idleUs), us(f('scan')?.idleUs), us(f('tracked')?.idleUs), ms(f('old')?.finalFlushMs), ms(f('scan')?.finalFlushMs), ms(f('tracked')?.finalFlushMs),
+        ms(f('old')?.teardownMs), ms(f('scan')?.teardownMs), ms(f('tracked')?.teardownMs), ratio(f('tracked')?.finalFlushMs, f('old')?.finalFlushMs), ratio(f('tracked')?.teardownMs, f('old')?.teardownMs)]);
+    }
+    const base = get(smallest, kind, 'tracked')?.change['10 MiB']?.flushMs;
+    summary.push(`${kind}: ${sizesGiB.filter((g) => g !== smallest).map((g) => `${g} GiB ÷ ${smallest} GiB ${ratio(get(g, kind, 'tracked')?.change['10 MiB']?.flushMs, base)}`).join(', ')}`);
+  }
   return [
-    table(['volume', 'before: flush (ms)', 'before: scan (ms)', 'before: chunks hashed', 'after: flush (ms)', 'after: scan (ms)', 'after: chunks hashed', 'chunks changed', 'after: tracking', 'speed-up'], rows),
+    '### The same 10 MiB change (160 random 64 KiB chunks)',
     '',
-    `Largest ÷ smallest volume, same change: before ${scale('off')}, after ${scale('on')}.`,
+    table(['volume', 'kind', 'before: flush (ms)', 'full scan on the pool: flush (ms)', 'tracked: flush (ms)', 'tracked: scan (ms)', 'tracked: chunks hashed', 'chunks changed', 'tracked: how', `tracked ÷ ${smallest} GiB`, 'before ÷ tracked'], same),
+    '',
+    `Tracked, same change, larger ÷ smallest volume (target ≤ 1.2×): ${summary.join('; ')}.`,
+    '',
+    '### 0.1 %, 1 %, 10 % of the device rewritten',
+    '',
+    table(['volume', 'kind', 'dirty', 'chunks changed', 'before: flush (ms)', 'full scan on the pool: flush (ms)', 'tracked: flush (ms)', 'tracked: chunks hashed', 'before ÷ tracked'], fractions),
+    '',
+    '### Idle check and teardown of the unchanged volume',
+    '',
+    'Idle: median of 20 `vbd-shadow flush` checks with nothing written (lastCheck). Teardown: SIGTERM to the daemon\'s exit (final',
+    'flush, unmount, detach, freeing the RAM image), and its final flush alone (lastFlush of reason teardown).',
+    '',
+    table(['volume', 'kind', 'idle µs: before', 'idle µs: pool', 'idle µs: tracked', 'final flush ms: before', 'final flush ms: pool', 'final flush ms: tracked', 'teardown ms: before', 'teardown ms: pool', 'teardown ms: tracked', 'final flush: tracked ÷ before', 'teardown: tracked ÷ before'], idle),
   ].join('\n');
 }
 

@@ -2,9 +2,10 @@
 
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, mkdirSync, openSync, writeSync } from 'node:fs';
+import { closeSync, constants as fsc, mkdirSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { initVolume, type LayoutChoice } from '../src/volume/init.js';
+import { lockExclusive } from '../src/sys/libc.js';
 
 export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
@@ -43,4 +44,21 @@ export function machine(): string {
 export function ensureDir(dir: string): string {
   mkdirSync(dir, { recursive: true });
   return dir;
+}
+
+/**
+ * Runs `work` holding flock(2) on `path` (the machine's loop devices are shared: each part of a
+ * benchmark that attaches some holds the lock, briefly); without a path, runs it as is.
+ */
+export async function withLock<T>(path: string | undefined, what: string, work: () => Promise<T>): Promise<T> {
+  if (path === undefined) return work();
+  const fd = openSync(path, fsc.O_RDONLY | fsc.O_CREAT, 0o644);
+  try {
+    process.stderr.write(`bench: waiting for ${path} (${what})\n`);
+    await lockExclusive(fd, path);
+    process.stderr.write(`bench: holding ${path} (${what})\n`);
+    return await work();
+  } finally {
+    closeSync(fd); // releases the lock
+  }
 }

@@ -3,14 +3,18 @@
 //          --files 100 --file-size 10 (MiB, fio)  --seconds 5 (per fio workload)
 //          --device-runs 5 (sealed: interleaved fio runs on the devices)  --sealed-file-size 256 (MiB)
 //          --sealed-parts populate,devices,files,flush (the others kept from the last run's docs/bench/sealed.md)
+//          --scan-sizes 1024,4096,8192 --scan-small 8,16,32,64,128 (MiB, full-scan throughput)
+//          --change-sizes 1,4,8 (GiB) --change-kinds raw,mounted --change-modes old,scan,tracked
+//          --lock /tmp/vbd-loop.lock (change: held once per volume size and kind, not for the whole run)
 
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execFileSync } from 'node:child_process';
-import { benchChange, benchFlush } from './flush.js';
+import { CHANGE_MODES, benchChange, benchFlush, type ChangeMode } from './flush.js';
 import { benchPeers } from './peers.js';
 import { benchPopulate } from './populate.js';
+import { benchScan } from './scan.js';
 import { SEALED_PARTS, benchSealed, sealedVersions } from './sealed.js';
 import { machine } from './lib.js';
 
@@ -103,7 +107,20 @@ async function main(): Promise<void> {
   const sizes = option('sizes', '1,2,4,8').split(',').map(Number);
   const flushSizes = option('flush-sizes', '1,8').split(',').map(Number);
   const only = option('only', 'populate,flush,fio,sealed').split(',');
-  const changeSizes = option('change-sizes', '1,4').split(',').map(Number);
+  const scanSizes = option('scan-sizes', '1024,4096,8192').split(',').map(Number);
+  const scanSmall = option('scan-small', '8,16,32,64,128').split(',').map(Number);
+  const changeSizes = option('change-sizes', '1,4,8').split(',').map(Number);
+  const changeKinds = option('change-kinds', 'raw,mounted').split(',').map((k) => {
+    if (k !== 'raw' && k !== 'mounted') throw new Error(`--change-kinds: '${k}' is not raw or mounted`);
+    return k;
+  });
+  const changeModes = option('change-modes', CHANGE_MODES.join(',')).split(',').map((m) => {
+    const mode = CHANGE_MODES.find((known) => known === m);
+    if (mode === undefined) throw new Error(`--change-modes: '${m}' is not one of ${CHANGE_MODES.join(', ')}`);
+    return mode;
+  }) satisfies ChangeMode[];
+  const lockIndex = process.argv.indexOf('--lock');
+  const lock = lockIndex >= 0 ? process.argv[lockIndex + 1] : undefined;
   const files = Number(option('files', '100'));
   const fileMiB = Number(option('file-size', '10'));
   const seconds = Number(option('seconds', '5'));
@@ -140,15 +157,31 @@ async function main(): Promise<void> {
       run: () => benchFlush(work, flushSizes, rounds),
     },
     {
-      id: 'change',
-      title: 'Flush of the same 10 MiB change: full scan (before) against block-layer tracking (after)',
+      id: 'scan',
+      title: 'Full scan: the daemon\'s thread against the scan pool',
       intro: [
-        'Timed inside the daemon (status lastFlush). Linear volumes of 100 files, 64 KiB chunks; 160 random chunks (10 MiB) rewritten',
-        `through the raw device, then \`vbd-shadow flush\` (median of ${rounds}). "Before" is the same build with VBD_SHADOW_TRACKING=off`,
-        '(every flush hashes the whole image, as main did); "after" hashes only the chunks the trace names. Target (issue 13): the',
-        'larger volume ≤ 1.2× the 1 GiB figure.',
+        'xxh64 of every 64 KiB chunk of a RAM image (random data in a huge-page tmpfs file, mapped in 1 GiB windows as the daemon',
+        `maps it), in-process; median of ${Math.max(5, rounds)} interleaved rounds (small sizes: ≥ 9) after one warm-up round, every contender's hashes`,
+        'checked against the single thread\'s. The pool is what the daemon uses (src/flush/scan-pool.ts: its threads read the',
+        'daemon\'s mapping by address); pread into each thread\'s buffer and a mapping of each thread\'s own are the alternatives',
+        'measured for the choice. Target (issue 13): the pool ≥ 1.7× the daemon\'s thread on this 2-core machine.',
       ],
-      run: () => benchChange(work, changeSizes, rounds),
+      run: () => benchScan(work, scanSizes, scanSmall, Math.max(5, rounds)),
+    },
+    {
+      id: 'change',
+      title: 'Flush cost against volume size: full scan (before) against block-layer tracking, and the full scan on the pool',
+      intro: [
+        'Timed inside the daemon (status lastFlush / lastCheck). Linear volumes of 100 files, 64 KiB chunks; "raw": random data, the',
+        'changes written through the raw device; "mounted": an ext4 the daemon made and mounted, the changes written into a file',
+        `allocated over half of it. Each change (random 64 KiB pieces, new random data) then \`vbd-shadow flush\`, median of ${Math.max(5, rounds)}.`,
+        'Each volume is served in turn by three daemons of the same build: "before" with VBD_SHADOW_TRACKING=off and',
+        'VBD_SHADOW_SCAN_THREADS=1 (every flush hashes the whole image on one thread, as main did before issue 13); "full scan on',
+        'the pool" with VBD_SHADOW_TRACKING=off (the fallback); "tracked" hashes only the chunks the trace names.',
+        'Targets (issue 13): the same change on the larger volumes ≤ 1.2× the 1 GiB figure; idle < 1 ms; teardown of an',
+        'unchanged 8 GiB volume ≤ 0.1× before.',
+      ],
+      run: () => benchChange(work, changeSizes, changeKinds, changeModes, Math.max(5, rounds), lock),
     },
     {
       id: 'fio',

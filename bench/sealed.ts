@@ -173,10 +173,10 @@ function plainInit(dir: string, image?: string): void {
 async function started(cleanup: Cleanup, name: string, args: string[]): Promise<BenchDaemon> {
   const d = await startBenchDaemon(name, args);
   let stopped = false;
-  const stop = async (): Promise<void> => {
-    if (stopped) return;
+  const stop: BenchDaemon['stop'] = async () => {
+    if (stopped) return { exitMs: 0, last: undefined };
     stopped = true;
-    await d.stop();
+    return d.stop();
   };
   cleanup.add(`daemon ${name}`, stop);
   return { ...d, stop };

@@ -272,6 +272,7 @@ function printStatus(s: DaemonStatus): void {
   if (s.nbdError !== undefined) console.log(`  nbd      ENDED: ${s.nbdError}`);
   if (s.populateMs !== undefined) console.log(`  populate ${s.populateMs} ms`);
   if (s.tracking !== undefined) console.log(`  tracking ${s.tracking}`);
+  if (s.scan !== undefined) console.log(`  scan     ${s.scan.threads} thread${s.scan.threads === 1 ? '' : 's'} for large scans${s.scan.off !== undefined ? ` (pool off: ${s.scan.off})` : ''}`);
   const f = s.lastFlush;
   if (f !== undefined) {
     console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms${f.error !== undefined ? `: ${f.error}` : ''}`);

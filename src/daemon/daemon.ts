@@ -8,10 +8,11 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, readFileSync } from 'node:fs';
-import { VbdError, kindOf } from '../common/errors.js';
+import { UsageError, VbdError, kindOf } from '../common/errors.js';
 import { createFifo, readPipe, servePipe } from '../agent/pipe.js';
 import { dispatch, type Handlers, type PipeMessage } from '../agent/protocol.js';
 import { settleJournal } from '../flush/apply.js';
+import { ScanPool } from '../flush/scan-pool.js';
 import { openJournal } from '../flush/journal.js';
 import { closeMountPoint, openMountPoint, type MountPoint } from '../device/mount.js';
 import { checkLockable } from '../shadow/image.js';
@@ -39,6 +40,17 @@ export interface DaemonOptions extends Omit<SessionOptions, 'mountPoint'> {
   /** canary spawn: extra arguments for the agent (e.g. --key-file). */
   agentArgs?: string[];
   log: Log;
+}
+
+/** VBD_SHADOW_SCAN_THREADS: the threads a large scan uses (1: the daemon's thread alone); default every core. */
+export const SCAN_THREADS_ENV = 'VBD_SHADOW_SCAN_THREADS';
+
+function scanThreads(): number | undefined {
+  const text = process.env[SCAN_THREADS_ENV];
+  if (text === undefined || text === '') return undefined;
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1 || n > 64) throw new UsageError(`${SCAN_THREADS_ENV} must be a whole number from 1 to 64, got '${text}'`);
+  return n;
 }
 
 export function requireRoot(command: string): void {
@@ -153,6 +165,16 @@ function spawnAgent(volume: AnyVolume, args: string[], report: Report): ChildPro
 /** Runs the daemon until stopped; returns the process exit code. */
 export async function runDaemon(o: DaemonOptions): Promise<number> {
   requireRoot('vbd-shadow start');
+  // Threads start at the first large scan, serve every session, and end with the daemon.
+  const scanPool = new ScanPool(scanThreads());
+  try {
+    return await runDaemonWith(o, scanPool);
+  } finally {
+    await scanPool.close();
+  }
+}
+
+async function runDaemonWith(o: DaemonOptions, scanPool: ScanPool): Promise<number> {
   const { volume } = o;
   /** The newest events, for the status (written with the next status change, or shortly after). */
   const recorded: DaemonEvent[] = [];
@@ -192,6 +214,7 @@ export async function runDaemon(o: DaemonOptions): Promise<number> {
       readiness.update(status);
     },
     requestFlush: undefined,
+    scanPool,
   };
   try {
     // Everything that can be checked is checked before anything is touched.

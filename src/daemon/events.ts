@@ -48,6 +48,7 @@ export type DaemonEvent =
   | { kind: 'rekeyed'; from: number; to: number; epoch: number }
   | { kind: 'tracking-fallback'; reason: string; scans: 'every flush' | 'the next flush' | 'this flush' }
   | { kind: 'tracking-verification-failed'; chunks: number[] }
+  | { kind: 'scan-pool-failed'; error: string }
   | { kind: 'journal-discarded'; reason: string }
   | { kind: 'journal-completed'; batch: number; chunks: number; bytes: number }
   // The files
@@ -153,6 +154,7 @@ const FORMAT: { [K in EventKind]: (e: EventOf<K>) => Formatted } = {
     text: `TRACKING VERIFICATION FAILED: ${e.chunks.length} chunks differ from the files with no write traced (chunks ${e.chunks.slice(0, 10).join(', ')}${e.chunks.length > 10 ? ', …' : ''})`,
     priority: 'err',
   }),
+  'scan-pool-failed': (e) => ({ text: `${e.error}; hashing on the daemon's thread`, priority: 'warning' }),
   'journal-discarded': (e) => ({ text: `journal: discarding an interrupted, uncommitted flush (${e.reason}); the files hold the flush before it`, priority: 'warning' }),
   'journal-completed': (e) => ({ text: `journal: completed an interrupted flush (batch ${e.batch}, ${e.chunks} chunks, ${e.bytes} bytes)`, priority: 'warning' }),
   'external-change': (e) => ({

@@ -23,8 +23,8 @@ const UNMOUNT_ATTEMPTS = 20;
 
 /** Returns true if a leftover image was found and written back. */
 /** `journalFd`: a plain volume's flush journal (undefined for a sealed one). */
-/** `hooks`: a sealed volume's epoch record, kept before and after the commit (see FlushEngine). */
-export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, report: Report, hooks: Pick<FlushEngine, 'beforeCommit' | 'afterCommit'> = { beforeCommit: undefined, afterCommit: undefined }): Promise<boolean> {
+/** `hooks`: a sealed volume's epoch record, kept before and after the commit (see FlushEngine); the daemon's scan pool. */
+export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, report: Report, hooks: Partial<Pick<FlushEngine, 'beforeCommit' | 'afterCommit' | 'scanPool'>> = {}): Promise<boolean> {
   if (!isTmpfsMounted(paths.shadow)) return false;
   const imagePath = join(paths.shadow, 'image');
   if (!existsSync(imagePath)) {
@@ -63,6 +63,7 @@ export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, st
   const engine = new FlushEngine(volume, image, store, journalFd, report);
   engine.beforeCommit = hooks.beforeCommit;
   engine.afterCommit = hooks.afterCommit;
+  engine.scanPool = hooks.scanPool;
   engine.hashFiles();
   const result = await engine.flush('recovery', true);
   if (!result.ok) throw new VbdError(`recovery of the leftover image failed, it is kept at ${imagePath}: ${result.error}`);

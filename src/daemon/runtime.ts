@@ -136,6 +136,8 @@ export interface DaemonStatus {
   populateMs?: number;
   /** How the next flush finds what changed: 'block-layer', or 'full-scan (reason)'. */
   tracking?: string;
+  /** The threads large scans use, the pool's threads started so far, and why the pool is off (if it is). */
+  scan?: { threads: number; started: number; off?: string };
   /** The latest flush that wrote (or tried to write) something. */
   lastFlush?: FlushReport;
   lastCheck?: FlushCheck;

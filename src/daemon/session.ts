@@ -14,6 +14,7 @@ import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../
 import { startNbdExport, type NbdListen } from '../device/nbd.js';
 import { FlushEngine, type FlushResult, type SealedCommit } from '../flush/engine.js';
 import { ExternalChangeWatcher } from '../flush/external.js';
+import type { ScanPool } from '../flush/scan-pool.js';
 import { ChangeTracker } from '../flush/tracking.js';
 import { createImage, destroyImage, isAllZero, type ShadowImage } from '../shadow/image.js';
 import { listDamaged, type DamagedChunk } from '../store/chunk-store.js';
@@ -49,6 +50,8 @@ export interface SessionContext {
   setStatus: (change: Partial<DaemonStatus>) => void;
   /** Set while live: how flush requests (signal, control pipe, agent) reach this session. */
   requestFlush: ((reason: string) => void) | undefined;
+  /** The daemon's threads for large scans (one pool for every session). */
+  scanPool: ScanPool | undefined;
 }
 
 
@@ -67,7 +70,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       setStatus({ sealed: store.sealedState() });
     };
     const beforeCommit = epochs === undefined ? undefined : (): void => epochs.beforeCommit();
-    await recoverLeftover(paths, volume, store, journalFd, report, { beforeCommit, afterCommit });
+    await recoverLeftover(paths, volume, store, journalFd, report, { beforeCommit, afterCommit, scanPool: ctx.scanPool });
     const held = retryQuarantine(owner.uid);
     setStatus({ quarantinedLoops: held });
     if (held.length >= MAX_QUARANTINED) {
@@ -97,7 +100,8 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     engine.afterCommit = afterCommit;
     const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, report, trackerOptions());
     engine.tracker = tracker;
-    engine.hashImage();
+    engine.scanPool = ctx.scanPool;
+    await engine.hashImage();
     // Damaged slots must not stay referenced: the next flush seals the chunks (zeros) anew.
     engine.markDirty(damaged.map((d) => d.chunk));
     const recordFlush = (r: FlushResult): void => {
@@ -109,6 +113,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
         ...(idle ? {} : { lastFlush: flush, flushFailures: status().flushFailures + (r.ok ? 0 : 1) }),
         ...(r.ok ? { lastGoodFlush: r.at } : {}),
         tracking: engine.trackingMode(),
+        scan: engine.scanState(),
       });
     };
     // The trace instance goes with the final flush (which still reads the set it kept), also
@@ -130,7 +135,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     disableDiscard(loop);
     // Before anyone else can open the device: every write to it is traced.
     tracker.start(loop);
-    setStatus({ tracking: engine.trackingMode() });
+    setStatus({ tracking: engine.trackingMode(), scan: engine.scanState() });
     engine.device = loop;
     engine.resetBaseline();
     const link = publishName(owner, manifest.name, loop);
@@ -179,9 +184,11 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
 
     // The scheduler's timers also keep Node's event loop alive (signal handlers alone do not).
     const scheduler = new FlushScheduler(engine, { intervalMs: o.intervalMs, maxDirtyBytes: o.maxDirtyBytes, onResult: recordFlush, report });
-    cleanup.push('stop periodic flushes', () => {
+    cleanup.push('stop periodic flushes', async () => {
       scheduler.stop();
       ctx.requestFlush = undefined;
+      // A flush still running (frozen, perhaps, while the pool hashes) ends before the unmount.
+      await engine.settled();
     });
     ctx.requestFlush = (why) => void scheduler.request(why);
     scheduler.start();

@@ -11,8 +11,12 @@ export interface ThawHooks {
   after: () => void;
 }
 
-/** Freezes the filesystem, runs `capture`, and always thaws. */
-export async function whileFrozen<T>(m: Mounted, capture: () => T, thaw?: ThawHooks): Promise<{ result: T; freezeMs: number; frozenMs: number }> {
+/**
+ * Freezes the filesystem, runs `capture` (awaited: the thaw comes after it settles), and
+ * always thaws. The caller keeps anything else from using the mount meanwhile (the flush
+ * queue; teardown waits for it before it unmounts).
+ */
+export async function whileFrozen<T>(m: Mounted, capture: () => T | Promise<T>, thaw?: ThawHooks): Promise<{ result: T; freezeMs: number; frozenMs: number }> {
   const fd = mountRoot(m);
   // Dirty data is written out before (the caller synced) while writers still run: FIFREEZE
   // blocks them first and then syncs, so whatever is still dirty lengthens their stall.
@@ -20,7 +24,8 @@ export async function whileFrozen<T>(m: Mounted, capture: () => T, thaw?: ThawHo
   await ioctlAsync(fd, ioctls.FIFREEZE, 0, `FIFREEZE of ${m.path}`);
   const t1 = performance.now();
   try {
-    return { result: capture(), freezeMs: t1 - t0, frozenMs: performance.now() - t0 };
+    const result = await capture();
+    return { result, freezeMs: t1 - t0, frozenMs: performance.now() - t0 };
   } finally {
     thaw?.before();
     try {

@@ -21,15 +21,17 @@ import { VbdError, failure } from '../common/errors.js';
 import { sectorsWritten, syncDevice, type LoopDevice } from '../device/loop.js';
 import { syncMounted, whileFrozen } from '../device/freeze.js';
 import type { Mounted } from '../device/mount.js';
-import { WINDOW_BYTES, type ShadowImage } from '../shadow/image.js';
+import type { ShadowImage } from '../shadow/image.js';
 import type { ChunkStore, CommitReport } from '../store/chunk-store.js';
 import { slotSize } from '../store/slot.js';
 import { isPlainVolume, type AnyVolume } from '../volume/volume.js';
 import type { FlushReport } from '../daemon/runtime.js';
 import { applyBatch, settleJournal } from './apply.js';
 import { retireJournal, writeBatch, type JournalEntry } from './journal.js';
+import { ChunkViews, hashItems, itemCount, type ScanItems } from './scan-job.js';
+import type { ScanPool, ScanPoolState } from './scan-pool.js';
 import type { ChangeTracker } from './tracking.js';
-import { formatEvent, type DaemonEvent, type Report } from '../daemon/events.js';
+import { formatEvent, messageOf, type DaemonEvent, type Report } from '../daemon/events.js';
 
 /** Set (to 1) by the test suite: every tracked flush also scans and fails if the set missed a change. */
 export const VERIFY_TRACKING_ENV = 'VBD_SHADOW_VERIFY_TRACKING';
@@ -41,6 +43,11 @@ const STAGING_BLOCK = 64 * 2 ** 20;
 const STAGING_KEEP = 256 * 2 ** 20;
 /** Files are re-read this much at a time when their state must be learned again. */
 const REHASH_BYTES = 64 * 2 ** 20;
+/**
+ * Fewer bytes to hash than this are hashed on the daemon's thread: handing them to the pool
+ * costs more than it saves (bench: `--only scan`).
+ */
+export const POOL_MIN_BYTES = 128 * 2 ** 20;
 
 interface StagedChunk {
   slot: number;
@@ -73,6 +80,9 @@ export class FlushEngine {
   private readonly order: Uint32Array;
   /** Each chunk's position in `order`. */
   private readonly rank: Uint32Array;
+  private readonly views: ChunkViews;
+  /** The scan pool's answers, by chunk (shared with its threads); made at the first pooled scan. */
+  private current: BigUint64Array | undefined;
   /** Staging memory for captured chunks, reused from flush to flush. */
   private staging: Buffer[] = [];
   /** Set when the files changed behind our back: the next flush scans even if the device is idle. */
@@ -94,6 +104,8 @@ export class FlushEngine {
   afterCommit: ((commit: SealedCommit) => void) | undefined;
   /** The session's change tracker; without one every flush scans (recovery). */
   tracker: ChangeTracker | undefined;
+  /** The daemon's threads for large scans; without it (or while it is off) the daemon's thread hashes. */
+  scanPool: ScanPool | undefined;
   /** Every tracked flush also scans, and fails if the tracked set missed a changed chunk. */
   verifyTracking = process.env[VERIFY_TRACKING_ENV] === '1';
 
@@ -108,6 +120,7 @@ export class FlushEngine {
     const { chunkSize, deviceSize } = volume.manifest;
     if (store.kind === 'plain' && journalFd === undefined) throw new VbdError('internal: a plain volume flushes through its journal');
     this.hashes = new BigUint64Array(deviceSize / chunkSize);
+    this.views = new ChunkViews(image.windows, chunkSize);
     this.order = store.writeOrder();
     this.rank = new Uint32Array(this.order.length);
     this.order.forEach((chunk, i) => (this.rank[chunk] = i));
@@ -134,16 +147,39 @@ export class FlushEngine {
   }
 
   private chunkView(chunk: number): Buffer {
-    const { chunkSize } = this.volume.manifest;
-    const at = chunk * chunkSize;
-    const w = this.image.windows[Math.floor(at / WINDOW_BYTES)];
-    if (w === undefined) throw new Error(`internal: chunk ${chunk} is outside the image`);
-    return w.view.subarray(at - w.offset, at - w.offset + chunkSize);
+    return this.views.view(chunk);
+  }
+
+  /** The threads large scans use: the pool's, or 1 (the daemon's thread). */
+  scanState(): ScanPoolState {
+    return this.scanPool?.state() ?? { threads: 1, started: 0 };
+  }
+
+  /**
+   * Hashes `items` on the scan pool's threads when they are worth it: returns the hashes by
+   * chunk (valid for `items` only, until the next call), or undefined — the caller hashes on
+   * the daemon's thread (small scans, no pool, the pool off).
+   */
+  private async hashMany(items: ScanItems): Promise<BigUint64Array | undefined> {
+    const pool = this.scanPool;
+    if (pool === undefined || !pool.usable || itemCount(items) * this.volume.manifest.chunkSize < POOL_MIN_BYTES) return undefined;
+    this.current ??= new BigUint64Array(new SharedArrayBuffer(this.hashes.length * 8));
+    await pool.hash(this.image.windows, this.volume.manifest.chunkSize, items, this.current);
+    return this.current;
   }
 
   /** Records the image as the files' state (right after populate). */
-  hashImage(): void {
-    for (let chunk = 0; chunk < this.hashes.length; chunk++) this.hashes[chunk] = xxh64(this.chunkView(chunk));
+  async hashImage(): Promise<void> {
+    const all = { from: 0, to: this.hashes.length };
+    let current: BigUint64Array | undefined;
+    try {
+      current = await this.hashMany(all);
+    } catch (err) {
+      // Nothing to retry here (no flush): said once, and hashed on the daemon's thread (the pool is off now).
+      this.report({ kind: 'scan-pool-failed', error: messageOf(err) });
+    }
+    if (current !== undefined) this.hashes.set(current);
+    else hashItems(this.views, all, 0, this.hashes.length, this.hashes);
   }
 
   /**
@@ -221,12 +257,14 @@ export class FlushEngine {
    * again: the pass made while writers run does the bulk, the frozen pass only verifies.
    * (The frozen pass is the one given `staged`; nothing changes under it.)
    */
-  private stage(selection: Selection, staged?: Map<number, StagedChunk>): Map<number, StagedChunk> {
+  private async stage(selection: Selection, staged?: Map<number, StagedChunk>): Promise<Map<number, StagedChunk>> {
     const result = new Map<number, StagedChunk>();
     let next = 0;
     for (const s of staged?.values() ?? []) next = Math.max(next, s.slot + 1);
+    // A full scan hashes in device order (one sweep of the mapping), the copies go in file order.
+    const current = await this.hashMany(selection.all ? { from: 0, to: this.hashes.length } : selection.chunks);
     for (const chunk of selection.all ? this.order : selection.chunks) {
-      const hash = xxh64(this.chunkView(chunk));
+      const hash = current?.[chunk] ?? xxh64(this.chunkView(chunk));
       if (hash === this.hashes[chunk]) continue;
       const earlier = staged?.get(chunk);
       if (earlier !== undefined && earlier.hash === hash) {
@@ -344,7 +382,7 @@ export class FlushEngine {
       const scanStart = performance.now();
       let staged: Map<number, StagedChunk>;
       if (mounted !== undefined) {
-        const early = this.stage(selection);
+        const early = await this.stage(selection);
         const thaw = tracker === undefined ? undefined : { before: () => tracker.beginThaw(), after: () => tracker.endThaw() };
         const frozen = await whileFrozen(mounted, () => {
           // Inside the freeze: the second cut; its chunks and the first's are hashed again.
@@ -363,7 +401,7 @@ export class FlushEngine {
         else this.baseline = counter;
       } else {
         this.baseline = counter;
-        staged = this.stage(selection);
+        staged = await this.stage(selection);
       }
       t.scanMs = performance.now() - scanStart - t.freezeMs; // both passes (FIFREEZE itself apart)
       chunksHashed = selection.all ? this.order.length : selection.chunks.length;
@@ -405,8 +443,9 @@ export class FlushEngine {
     for (const c of selected) inSet[c] = 1;
     for (const c of staged.keys()) inSet[c] = 1;
     let missed: number[] = [];
+    const current = await this.hashMany({ from: 0, to: this.hashes.length });
     for (let chunk = 0; chunk < this.hashes.length; chunk++) {
-      if (inSet[chunk] === 0 && xxh64(this.chunkView(chunk)) !== this.hashes[chunk]) missed.push(chunk);
+      if (inSet[chunk] === 0 && (current?.[chunk] ?? xxh64(this.chunkView(chunk))) !== this.hashes[chunk]) missed.push(chunk);
     }
     const deadline = performance.now() + VERIFY_GRACE_MS;
     for (;;) {

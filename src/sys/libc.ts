@@ -54,6 +54,16 @@ export function viewOf(ptr: Pointer, length: number): Buffer {
   return Buffer.from(koffi.view(ptr, length) as ArrayBuffer);
 }
 
+/**
+ * A Buffer over `length` bytes at `address` in this process (no copy): how a worker thread
+ * reads a mapping the daemon's thread made (threads share the address space). The mapping
+ * must outlive every use of the view; nothing here can check that.
+ */
+export function viewAtAddress(address: bigint, length: number): Buffer {
+  const ptr: Pointer = koffi.decode(new BigUint64Array([address]), 'void *');
+  return viewOf(ptr, length);
+}
+
 /** ioctl with an int (or no) argument; returns its result. */
 export function ioctl(fd: number, request: number, arg: number, what: string): number {
   const r = c.ioctlInt(fd, request, arg) as number;
@@ -80,6 +90,17 @@ export function tryLockExclusive(fd: number, what: string): boolean {
   const err = syscallError('flock', what);
   if (err.code === 'EAGAIN') return false;
   throw err;
+}
+
+/** flock(LOCK_EX), waiting on a libuv thread until the lock is ours (released with the fd). */
+export function lockExclusive(fd: number, what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    c.flock.async(fd, LOCK_EX, (err: unknown, r: number) => {
+      if (err !== null && err !== undefined) reject(err);
+      else if (r !== 0) reject(syscallError('flock', what));
+      else resolve();
+    });
+  });
 }
 
 /** Async ioctl for calls that can block a while (FIFREEZE syncs the filesystem first). */

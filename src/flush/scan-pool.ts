@@ -1,0 +1,171 @@
+// The scan pool: worker threads that hash disjoint pieces of the RAM image, so a full scan
+// (and any large set of chunks) uses every core. One pool per daemon: its threads start at
+// the first large scan, serve every session of the daemon, and end with it (`close`).
+//
+// The threads read the daemon's own mapping of the image by address — no copy, no mapping of
+// their own (measured against pread into each thread's buffer and a per-thread mmap of the
+// image fd: docs/PERFORMANCE.md). The mapping outlives every job: the engine awaits a job
+// before it flushes again, and the image is unmapped only after the session's final flush.
+// Idle threads are unref'd (they never hold the daemon up at exit); a running job keeps it alive.
+//
+// Any failure — a thread's error, a thread that exits — fails the job with one line naming the
+// thread and the chunks it was hashing; the pool then switches itself off for the rest of the
+// daemon's life (scans run on the daemon's thread, slower but the same hashes: scan-job.ts),
+// and says why in `state()`.
+
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import { VbdError } from '../common/errors.js';
+import { describePiece, itemCount, pieceItems as piecesFor, type ScanItems, type ScanJob, type ScanReply } from './scan-job.js';
+
+const WORKER_URL = new URL('./scan-worker.js', import.meta.url);
+
+/** The image's windows as the pool needs them (ImageWindow has these). */
+export interface PoolWindow {
+  offset: number;
+  length: number;
+  address: bigint;
+}
+
+/** What `status` shows of the pool. */
+export interface ScanPoolState {
+  threads: number;
+  /** Threads started over the daemon's life (one pool: stays `threads` from flush to flush). */
+  started: number;
+  /** Why the pool is off (scans run on the daemon's thread). */
+  off?: string;
+}
+
+interface Member {
+  worker: Worker;
+  slot: number;
+  ready: Promise<void>;
+  /** Set while a job runs on this thread. */
+  settle: ((reply: ScanReply | Error) => void) | undefined;
+  gone: boolean;
+}
+
+export class ScanPool {
+  readonly threads: number;
+  private members: Member[] = [];
+  private started = 0;
+  private off: string | undefined;
+  private closed = false;
+  private running: Promise<unknown> = Promise.resolve();
+
+  /** `threads`: how many (default: the cores the process may use). */
+  constructor(threads = availableParallelism()) {
+    this.threads = Math.max(1, Math.floor(threads));
+    if (this.threads < 2) this.off = 'one thread only: scans run on the daemon\'s thread';
+  }
+
+  /** Whether scans may use the pool. */
+  get usable(): boolean {
+    return this.off === undefined && !this.closed;
+  }
+
+  state(): ScanPoolState {
+    return { threads: this.usable ? this.threads : 1, started: this.started, ...(this.off !== undefined ? { off: this.off } : {}) };
+  }
+
+  private spawn(slot: number): Member {
+    const worker = new Worker(WORKER_URL);
+    this.started++;
+    let markReady: () => void = () => undefined;
+    let failReady: (err: Error) => void = () => undefined;
+    const ready = new Promise<void>((resolve, reject) => {
+      markReady = resolve;
+      failReady = reject;
+    });
+    ready.catch(() => undefined);
+    const member: Member = { worker, slot, ready, settle: undefined, gone: false };
+    const end = (why: Error): void => {
+      member.gone = true;
+      failReady(why);
+      const settle = member.settle;
+      member.settle = undefined;
+      settle?.(why);
+    };
+    worker.on('message', (reply: ScanReply) => {
+      if (reply.kind === 'ready') return markReady();
+      const settle = member.settle;
+      member.settle = undefined;
+      settle?.(reply);
+    });
+    worker.on('error', (err) => end(err));
+    worker.on('exit', (code) => end(new Error(`the thread exited (code ${code})`)));
+    worker.unref();
+    return member;
+  }
+
+  /**
+   * Hashes `items` of the image into out[chunk] (`out` on a SharedArrayBuffer), the threads
+   * claiming pieces of it (scan-job.ts, pieceItems). Jobs run one at a time.
+   */
+  hash(windows: readonly PoolWindow[], chunkSize: number, items: ScanItems, out: BigUint64Array): Promise<void> {
+    const run = this.running.then(() => this.run(windows, chunkSize, items, out));
+    this.running = run.catch(() => undefined);
+    return run;
+  }
+
+  private async run(windows: readonly PoolWindow[], chunkSize: number, items: ScanItems, out: BigUint64Array): Promise<void> {
+    if (!this.usable) throw new VbdError(`internal: the scan pool is off (${this.off ?? 'closed'})`);
+    if (!(out.buffer instanceof SharedArrayBuffer)) throw new VbdError('internal: the scan pool writes its hashes into a SharedArrayBuffer');
+    for (let slot = 0; slot < this.threads; slot++) {
+      if (this.members[slot] === undefined || this.members[slot]?.gone === true) this.members[slot] = this.spawn(slot);
+    }
+    const members = this.members.slice(0, this.threads);
+    const pieceItems = piecesFor(chunkSize, itemCount(items), members.length);
+    const next = new Int32Array(new SharedArrayBuffer(4));
+    const busy = new Int32Array(new SharedArrayBuffer(4 * members.length)).fill(-1);
+    // Referenced while the job runs (their start included): an awaited job keeps the process alive.
+    for (const m of members) m.worker.ref();
+    const shared = { kind: 'scan', windows: windows.map((w) => ({ offset: w.offset, length: w.length, address: w.address })), chunkSize, items, pieceItems, next, busy, out } as const;
+    const replies = await Promise.all(members.map(async (m): Promise<ScanReply | Error> => {
+      try {
+        await m.ready;
+      } catch (err) {
+        return err instanceof Error ? err : new Error(String(err));
+      }
+      return new Promise((resolve) => {
+        m.settle = resolve;
+        m.worker.postMessage({ ...shared, slot: m.slot } satisfies ScanJob);
+      });
+    }));
+    for (const m of members) if (!m.gone) m.worker.unref();
+    const failed = replies.flatMap((reply, slot) => {
+      const who = `thread ${slot + 1} of ${members.length}`;
+      if (reply instanceof Error) {
+        const piece = describePiece(items, pieceItems, busy[slot] ?? -1, chunkSize);
+        return [`${who} ended ${piece === undefined ? 'before it took a piece' : `while hashing ${piece}`}: ${reply.message}`];
+      }
+      if (reply.kind === 'failed') {
+        const piece = describePiece(items, pieceItems, reply.piece, chunkSize);
+        return [`${who} failed ${piece === undefined ? 'before its first piece' : `hashing ${piece}`}: ${reply.message}`];
+      }
+      return [];
+    });
+    if (failed.length === 0) return;
+    const line = `full scan of ${itemCount(items)} chunks: ${failed.join('; ')}`;
+    this.switchOff(`a scan failed (${line}); scans run on the daemon's thread`);
+    throw new VbdError(line);
+  }
+
+  private switchOff(why: string): void {
+    this.off ??= why;
+    void this.terminate();
+  }
+
+  private async terminate(): Promise<void> {
+    const members = this.members;
+    this.members = [];
+    await Promise.all(members.map((m) => (m.gone ? undefined : m.worker.terminate())));
+  }
+
+  /** Ends the threads (daemon exit); waits for a running job first. */
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.running;
+    await this.terminate();
+  }
+}
