@@ -1,14 +1,12 @@
 // The CLI's top level: commander wiring, and the only place that turns errors into exit codes.
 
-import { readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Command, CommanderError } from 'commander';
 import { VbdError, errnoCode, kindOf, type ErrorKind } from '../common/errors.js';
 import { escapeText } from '../common/escape.js';
 import { EXIT, EXIT_SUMMARY, type ExitStatus } from '../common/exit-codes.js';
 import { priorityPrefix } from '../daemon/log.js';
 import { registerDaemonCommands } from './daemon-commands.js';
+import { packageInfo } from './package.js';
 import { registerOfflineCommands } from './offline-commands.js';
 import { registerSetupCommands } from './setup-commands.js';
 
@@ -28,25 +26,10 @@ const EXIT_OF: Record<ErrorKind, ExitStatus> = {
 /** Commands that run on when stdout goes away: their data matters more than their log lines. */
 const LONG_LIVED = new Set(['start', 'agent']);
 
-/** The version in the package's own package.json: the nearest one above this file (dist/src/cli/ or src/cli/). */
-function packageVersion(): string {
-  for (let dir = dirname(fileURLToPath(import.meta.url)); dir !== dirname(dir); dir = dirname(dir)) {
-    let text: string;
-    try {
-      text = readFileSync(join(dir, 'package.json'), 'utf8');
-    } catch {
-      continue;
-    }
-    const pkg = JSON.parse(text) as { name?: unknown; version?: unknown };
-    if (pkg.name === 'vbd-shadow' && typeof pkg.version === 'string') return pkg.version;
-  }
-  return 'unknown';
-}
-
 export function buildProgram(): Command {
   const program = new Command('vbd-shadow')
     .description('A RAM-speed Linux block device whose data lives in many files, placed by a layout of your choice.')
-    .version(packageVersion())
+    .version(packageInfo().version)
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(`${priorityPrefix(2, 'err')}vbd-shadow: ${text.replace(/^error: /, '')}`) });

@@ -6,15 +6,12 @@ import { InvalidArgumentError, type Command } from 'commander';
 import { BusyError, RefusedError, UsageError, VbdError } from '../common/errors.js';
 import { formatSize, parseSize } from '../common/size.js';
 import { daemonRunning, readStatusAt, runtimePaths } from '../daemon/runtime.js';
-import { journalPending } from '../flush/journal.js';
-import { STDIO, exportImage, importImage, spoolStdin } from '../image/offline.js';
-import { describeDamaged, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
-import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
-import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
-import { slotSize } from '../store/slot.js';
-import { initSealedVolume, initVolume, writeManifest, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
-import { closeVolume, isPlainVolume, isSealedVolume, openVolume, type AnyVolume } from '../volume/volume.js';
-import { newSecret, secretFor } from './key-input.js';
+import type { ChunkStore, CommitReport } from '../store/chunk-store.js';
+import type { LayoutChoice, SealedLayoutChoice, SpareChoice } from '../volume/init.js';
+import type { AnyVolume } from '../volume/volume.js';
+
+// The modules that open volumes, stores and images are imported by the command that runs
+// (`await import(…)` below), so that `status` and `--help` never load them.
 
 function parseCount(text: string): number {
   if (!/^\d+$/.test(text)) throw new InvalidArgumentError('expected a whole number.');
@@ -63,6 +60,7 @@ function sealedLayoutChoice(kind: string, params: string | undefined): SealedLay
 }
 
 async function layoutChoice(kind: string, keyFile: string | undefined, params: string | undefined): Promise<LayoutChoice> {
+  const { newSecret } = await import('./key-input.js');
   const choice = sealedLayoutChoice(kind, params);
   if (choice.kind === 'keyed') return { kind: 'keyed', secret: await newSecret(keyFile) };
   return choice;
@@ -79,6 +77,11 @@ function printNotices(store: ChunkStore): void {
  * interrupted flush waits in its journal.
  */
 async function withStore(dir: string, keyFile: string | undefined, writable: boolean, work: (store: ChunkStore, volume: AnyVolume) => void): Promise<void> {
+  const { closeVolume, isPlainVolume, isSealedVolume, openVolume } = await import('../volume/volume.js');
+  const { journalPending } = await import('../flush/journal.js');
+  const { isRolledBack, readEpochRecord } = await import('../daemon/epoch-record.js');
+  const { openChunkStore } = await import('../store/chunk-store.js');
+  const { secretFor } = await import('./key-input.js');
   const volume = openVolume(dir, { writable });
   let secret: Buffer | undefined;
   try {
@@ -144,6 +147,9 @@ function checkInitOptions(o: InitFlags): void {
 }
 
 async function initCommand(dir: string, o: InitFlags): Promise<void> {
+  const { initSealedVolume, initVolume } = await import('../volume/init.js');
+  const { slotSize } = await import('../store/slot.js');
+  const { newSecret } = await import('./key-input.js');
   checkInitOptions(o);
   const common = {
     dir, deviceSize: parseSize(o.size, '--size'), chunkSize: parseSize(o.chunk, '--chunk'),
@@ -172,6 +178,10 @@ async function initCommand(dir: string, o: InitFlags): Promise<void> {
 }
 
 async function passwdCommand(dir: string, o: { keyFile?: string; newKeyFile?: string }): Promise<void> {
+  const { closeVolume, isSealedVolume, openVolume } = await import('../volume/volume.js');
+  const { changePassphrase, unlockSealedManifest } = await import('../store/sealed-manifest.js');
+  const { writeManifest } = await import('../volume/init.js');
+  const { newSecret, secretFor } = await import('./key-input.js');
   if (o.keyFile === '-' && o.newKeyFile === '-') throw new UsageError('passwd: --key-file and --new-key-file cannot both come from standard input');
   const volume = openVolume(dir);
   let old: Buffer | undefined;
@@ -222,6 +232,8 @@ export function registerOfflineCommands(program: Command): void {
     .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input)')
     .option('--zero-damaged', 'sealed: export chunks whose slot fails authentication as zeros, and list them (default: refuse)')
     .action(async (dir: string, out: string, o: { keyFile?: string; zeroDamaged?: boolean }) => {
+      const { STDIO, exportImage } = await import('../image/offline.js');
+      const { describeDamaged } = await import('../store/chunk-store.js');
       // With the image on stdout, what is said goes to stderr.
       const say = (line: string): void => void (out === STDIO ? process.stderr.write(`${line}\n`) : console.log(line));
       await withStore(dir, o.keyFile, false, (store) => {
@@ -238,6 +250,7 @@ export function registerOfflineCommands(program: Command): void {
     .argument('<in>', 'image file, exactly the device size; - = standard input')
     .option('--key-file <file>', 'keyed layout: the secret; sealed: the passphrase (- = standard input, unless the image comes from there)')
     .action(async (dir: string, input: string, o: { keyFile?: string }) => {
+      const { STDIO, importImage, spoolStdin } = await import('../image/offline.js');
       if (input === STDIO && o.keyFile === STDIO) throw new UsageError('import: the image and --key-file cannot both come from standard input');
       await withStore(dir, o.keyFile, true, (store, volume) => {
         // A plain volume is written in place: a stream is spooled first, so one that ends short changes nothing.

@@ -21,7 +21,8 @@ import { checkNotStripped, openServedStore, type ServedStore } from './served-st
 import { createNotifier } from '../sys/notify.js';
 import type { Log } from './log.js';
 import { ServiceReadiness } from './readiness.js';
-import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonLock, type DaemonStatus } from './runtime.js';
+import { acquireLock, releaseLock, type DaemonLock } from './lock.js';
+import { requireRoot, runtimePaths, writeStatus, type DaemonStatus } from './runtime.js';
 import { serveSession, type SessionContext, type SessionOptions } from './session.js';
 
 export type CanaryMode = 'none' | 'spawn' | 'wait';
@@ -39,12 +40,6 @@ export interface DaemonOptions extends Omit<SessionOptions, 'mountPoint'> {
   /** canary spawn: extra arguments for the agent (e.g. --key-file). */
   agentArgs?: string[];
   log: Log;
-}
-
-export function requireRoot(command: string): void {
-  if (process.geteuid?.() !== 0) {
-    throw new VbdError(`${command} needs root (it mounts a tmpfs, locks RAM and attaches a loop device); run it with sudo`, { kind: 'refused' });
-  }
 }
 
 /** Resolves on the first SIGTERM or SIGINT, or a stop command (with the reason). */
