@@ -15,12 +15,14 @@ import { formatSize } from '../common/size.js';
 import { MKFS_TYPES } from '../device/mkfs.js';
 import { priorityPrefix } from '../daemon/log.js';
 import {
-  checkRootOwnedPath, daemonRunning, findVolumeByName, isAlive, knownVolumes, readStatusAt, runtimePaths,
-  type DaemonStatus, type RuntimePaths,
+  checkRootOwnedPath, daemonRunning, endedLongAgo, findVolumeByName, isAlive, knownVolumes, loopsOf, presenceOf, readStatusAt, runtimePaths,
+  type DaemonStatus, type KnownVolume, type RuntimePaths,
 } from '../daemon/runtime.js';
+import { isTmpfsMounted } from '../shadow/tmpfs.js';
 import { MANIFEST_NAME } from '../volume/names.js';
 import type { RecoverOptions } from './recover-command.js';
 import type { StartOptions } from './start-command.js';
+import { shown as shownViews, statusJson, statusLines, type StatusView } from './status-view.js';
 
 // What a command needs beyond this file is imported when it runs (`await import(…)`): `status`,
 // `flush` and `stop` by name load neither koffi, chokidar nor the daemon and flush engine
@@ -84,29 +86,36 @@ function sendControl(name: string, paths: RuntimePaths, message: PipeMessage): v
   }
 }
 
-function printStatus(s: DaemonStatus): void {
-  const alive = isAlive(s.pid) && s.state !== 'stopped' && s.state !== 'failed';
-  console.log(`${s.name}: ${s.state}${alive ? ` (pid ${s.pid}, canary ${s.canary}, ${s.sessions} sessions)` : ''}`);
-  console.log(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.sealedVolume === true ? 'sealed, ' : ''}${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
-  if (s.device !== undefined) console.log(`  device   ${s.link} -> ${s.device}`);
-  if (s.mountpoint !== undefined) console.log(`  mounted  ${s.mountpoint}`);
-  if (s.populateMs !== undefined) console.log(`  populate ${s.populateMs} ms`);
-  if (s.tracking !== undefined) console.log(`  tracking ${s.tracking}`);
-  const f = s.lastFlush;
-  if (f !== undefined) {
-    console.log(`  flush    ${f.ok ? 'ok' : 'FAILED'} at ${f.at} (${f.reason}): ${f.chunksChanged} chunks, ${formatSize(f.bytesWritten)} in ${f.durationMs.toFixed(1)} ms${f.error !== undefined ? `: ${f.error}` : ''}`);
+/** An entry as `status` shows it: its last status and what of it is still there. */
+function viewOf(v: KnownVolume): StatusView {
+  return { status: v.status, presence: presenceOf(v), boundLoops: loopsOf(v), imageKept: isTmpfsMounted(v.paths.shadow) };
+}
+
+/**
+ * Every entry the caller may see, less those that ended (daemon gone, nothing left behind) more
+ * than ENDED_KEPT_MS ago: root removes them (under their lock, lock.ts), others just skip them.
+ */
+async function currentViews(): Promise<StatusView[]> {
+  const views: StatusView[] = [];
+  for (const v of knownVolumes()) {
+    const view = viewOf(v);
+    if (view.presence === 'ended' && endedLongAgo(v)) {
+      if (process.geteuid?.() === 0) await pruneQuietly(v);
+      continue;
+    }
+    views.push(view);
   }
-  const sealed = s.sealed;
-  if (sealed !== undefined) {
-    console.log(`  sealed   epoch ${sealed.epoch}; ${sealed.seals} slots sealed under key generation ${sealed.keyGeneration} (re-key due at ${sealed.rekeyAt}); ${sealed.freeSlots} free slots`);
-    const path = f?.sealed;
-    if (path !== undefined) console.log(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map`);
+  return views;
+}
+
+/** Prunes one ended entry; a failure to remove it is no reason for `status` to fail. */
+async function pruneQuietly(v: KnownVolume): Promise<void> {
+  try {
+    const { pruneEnded } = await import('../daemon/lock.js');
+    pruneEnded(v);
+  } catch (err) {
+    process.stderr.write(`vbd-shadow: warning: cannot remove the runtime directory ${v.paths.dir} of ended volume '${v.status.name}': ${err instanceof Error ? err.message : String(err)}\n`);
   }
-  for (const notice of s.notices ?? []) console.log(`  notice   ${notice}`);
-  if ((s.damagedChunks ?? []).length > 0) console.log(`  damaged  served as zeros: ${(s.damagedChunks ?? []).map((d) => `chunk ${d.chunk} ('${d.name}' at ${d.offset})`).join(', ')}`);
-  if (s.flushFailures > 0) console.log(`  failures ${s.flushFailures} flushes failed since start`);
-  if ((s.quarantinedLoops ?? []).length > 0) console.log(`  held     loop devices of earlier sessions still open: ${(s.quarantinedLoops ?? []).map((n) => `/dev/loop${n}`).join(', ')}`);
-  if (s.error !== undefined) console.log(`  error    ${s.error}`);
 }
 
 export function registerDaemonCommands(program: Command): void {
@@ -158,16 +167,25 @@ export function registerDaemonCommands(program: Command): void {
 
   program
     .command('status')
-    .description('show live volumes (or one), for people or with --json for scripts')
+    .description('show the volumes whose daemon runs (or the one named), for people or with --json for scripts')
     .argument('[volume]', 'volume name or directory')
-    .option('--json', 'print JSON')
-    .action(async (target: string | undefined, o: { json?: boolean }) => {
-      const one = target !== undefined ? await resolveTarget(target) : undefined;
-      if (one !== undefined && one.status === undefined) throw new VbdError(`volume '${one.name}' has never been started here`);
-      const all = one?.status !== undefined ? [one.status] : knownVolumes().map((v) => v.status);
-      if (o.json === true) console.log(JSON.stringify(target !== undefined ? all[0] : all, null, 2));
-      else if (all.length === 0) console.log('no volumes');
-      else all.forEach(printStatus);
+    .option('--all', 'also volumes whose daemon has gone: those that left their RAM image or a loop device behind, and those that ended less than a minute ago')
+    .option('--json', 'print a JSON array, one object of one shape per volume')
+    .action(async (target: string | undefined, o: { all?: boolean; json?: boolean }) => {
+      let views: StatusView[];
+      let hidden = 0;
+      if (target !== undefined) {
+        const one = await resolveTarget(target);
+        if (one.status === undefined) throw new VbdError(`volume '${one.name}' has never been started here`);
+        views = [viewOf({ paths: one.paths, status: one.status })];
+      } else {
+        const all = await currentViews();
+        views = shownViews(all, o.all === true);
+        hidden = all.length - views.length;
+      }
+      if (o.json === true) console.log(JSON.stringify(views.map(statusJson), null, 2));
+      else if (views.length === 0) console.log(`no live volumes${hidden > 0 ? ` (${hidden} whose daemon has gone: --all shows ${hidden === 1 ? 'it' : 'them'})` : ''}`);
+      else for (const view of views) console.log(statusLines(view).join('\n'));
     });
 
   program

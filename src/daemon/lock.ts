@@ -4,7 +4,7 @@
 import { closeSync, fstatSync, lstatSync, openSync, readFileSync, rmSync, rmdirSync, writeSync, ftruncateSync, constants as fsc } from 'node:fs';
 import { VbdError, failure } from '../common/errors.js';
 import { tryLockExclusive } from '../sys/libc.js';
-import { makeRuntimeDir, type RuntimePaths } from './runtime.js';
+import { endedLongAgo, makeRuntimeDir, presenceOf, readStatusAt, type KnownVolume, type RuntimePaths } from './runtime.js';
 
 /** The daemon lock: an flock held for the daemon's life (the kernel drops it if it dies). */
 export interface DaemonLock {
@@ -67,3 +67,40 @@ export function releaseLock(lock: DaemonLock, forget = false): void {
   }
   closeSync(lock.fd);
 }
+
+/**
+ * Removes (root) the runtime directory of an entry that has ended and left nothing behind (see
+ * presenceOf), once it is older than ENDED_KEPT_MS: under its lock, so a daemon starting for the
+ * same volume either holds the lock first (nothing is removed) or takes it afterwards on a new
+ * lock file (acquireLock checks the file it locked is still the one at the path). Returns
+ * whether it was removed; anything unexpected inside keeps the directory.
+ */
+export function pruneEnded(v: KnownVolume): boolean {
+  let fd: number;
+  try {
+    fd = openSync(v.paths.lockFile, fsc.O_RDWR | fsc.O_NOFOLLOW);
+  } catch {
+    return false; // no lock file: a daemon is creating the directory, or it is not ours to judge
+  }
+  const st = fstatSync(fd);
+  if (!st.isFile() || st.uid !== 0 || !tryLockExclusive(fd, v.paths.lockFile)) {
+    closeSync(fd);
+    return false;
+  }
+  // Judged again under the lock: a daemon may have started (and ended) since the list was read.
+  const status = readStatusAt(v.paths);
+  const now = { paths: v.paths, status: status ?? v.status };
+  if (status === undefined || status.pid !== v.status.pid || presenceOf(now) !== 'ended' || !endedLongAgo(now)) {
+    closeSync(fd);
+    return false;
+  }
+  for (const name of ['status.json', 'status.json.new', 'agent.fifo', 'control.fifo']) rmSync(`${v.paths.dir}/${name}`, { force: true });
+  try {
+    rmdirSync(v.paths.shadow);
+  } catch {
+    /* absent, or not empty: the directory stays (below) */
+  }
+  releaseLock({ fd, paths: v.paths }, true);
+  return true;
+}
+

@@ -10,6 +10,7 @@ import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { isValidName } from '../volume/names.js';
 import { identityKey, type VolumeIdentity } from '../volume/identity.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
+import { isTmpfsMounted } from '../shadow/tmpfs.js';
 
 export const RUN_ROOT = '/run/vbd-shadow';
 
@@ -248,3 +249,45 @@ export function isAlive(pid: number): boolean {
 export function daemonRunning(status: DaemonStatus): boolean {
   return status.state !== 'stopped' && status.state !== 'failed' && isAlive(status.pid);
 }
+
+/**
+ * What a runtime entry stands for: a daemon that runs (in any state: waiting, live, stopping…);
+ * one that has gone but left something behind (its RAM image kept in the tmpfs, or a loop device
+ * still bound to an image of this directory); or one that has ended and left nothing.
+ */
+export type Presence = 'running' | 'left-behind' | 'ended';
+
+export function presenceOf(v: KnownVolume): Presence {
+  if (daemonRunning(v.status)) return 'running';
+  return isTmpfsMounted(v.paths.shadow) || loopsOf(v).length > 0 ? 'left-behind' : 'ended';
+}
+
+/** The loop devices the status names (this session's and held earlier ones) still bound to an image in this entry's tmpfs. */
+export function loopsOf(v: KnownVolume): string[] {
+  const indexes = [...(v.status.quarantinedLoops ?? [])];
+  const m = /^\/dev\/loop(\d+)$/.exec(v.status.device ?? '');
+  if (m !== null) indexes.unshift(Number(m[1]));
+  return indexes.filter((n) => {
+    try {
+      return readFileSync(`/sys/block/loop${n}/loop/backing_file`, 'utf8').startsWith(`${v.paths.shadow}/`);
+    } catch {
+      return false; // not bound (no loop/ attributes) or no such device
+    }
+  }).map((n) => `/dev/loop${n}`);
+}
+
+/**
+ * How long an ended entry is kept: long enough for `stop` (and whoever started the daemon) to
+ * read how it ended, after which root's `status` removes it (lock.ts, pruneEnded).
+ */
+export const ENDED_KEPT_MS = 60_000;
+
+/** Whether an ended entry is older than ENDED_KEPT_MS (by its status file's last write). */
+export function endedLongAgo(v: KnownVolume, now = Date.now()): boolean {
+  try {
+    return now - lstatSync(v.paths.statusFile).mtimeMs > ENDED_KEPT_MS;
+  } catch {
+    return false;
+  }
+}
+

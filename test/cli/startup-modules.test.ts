@@ -23,7 +23,7 @@ const HEAVY_PACKAGES = /\/node_modules\/(koffi|chokidar|@node-rs\/xxhash)\//;
 /** tsc's output files that only start, recover, the agent and the offline commands need. */
 const HEAVY_FILES = [
   'flush/engine.js', 'flush/tracking.js', 'flush/external.js', 'flush/journal.js', 'daemon/daemon.js', 'daemon/session.js',
-  'daemon/lock.js', 'sys/libc.js', 'sys/ffi.js', 'sys/open.js', 'volume/volume.js', 'image/offline.js', 'store/chunk-store.js', 'agent/agent.js',
+  'daemon/lock.js', 'shadow/image.js', 'sys/libc.js', 'sys/ffi.js', 'sys/open.js', 'volume/volume.js', 'image/offline.js', 'store/chunk-store.js', 'agent/agent.js',
 ];
 
 interface Run {
@@ -62,7 +62,7 @@ function expectLight(run: Run, what: string, compiled: boolean): void {
 }
 
 describe.skipIf(!IS_ROOT)(`status and flush load only what they need (${IS_ROOT ? 'a live volume, real daemon' : ROOT_SKIP_REASON})`, () => {
-  it('status (list, by name) and an idle flush load no koffi, chokidar, xxhash, daemon or flush engine', async () => {
+  it('status (list, by name, --json) and an idle flush load no koffi, chokidar, xxhash, daemon or flush engine', async () => {
     const { user, scratch, home } = ownedScratch();
     const dir = join(home, 'vol');
     const name = `${TEST_PREFIX}startup-modules`;
@@ -74,9 +74,9 @@ describe.skipIf(!IS_ROOT)(`status and flush load only what they need (${IS_ROOT 
     expect(cliAs(user, ['flush', name]).status).toBe(0);
 
     for (const [label, via, compiled] of [['bin', viaBin, false], ['compiled', viaCompiled, true]] as const) {
-      const byName = recorded(scratch, `${label}-status-name`, via(['status', name]));
-      expectLight(byName, `${label}: status ${name}`, compiled);
-      expect(byName.stdout).toContain(`${name}: live`);
+      const byName = recorded(scratch, `${label}-status-name`, via(['status', name, '--json']));
+      expectLight(byName, `${label}: status ${name} --json`, compiled);
+      expect((JSON.parse(byName.stdout) as { name: string; state: string }[]).map((s) => [s.name, s.state])).toEqual([[name, 'live']]);
 
       const list = recorded(scratch, `${label}-status-owner`, via(['status']), user);
       expectLight(list, `${label}: status (as the owner)`, compiled);
