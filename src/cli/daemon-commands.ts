@@ -10,6 +10,7 @@ import { closePipe, openPipeForWriting, writeMessage } from '../agent/pipe-write
 import type { PipeMessage } from '../agent/protocol.js';
 import { sleep } from '../common/fd.js';
 import { NotFoundError, RefusedError, VbdError, failure } from '../common/errors.js';
+import { escapeText } from '../common/escape.js';
 import { EXIT } from '../common/exit-codes.js';
 import { formatSize } from '../common/size.js';
 import { MKFS_TYPES } from '../device/mkfs.js';
@@ -67,6 +68,30 @@ async function runningDaemon(target: string, need: 'running' | 'live'): Promise<
   const { name, paths, status } = await resolveTarget(target);
   if (status === undefined || !daemonRunning(status) || (need === 'live' && status.state !== 'live')) throw new NotFoundError(`volume '${name}' is not live`);
   return { name, pid: status.pid, paths };
+}
+
+/** How often, at most, a command that waits says again what it waits for. */
+const WAIT_REPORT_MS = 5000;
+
+/**
+ * Says on stderr what the daemon's teardown waits for (status.waitingFor: a busy mount and who
+ * holds it) when first seen, then at most every WAIT_REPORT_MS while it lasts; nothing while
+ * the daemon waits for nothing.
+ */
+class WaitReporter {
+  private saidAt = -Infinity;
+
+  constructor(private readonly name: string) {}
+
+  check(s: DaemonStatus | undefined): void {
+    const w = s?.waitingFor;
+    const now = Date.now();
+    if (w === undefined || now - this.saidAt < WAIT_REPORT_MS) return;
+    this.saidAt = now;
+    const seconds = Math.max(0, Math.round((now - Date.parse(w.since)) / 1000));
+    const who = w.holders.length > 0 ? w.holders.join(', ') : 'a process not found in /proc';
+    process.stderr.write(`vbd-shadow: waiting ${seconds} s for ${escapeText(w.path)} to be unmounted (volume '${escapeText(this.name)}'): it is busy, held by ${escapeText(who)}; the files are kept current meanwhile\n`);
+  }
 }
 
 /** Sends one message on the daemon's control pipe (the owner and root may open it). */
@@ -146,7 +171,11 @@ export function registerDaemonCommands(program: Command): void {
     .action(async (target: string) => {
       const { name, pid, paths } = await runningDaemon(target, 'running');
       sendControl(name, paths, { kind: 'stop' });
-      while (isAlive(pid)) await sleep(100);
+      const waiting = new WaitReporter(name);
+      while (isAlive(pid)) {
+        waiting.check(readStatusAt(paths));
+        await sleep(100);
+      }
       const s = readStatusAt(paths);
       if (s?.state !== 'stopped') throw new VbdError(`volume '${name}' did not stop cleanly: ${s?.error ?? 'see its log'}`);
       console.log(`volume '${name}' stopped: written back, detached, RAM freed`);
@@ -262,11 +291,13 @@ async function sleepHook(kind: string): Promise<number> {
 async function flushAndWait(name: string, pid: number, paths: RuntimePaths): Promise<string> {
   const requested = new Date().toISOString();
   sendControl(name, paths, { kind: 'flush' });
+  const waiting = new WaitReporter(name);
   for (;;) {
     // An idle check answers within a millisecond or two: a short poll keeps `flush` near Node's own start-up.
     await sleep(5);
     const s = readStatusAt(paths);
     if (s === undefined || !isAlive(pid)) throw new VbdError(`volume '${name}' went away during the flush`);
+    waiting.check(s);
     if (s.lastCheck !== undefined && s.lastCheck.at >= requested) {
       if (!s.lastCheck.ok) throw new VbdError(`flush of '${name}' failed: ${s.lastFlush?.error ?? 'see the log'}`);
       const f = s.lastFlush;

@@ -3,7 +3,7 @@
 // does not apply), counts as integers, durations in milliseconds rounded to the microsecond.
 
 import { formatSize } from '../common/size.js';
-import type { DaemonState, DaemonStatus, FlushCheck, FlushReport, Presence } from '../daemon/runtime.js';
+import type { DaemonState, DaemonStatus, FlushCheck, FlushReport, Presence, WaitingFor } from '../daemon/runtime.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
 
 /** A duration in ms, to the microsecond (no `27.81837900000005`). */
@@ -66,6 +66,8 @@ export interface StatusJson {
   damagedChunks: DamagedChunk[];
   notices: string[];
   refused: { at: string; reason: string } | null;
+  /** What the daemon's teardown waits for now (a busy mount and who holds it), while it runs. */
+  waitingFor: WaitingFor | null;
   error: string | null;
 }
 
@@ -103,7 +105,7 @@ export function statusJson(v: StatusView): StatusJson {
     lastGoodFlush: s.lastGoodFlush ?? null, flushChecks: s.flushChecks, flushFailures: s.flushFailures, externalChanges: s.externalChanges,
     lastExternalChange: s.lastExternalChange !== undefined ? { ...s.lastExternalChange, keptAs: s.lastExternalChange.keptAs ?? null } : null,
     quarantinedLoops: s.quarantinedLoops ?? [], sealed: s.sealed ?? null, damagedChunks: s.damagedChunks ?? [], notices: s.notices ?? [],
-    refused: s.refused ?? null, error: s.error ?? null,
+    refused: s.refused ?? null, waitingFor: running ? s.waitingFor ?? null : null, error: s.error ?? null,
   };
 }
 
@@ -117,6 +119,8 @@ export function statusLines(v: StatusView): string[] {
   out.push(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.sealedVolume === true ? 'sealed, ' : ''}${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
   if (running && s.device !== undefined) out.push(`  device   ${s.link} -> ${s.device}`);
   if (running && s.mountpoint !== undefined) out.push(`  mounted  ${s.mountpoint}`);
+  const w = running ? s.waitingFor : undefined;
+  if (w !== undefined) out.push(`  waiting  since ${w.since} to unmount ${w.path}: busy, held by ${w.holders.join(', ') || 'a process not found in /proc'}`);
   if (!running && v.boundLoops.length > 0) out.push(`  held     ${v.boundLoops.join(', ')} still bound to its RAM image`);
   if (!running && v.imageKept) out.push(`  image    its RAM image is kept (root-only): 'vbd-shadow recover ${s.volumeDir}' writes it back into the files`);
   if (running && s.populateMs !== undefined) out.push(`  populate ${Math.round(s.populateMs)} ms`);

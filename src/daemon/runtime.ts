@@ -111,6 +111,16 @@ export interface FlushCheck {
 
 export type DaemonState = 'starting' | 'waiting' | 'recovering' | 'populating' | 'live' | 'stopping' | 'stopped' | 'failed';
 
+/** What a teardown is held up by (DaemonStatus.waitingFor). */
+export interface WaitingFor {
+  what: 'unmount';
+  /** The mount point. */
+  path: string;
+  /** Processes with their cwd, root or an open file under it, as "pid N (comm)". */
+  holders: string[];
+  since: string;
+}
+
 export interface DaemonStatus {
   name: string;
   volumeDir: string;
@@ -155,6 +165,11 @@ export interface DaemonStatus {
   sealed?: SealedState | undefined;
   /** Sealed, served with --expose-damaged: the chunks whose slots failed authentication (the first 20). */
   damagedChunks?: DamagedChunk[];
+  /**
+   * What a teardown waits for right now, and since when: the unmount of a busy mount (and who
+   * holds it: "pid 123 (bash)"). Absent when it does not wait; `stop` and `flush` say it.
+   */
+  waitingFor?: WaitingFor;
   /** What opening the volume found that its owner must hear (an older map copy used, a commit completed …). */
   notices?: string[];
   error?: string;

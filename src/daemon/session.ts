@@ -145,11 +145,14 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       const mounted = mountDevice(loop, point, owner, formatted ? o.mkfs : undefined);
       engine.mounted = mounted;
       cleanup.push(`unmount ${point.path}`, async () => {
-        // Busy: say who holds it (unmountDevice logs), keep the files current, retry.
-        while (!unmountDevice(mounted, log)) {
+        // Busy: say who holds it (unmountDevice logs; status tells `stop`), keep the files current, retry.
+        const since = new Date().toISOString();
+        const busy = (at: string, holders: string[]): void => setStatus({ waitingFor: { what: 'unmount', path: at, holders, since } });
+        while (!unmountDevice(mounted, log, busy)) {
           report(await engine.flush('waiting for unmount'));
           await sleep(2000);
         }
+        if (status().waitingFor !== undefined) setStatus({ waitingFor: undefined });
         engine.mounted = undefined;
         log(`unmounted ${point.path}`, 'notice');
       });

@@ -16,7 +16,7 @@ const KEYS = [
   'boundLoops', 'canary', 'chunkSize', 'damagedChunks', 'device', 'deviceSize', 'error', 'externalChanges', 'flushChecks', 'flushFailures',
   'identity', 'imageKept', 'intervalMs', 'lastCheck', 'lastExternalChange', 'lastFlush', 'lastGoodFlush', 'layout', 'link', 'mountpoint', 'name',
   'notices', 'owner', 'pid', 'populateMs', 'presence', 'quarantinedLoops', 'refused', 'sealed', 'sealedVolume', 'sessions', 'startedAt', 'state',
-  'tracking', 'volumeDir',
+  'tracking', 'volumeDir', 'waitingFor',
 ];
 
 type Entry = Record<string, unknown> & { name: string; state: string; presence: string };
