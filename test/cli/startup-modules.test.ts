@@ -1,9 +1,10 @@
 // What the short commands load (issue 13: the CLI loads only what a command needs): `status`
-// and `flush` of a live volume, run for real, with every module Node loads recorded by a loader
-// hook (test/fixtures/record-loads.mjs). They load neither koffi, chokidar nor xxhash — not
-// through bin/vbd-shadow (the bundle when it is fresh, else tsc's output), and not through tsc's
-// output, where file names also show that the daemon, the flush engine, the volume opener and
-// the offline image code stay unloaded. How fast that makes them: docs/BENCHMARKS.md.
+// and `flush` of a live volume, run for real, with every module Node loads recorded (ESM loader
+// hook and CommonJS require cache: test/fixtures/record-loads.mjs). They load neither koffi,
+// chokidar nor xxhash — not through bin/vbd-shadow (the bundle dist/cli/main.cjs when it is
+// fresh, else tsc's output), and not through tsc's output, where file names also show that the
+// daemon, the flush engine, the volume opener and the offline image code stay unloaded. How fast
+// that makes them: docs/BENCHMARKS.md.
 
 import { spawnSync } from 'node:child_process';
 import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
