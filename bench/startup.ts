@@ -26,7 +26,7 @@ function entryInUse(): string {
       return -1;
     }
   };
-  return stamp('dist/cli/main.js') >= stamp('dist/src/cli/main.js') ? 'the bundle (dist/cli/)' : 'tsc\'s output (dist/src/; no fresh bundle)';
+  return stamp('dist/cli/main.cjs') >= stamp('dist/src/cli/main.js') ? 'the bundle (dist/cli/main.cjs)' : 'tsc\'s output (dist/src/; no fresh bundle)';
 }
 
 /** Wall time (ms) of each contender, `runs` interleaved rounds after one warm-up round. */
