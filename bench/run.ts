@@ -1,5 +1,5 @@
 // `npm run bench`: runs the benchmarks and writes docs/BENCHMARKS.md.
-// Options: --only populate,flush,fio,sealed  --sizes 1,2,4,8 (GiB)  --flush-sizes 1,8  --rounds 3
+// Options: --only populate,flush,fio,sealed,startup  --sizes 1,2,4,8 (GiB)  --flush-sizes 1,8  --rounds 3
 //          --files 100 --file-size 10 (MiB, fio)  --seconds 5 (per fio workload)
 //          --device-runs 5 (sealed: interleaved fio runs on the devices)  --sealed-file-size 256 (MiB)
 //          --sealed-parts populate,devices,files,flush (the others kept from the last run's docs/bench/sealed.md)
@@ -15,6 +15,7 @@ import { CHANGE_MODES, benchChange, benchFlush, type ChangeMode } from './flush.
 import { benchPeers } from './peers.js';
 import { benchPopulate } from './populate.js';
 import { benchScan } from './scan.js';
+import { benchStartup } from './startup.js';
 import { SEALED_PARTS, benchSealed, sealedVersions } from './sealed.js';
 import { machine } from './lib.js';
 
@@ -106,7 +107,7 @@ async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('the benchmarks need root (tmpfs mounts, mlock, loop devices)');
   const sizes = option('sizes', '1,2,4,8').split(',').map(Number);
   const flushSizes = option('flush-sizes', '1,8').split(',').map(Number);
-  const only = option('only', 'populate,flush,fio,sealed').split(',');
+  const only = option('only', 'populate,flush,fio,sealed,startup').split(',');
   const scanSizes = option('scan-sizes', '1024,4096,8192').split(',').map(Number);
   const scanSmall = option('scan-small', '8,16,32,64,128').split(',').map(Number);
   const changeSizes = option('change-sizes', '1,4,8').split(',').map(Number);
@@ -127,6 +128,7 @@ async function main(): Promise<void> {
   const rounds = Number(option('rounds', '3'));
   const deviceRuns = Math.max(5, Number(option('device-runs', '5')));
   const sealedFileMiB = Number(option('sealed-file-size', '256'));
+  const startupRuns = Math.max(11, Number(option('startup-runs', '21')));
   const sealedParts = option('sealed-parts', SEALED_PARTS.join(',')).split(',').map((p) => {
     const part = SEALED_PARTS.find((known) => known === p);
     if (part === undefined) throw new Error(`--sealed-parts: '${p}' is not one of ${SEALED_PARTS.join(', ')}`);
@@ -194,6 +196,17 @@ async function main(): Promise<void> {
         `Versions: ${versions()}.`,
       ],
       run: () => benchPeers(work, files, fileMiB, seconds),
+    },
+    {
+      id: 'startup',
+      title: 'CLI start-up: short commands against `node -e 0`',
+      intro: [
+        'Wall time of each command as a shell runs it (spawn to exit, output discarded), against Node starting and doing nothing',
+        'and against `losetup -a` for reference. The short commands load only what they need (test/cli/startup-modules.test.ts)',
+        'and bin/vbd-shadow runs the bundle `npm run build` makes (scripts/bundle.mjs). Target (issue 13): `status` and an idle',
+        '`flush` ≤ 1.5× `node -e 0`. The machine is shared: other work may run beside it, so min – max is shown too.',
+      ],
+      run: () => benchStartup(work, startupRuns),
     },
     {
       id: 'sealed',

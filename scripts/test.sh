@@ -17,7 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 UNIT=systemd/vbd-shadow@.service
 
+# What ships: tsc's output and the bundle bin/vbd-shadow runs (scripts/bundle.mjs).
 node_modules/.bin/tsc -p .
+node scripts/bundle.mjs
 
 # Every tracked flush of every daemon the suite starts also scans the whole image and fails
 # loudly if the change tracker's set missed a changed chunk (src/flush/engine.ts, verify).

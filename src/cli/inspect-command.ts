@@ -5,7 +5,6 @@
 // slots and map copy, read through the chunk store. `--json`: one object, always the same keys.
 
 import { closeSync } from 'node:fs';
-import type { Command } from 'commander';
 import { RefusedError, UsageError } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
 import { readEpochRecord } from '../daemon/epoch-record.js';
@@ -208,15 +207,8 @@ export function formatInspect(r: InspectReport): string[] {
   return lines;
 }
 
-export function registerInspectCommand(program: Command): void {
-  program
-    .command('inspect')
-    .description('show what a volume is, offline (no root, no key needed): geometry, layout, files, journal and last flush; sealed: identity, and with the passphrase its epochs, seals and free slots')
-    .argument('<dir>', 'volume directory')
-    .option('--key-file <file>', 'sealed: the passphrase, for the epoch, seal and slot details (- = standard input; default ~/.config/vbd-shadow/NAME.key if present, else asked on a terminal, Enter skips)')
-    .option('--json', 'one JSON object (the same keys for every volume; null where a part does not apply)')
-    .action(async (dir: string, o: { keyFile?: string; json?: boolean }) => {
-      const report = await inspectVolume(dir, o.keyFile);
-      process.stdout.write(o.json === true ? `${JSON.stringify(report, null, 2)}\n` : `${formatInspect(report).join('\n')}\n`);
-    });
+/** inspect DIR: the report as text or JSON on stdout. */
+export async function inspectCommand(dir: string, o: { keyFile?: string; json?: boolean }): Promise<void> {
+  const report = await inspectVolume(dir, o.keyFile);
+  process.stdout.write(o.json === true ? `${JSON.stringify(report, null, 2)}\n` : `${formatInspect(report).join('\n')}\n`);
 }

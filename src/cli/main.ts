@@ -1,16 +1,13 @@
 // The CLI's top level: commander wiring, and the only place that turns errors into exit codes.
 
-import { readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Command, CommanderError } from 'commander';
 import { VbdError, errnoCode, kindOf, type ErrorKind } from '../common/errors.js';
 import { escapeText } from '../common/escape.js';
 import { EXIT, EXIT_SUMMARY, type ExitStatus } from '../common/exit-codes.js';
 import { priorityPrefix } from '../daemon/log.js';
 import { registerDaemonCommands } from './daemon-commands.js';
+import { packageInfo } from './package.js';
 import { registerOfflineCommands } from './offline-commands.js';
-import { expandOptionsFiles } from './options-file.js';
 import { registerSetupCommands } from './setup-commands.js';
 
 /** The exit status of each kind of error; a new kind without a status does not compile. */
@@ -29,25 +26,10 @@ const EXIT_OF: Record<ErrorKind, ExitStatus> = {
 /** Commands that run on when stdout goes away: their data matters more than their log lines. */
 const LONG_LIVED = new Set(['start', 'agent']);
 
-/** The version in the package's own package.json: the nearest one above this file (dist/src/cli/ or src/cli/). */
-function packageVersion(): string {
-  for (let dir = dirname(fileURLToPath(import.meta.url)); dir !== dirname(dir); dir = dirname(dir)) {
-    let text: string;
-    try {
-      text = readFileSync(join(dir, 'package.json'), 'utf8');
-    } catch {
-      continue;
-    }
-    const pkg = JSON.parse(text) as { name?: unknown; version?: unknown };
-    if (pkg.name === 'vbd-shadow' && typeof pkg.version === 'string') return pkg.version;
-  }
-  return 'unknown';
-}
-
 export function buildProgram(): Command {
   const program = new Command('vbd-shadow')
     .description('A RAM-speed Linux block device whose data lives in many files, placed by a layout of your choice.')
-    .version(packageVersion())
+    .version(packageInfo().version)
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(`${priorityPrefix(2, 'err')}vbd-shadow: ${text.replace(/^error: /, '')}`) });
@@ -97,7 +79,9 @@ function isLongLived(argv: readonly string[]): boolean {
 export async function main(argv: string[]): Promise<number> {
   if (!isLongLived(argv)) quietOnClosedStdout();
   try {
-    await buildProgram().parseAsync(expandOptionsFiles(argv));
+    // Only `start --options-file` reads a file (through the FFI): the other commands load none of it.
+    const args = argv.some((a) => a.startsWith('--options-file')) ? (await import('./options-file.js')).expandOptionsFiles(argv) : argv;
+    await buildProgram().parseAsync(args);
     // A command that ends with a code of its own (the daemon, the agent) set process.exitCode.
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {

@@ -5,12 +5,11 @@
 import { chmodSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync, realpathSync, renameSync, rmdirSync, statSync, unlinkSync, writeSync, readdirSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Argument, Option, type Command } from 'commander';
 import { NotFoundError, RefusedError, UsageError, failure } from '../common/errors.js';
+import { packageInfo } from './package.js';
 
 /** The installed package: dist/src/cli/ → the package root. */
-const PACKAGE_ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 
 // ---------------------------------------------------------------------------------------------
 // bash completion
@@ -186,14 +185,14 @@ function filesUnder(dir: string): string[] {
 
 /** This installation: the node binary and the package's bin script, both real paths. */
 function installation(): { node: string; bin: string; root: string } {
-  const root = realpathSync(PACKAGE_ROOT);
+  const root = realpathSync(packageInfo().root);
   return { node: realpathSync(process.execPath), bin: join(root, 'bin', 'vbd-shadow'), root };
 }
 
 /** A unit template from systemd/, with ExecStart= running this installation. */
 export function renderUnit(template: string): string {
   const { node, bin, root } = installation();
-  const text = readFileSync(join(PACKAGE_ROOT, 'systemd', template), 'utf8');
+  const text = readFileSync(join(packageInfo().root, 'systemd', template), 'utf8');
   const execs = text.split('\n').filter((l) => l.startsWith('ExecStart='));
   if (execs.length !== 1 || !execs[0]?.startsWith(`ExecStart=${TEMPLATE_BIN} `)) {
     throw new NotFoundError(`install-units: systemd/${template} has no single 'ExecStart=${TEMPLATE_BIN} …' line to point at this installation`);

@@ -22,7 +22,8 @@ import { createNotifier } from '../sys/notify.js';
 import type { Log } from './log.js';
 import { MAX_RECORDED, createReporter, messageOf, type DaemonEvent, type Report } from './events.js';
 import { ServiceReadiness } from './readiness.js';
-import { acquireLock, releaseLock, runtimePaths, writeStatus, type DaemonLock, type DaemonStatus } from './runtime.js';
+import { acquireLock, releaseLock, type DaemonLock } from './lock.js';
+import { requireRoot, runtimePaths, writeStatus, type DaemonStatus } from './runtime.js';
 import { serveSession, type SessionContext, type SessionOptions } from './session.js';
 
 export type CanaryMode = 'none' | 'spawn' | 'wait';
@@ -51,12 +52,6 @@ function scanThreads(): number | undefined {
   const n = Number(text);
   if (!Number.isInteger(n) || n < 1 || n > 64) throw new UsageError(`${SCAN_THREADS_ENV} must be a whole number from 1 to 64, got '${text}'`);
   return n;
-}
-
-export function requireRoot(command: string): void {
-  if (process.geteuid?.() !== 0) {
-    throw new VbdError(`${command} needs root (it mounts a tmpfs, locks RAM and attaches a loop device); run it with sudo`, { kind: 'refused' });
-  }
 }
 
 /** Resolves on the first SIGTERM or SIGINT, or a stop command (with the reason). */

@@ -4,15 +4,15 @@
 // reads the status and opens her FIFOs there); it holds the root-only tmpfs `shadow/`, the
 // lock, status.json and the owner-only FIFOs.
 
-import { chmodSync, closeSync, fchmodSync, fstatSync, lstatSync, mkdirSync, rmSync, rmdirSync, openSync, readFileSync, readdirSync, renameSync, writeSync, ftruncateSync, constants as fsc } from 'node:fs';
+import { chmodSync, closeSync, fchmodSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, writeSync, constants as fsc } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError, errnoCode, failure, type ErrorKind } from '../common/errors.js';
-import { isValidName } from '../volume/manifest.js';
-import { tryLockExclusive } from '../sys/libc.js';
-import { identityKey, type VolumeIdentity } from '../volume/volume.js';
+import { isValidName } from '../volume/names.js';
+import { identityKey, type VolumeIdentity } from '../volume/identity.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
 import type { NbdState } from '../device/nbd.js';
 import type { DaemonEvent } from './events.js';
+import { isTmpfsMounted } from '../shadow/tmpfs.js';
 
 export const RUN_ROOT = '/run/vbd-shadow';
 
@@ -23,6 +23,13 @@ export interface RuntimePaths {
   statusFile: string;
   agentFifo: string;
   controlFifo: string;
+}
+
+/** Refuses a command that only root may run (one clear line, status 'refused'). */
+export function requireRoot(command: string): void {
+  if (process.geteuid?.() !== 0) {
+    throw new VbdError(`${command} needs root (it mounts a tmpfs, locks RAM and attaches a loop device); run it with sudo`, { kind: 'refused' });
+  }
 }
 
 export function runtimeDir(id: VolumeIdentity): string {
@@ -106,6 +113,16 @@ export interface FlushCheck {
 
 export type DaemonState = 'starting' | 'waiting' | 'recovering' | 'populating' | 'live' | 'stopping' | 'stopped' | 'failed';
 
+/** What a teardown is held up by (DaemonStatus.waitingFor). */
+export interface WaitingFor {
+  what: 'unmount';
+  /** The mount point. */
+  path: string;
+  /** Processes with their cwd, root or an open file under it, as "pid N (comm)". */
+  holders: string[];
+  since: string;
+}
+
 export interface DaemonStatus {
   name: string;
   volumeDir: string;
@@ -156,6 +173,11 @@ export interface DaemonStatus {
   sealed?: SealedState | undefined;
   /** Sealed, served with --expose-damaged: the chunks whose slots failed authentication (the first 20). */
   damagedChunks?: DamagedChunk[];
+  /**
+   * What a teardown waits for right now, and since when: the unmount of a busy mount (and who
+   * holds it: "pid 123 (bash)"). Absent when it does not wait; `stop` and `flush` say it.
+   */
+  waitingFor?: WaitingFor;
   /** What opening the volume found that its owner must hear (an older map copy used, a commit completed …). */
   notices?: string[];
   /** The newest events the daemon reported (src/daemon/events.ts), oldest first, at most MAX_RECORDED. */
@@ -202,7 +224,12 @@ export function knownVolumes(): KnownVolume[] {
       if (status !== undefined) found.push({ paths, status });
     }
   }
-  return found.sort((a, b) => a.status.name.localeCompare(b.status.name) || a.status.owner.uid - b.status.owner.uid);
+  // By code point, not localeCompare: names are ASCII, and ICU's collator costs ~25 ms to set up.
+  return found.sort((a, b) => compareText(a.status.name, b.status.name) || a.status.owner.uid - b.status.owner.uid);
+}
+
+function compareText(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 function safeList(dir: string): string[] {
@@ -248,66 +275,45 @@ export function daemonRunning(status: DaemonStatus): boolean {
   return status.state !== 'stopped' && status.state !== 'failed' && isAlive(status.pid);
 }
 
-/** The daemon lock: an flock held for the daemon's life (the kernel drops it if it dies). */
-export interface DaemonLock {
-  fd: number;
-  paths: RuntimePaths;
+/**
+ * What a runtime entry stands for: a daemon that runs (in any state: waiting, live, stopping…);
+ * one that has gone but left something behind (its RAM image kept in the tmpfs, or a loop device
+ * still bound to an image of this directory); or one that has ended and left nothing.
+ */
+export type Presence = 'running' | 'left-behind' | 'ended';
+
+export function presenceOf(v: KnownVolume): Presence {
+  if (daemonRunning(v.status)) return 'running';
+  return isTmpfsMounted(v.paths.shadow) || loopsOf(v).length > 0 ? 'left-behind' : 'ended';
 }
 
-/** Takes the volume's lock, or refuses naming the live holder. Root only (the directory is root's). */
-export function acquireLock(paths: RuntimePaths, name: string): DaemonLock {
-  // A lock file removed by a holder that gave up (see releaseLock) may be the one we opened:
-  // the lock counts only if the file we hold is still the one at the path.
-  for (let attempt = 0; attempt < 3; attempt++) {
-    makeRuntimeDir(paths);
-    let fd: number;
+/** The loop devices the status names (this session's and held earlier ones) still bound to an image in this entry's tmpfs. */
+export function loopsOf(v: KnownVolume): string[] {
+  const indexes = [...(v.status.quarantinedLoops ?? [])];
+  const m = /^\/dev\/loop(\d+)$/.exec(v.status.device ?? '');
+  if (m !== null) indexes.unshift(Number(m[1]));
+  return indexes.filter((n) => {
     try {
-      fd = openSync(paths.lockFile, fsc.O_RDWR | fsc.O_CREAT | fsc.O_NOFOLLOW, 0o644);
-    } catch (err) {
-      throw failure(`cannot open lock ${paths.lockFile}`, err);
-    }
-    const st = fstatSync(fd);
-    if (!st.isFile() || st.uid !== 0) {
-      closeSync(fd);
-      throw new VbdError(`lock ${paths.lockFile} is not root's regular file`);
-    }
-    if (!tryLockExclusive(fd, paths.lockFile)) {
-      const holder = readFileSync(paths.lockFile, 'utf8').trim();
-      closeSync(fd);
-      throw new VbdError(`volume '${name}' is already served by ${/^\d+$/.test(holder) ? `pid ${holder}` : 'another daemon'}`);
-    }
-    let atPath: number | undefined;
-    try {
-      atPath = lstatSync(paths.lockFile).ino;
+      return readFileSync(`/sys/block/loop${n}/loop/backing_file`, 'utf8').startsWith(`${v.paths.shadow}/`);
     } catch {
-      atPath = undefined;
+      return false; // not bound (no loop/ attributes) or no such device
     }
-    if (atPath !== st.ino) {
-      closeSync(fd);
-      continue;
-    }
-    ftruncateSync(fd, 0);
-    writeSync(fd, `${process.pid}\n`, 0);
-    return { fd, paths };
-  }
-  throw new VbdError(`cannot take the lock ${paths.lockFile}: it keeps being replaced`);
+  }).map((n) => `/dev/loop${n}`);
 }
 
 /**
- * Releases the lock. `forget`: a daemon that never got as far as a status removes what it made
- * (the lock file, then the directory if empty) while still holding the lock.
+ * How long an ended entry is kept: long enough for `stop` (and whoever started the daemon) to
+ * read how it ended, after which root's `status` removes it (lock.ts, pruneEnded).
  */
-export function releaseLock(lock: DaemonLock, forget = false): void {
-  ftruncateSync(lock.fd, 0);
-  if (forget) {
-    rmSync(lock.paths.lockFile, { force: true });
-    try {
-      rmdirSync(lock.paths.dir);
-    } catch {
-      /* not empty (FIFOs, a tmpfs): kept */
-    }
+export const ENDED_KEPT_MS = 60_000;
+
+/** Whether an ended entry is older than ENDED_KEPT_MS (by its status file's last write). */
+export function endedLongAgo(v: KnownVolume, now = Date.now()): boolean {
+  try {
+    return now - lstatSync(v.paths.statusFile).mtimeMs > ENDED_KEPT_MS;
+  } catch {
+    return false;
   }
-  closeSync(lock.fd);
 }
 
 /**

@@ -168,11 +168,14 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       const mounted = mountDevice(loop, point, owner, formatted ? o.mkfs : undefined);
       engine.mounted = mounted;
       cleanup.push(`unmount ${point.path}`, async () => {
-        // Busy: say who holds it (unmountDevice logs), keep the files current, retry.
-        while (!unmountDevice(mounted, report)) {
+        // Busy: say who holds it (unmountDevice reports; status tells `stop`), keep the files current, retry.
+        const since = new Date().toISOString();
+        const busy = (at: string, holders: string[]): void => setStatus({ waitingFor: { what: 'unmount', path: at, holders, since } });
+        while (!unmountDevice(mounted, report, busy)) {
           recordFlush(await engine.flush('waiting for unmount'));
           await sleep(2000);
         }
+        if (status().waitingFor !== undefined) setStatus({ waitingFor: undefined });
         engine.mounted = undefined;
         report({ kind: 'unmounted', path: point.path });
       });

@@ -226,9 +226,10 @@ export function holdersOf(mountpoint: string): string[] {
 
 /**
  * A real (never lazy) unmount of our mount, found by its id. Resolves false if it cannot be
- * done now — busy (who holds it is logged), or its path is being moved around — to be retried.
+ * done now — busy (who holds it is logged, and handed to `onBusy`), or its path is being moved
+ * around — to be retried.
  */
-export function unmountDevice(m: Mounted, report: Report): boolean {
+export function unmountDevice(m: Mounted, report: Report, onBusy?: (point: string, holders: string[]) => void): boolean {
   if (m.rootFd !== undefined) {
     closeSync(m.rootFd);
     m.rootFd = undefined;
@@ -248,6 +249,7 @@ export function unmountDevice(m: Mounted, report: Report): boolean {
   }
   const holders = holdersOf(where.point);
   report({ kind: 'unmount-busy', path: where.point, holders });
+  onBusy?.(where.point, holders);
   return false;
 }
 

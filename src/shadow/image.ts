@@ -38,13 +38,7 @@ export interface ShadowImage {
   locked: boolean;
 }
 
-/** Whether a tmpfs is mounted at `dir` (from /proc/self/mounts). */
-export function isTmpfsMounted(dir: string): boolean {
-  return readFileSync('/proc/self/mounts', 'utf8').split('\n').some((line) => {
-    const [, mnt, type] = line.split(' ');
-    return mnt === dir && type === 'tmpfs';
-  });
-}
+export { isTmpfsMounted } from './tmpfs.js';
 
 /** Bytes of RAM the system can still give (MemAvailable). */
 export function availableMemory(): number {

@@ -6,8 +6,9 @@ import { canonicalJson } from '../common/canonical-json.js';
 import { VbdError } from '../common/errors.js';
 import { isPowerOfTwo } from '../common/size.js';
 import { slotSize } from '../store/slot.js';
+import { MANIFEST_NAME, NAME_RE } from './names.js';
 
-export const MANIFEST_NAME = 'vbd-shadow.json';
+export { MANIFEST_NAME, isValidName } from './names.js';
 /** A plain volume: chunks stored as they are. */
 export const MANIFEST_FORMAT = 1;
 /** A sealed volume (docs/FORMAT.md): every chunk in an authenticated, encrypted slot. */
@@ -28,9 +29,6 @@ export const MAX_SCRYPT_MEMORY = 256 * 2 ** 20;
 export const MAX_SCRYPT_P = 4;
 /** Names starting with this belong to the tool (manifest, journal, aside directory, …). */
 export const RESERVED_PREFIX = 'vbd-shadow';
-
-/** Volume and backing-file names: no slash, no leading dot, so never `..` nor a path. */
-const NAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/;
 
 export interface BackingFile {
   /** A plain file name inside the volume directory. */
@@ -97,10 +95,6 @@ export interface SealedManifest {
 }
 
 export type AnyManifest = Manifest | SealedManifest;
-
-export function isValidName(name: string): boolean {
-  return NAME_RE.test(name);
-}
 
 /** Why these scrypt parameters are refused (too costly for root), or undefined if they are fine. */
 export function scryptCostProblem(kdf: ScryptParams): string | undefined {

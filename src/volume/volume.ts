@@ -11,6 +11,9 @@ import { readFully } from '../common/fd.js';
 import { openNoSymlinks } from '../sys/open.js';
 import { MANIFEST_NAME, parseAnyManifest, serializeManifest, type AnyManifest, type Manifest, type SealedManifest } from './manifest.js';
 import { ownerOfUid, type Owner } from './owner.js';
+import type { VolumeIdentity } from './identity.js';
+
+export { identityKey, sameIdentity, type VolumeIdentity } from './identity.js';
 
 export type { Owner } from './owner.js';
 
@@ -24,24 +27,6 @@ export const SEALED_JOURNAL_NAME = 'vbd-shadow.sealed-journal';
 const OWN_ENTRIES = new Set([MANIFEST_NAME, JOURNAL_NAME, ASIDE_DIR, MAP_NAME, SEALED_JOURNAL_NAME]);
 const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
 
-
-/** What a volume is, whatever its path: root keys runtime state, logs and leftovers by it. */
-export interface VolumeIdentity {
-  uid: number;
-  dev: bigint;
-  ino: bigint;
-  /** Birth time of the directory (ns): a new directory that reuses the inode is another volume. */
-  bornNs: bigint;
-}
-
-/** `UID/DEV.INO`: the identity as a relative path (no user-chosen text in it). */
-export function identityKey(id: VolumeIdentity): string {
-  return `${id.uid}/${id.dev}.${id.ino}`;
-}
-
-export function sameIdentity(a: VolumeIdentity, b: VolumeIdentity): boolean {
-  return a.uid === b.uid && a.dev === b.dev && a.ino === b.ino && a.bornNs === b.bornNs;
-}
 
 /**
  * An opened volume. `M` says what kind its manifest is: `Volume` (plain, the default: what the

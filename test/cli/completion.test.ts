@@ -35,6 +35,7 @@ describe('bash completion', () => {
     expect(complete(file, ['vbd-shadow', 'start', 'vol', '--mkfs', 'ext'], scratch)).toEqual(['ext2', 'ext3', 'ext4']);
     expect(complete(file, ['vbd-shadow', 'start', 'vol', '--interval', ''], scratch)).toEqual([]);
     expect(complete(file, ['vbd-shadow', 'completion', ''], scratch)).toEqual(['bash']);
+    expect(complete(file, ['vbd-shadow', 'status', '--a'], scratch)).toEqual(['--all']);
     // The volume directory: directories only; export's OUT and --key-file: files too.
     expect(complete(file, ['vbd-shadow', 'start', 'vo'], scratch)).toEqual(['vol']);
     expect(complete(file, ['vbd-shadow', 'export', 'vol', 'vo'], scratch)).toEqual(['vol', 'vol.img']);

@@ -48,16 +48,16 @@ afterAll(() => {
 });
 
 describe('the packed tarball', () => {
-  it('carries exactly what runs: bin, dist/src (.js), units, man page, README and the docs it links', () => {
+  it('carries exactly what runs: bin, dist/src (.js), the bundle bin/vbd-shadow runs (dist/cli), units, man page, README and the docs it links', () => {
     const list = run('tar', ['tzf', tarball]).stdout.split('\n').filter((l) => l !== '' && !l.endsWith('/')).map((l) => l.replace(/^package\//, ''));
     const outside = list.filter((f) => !/^dist\/src\/.*\.js$/.test(f)).sort();
     expect(outside).toEqual([
-      'README.md', 'bin/vbd-shadow', 'docs/FORMAT.md', 'docs/SECURITY.md', 'man/vbd-shadow.8', 'package.json',
+      'README.md', 'bin/package.json', 'bin/vbd-shadow', 'dist/cli/main.cjs', 'dist/cli/main.cjs.v8cache', 'dist/cli/module-runner.js', 'docs/FORMAT.md', 'docs/SECURITY.md', 'man/vbd-shadow.8', 'package.json',
       'systemd/vbd-shadow-agent@.service', 'systemd/vbd-shadow-hibernate.service', 'systemd/vbd-shadow-sleep.service', 'systemd/vbd-shadow@.service',
     ]);
     // Every compiled source file, and nothing compiled from tests or benchmarks.
     const sources = run('git', ['ls-files', '-co', '--exclude-standard', 'src'], SOURCE).stdout.split('\n').filter((f) => f.endsWith('.ts') && existsSync(join(SOURCE, f)));
-    expect(list.filter((f) => f.startsWith('dist/')).sort()).toEqual(sources.map((f) => `dist/${f.replace(/\.ts$/, '.js')}`).sort());
+    expect(list.filter((f) => f.startsWith('dist/src/')).sort()).toEqual(sources.map((f) => `dist/${f.replace(/\.ts$/, '.js')}`).sort());
   });
 
   it('installs with npm install -g --prefix, and the installed vbd-shadow runs, with its man page', (ctx) => {
