@@ -227,6 +227,11 @@ export function createReporter(log: Log, record?: (event: DaemonEvent) => void):
   };
 }
 
+/** A duration as events carry it: milliseconds to the microsecond (no float noise in the status). */
+export function roundMs(ms: number): number {
+  return Math.round(ms * 1000) / 1000;
+}
+
 /** For errors: the message of what was thrown. */
 export function messageOf(err: unknown): string {
   return err instanceof Error ? err.message : String(err);

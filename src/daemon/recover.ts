@@ -16,7 +16,7 @@ import { FlushEngine } from '../flush/engine.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import { destroyImage, isTmpfsMounted, openLeftoverImage } from '../shadow/image.js';
 import type { AnyVolume } from '../volume/volume.js';
-import type { Report } from './events.js';
+import { roundMs, type Report } from './events.js';
 import type { RuntimePaths } from './runtime.js';
 
 const UNMOUNT_ATTEMPTS = 20;
@@ -67,7 +67,7 @@ export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, st
   engine.hashFiles();
   const result = await engine.flush('recovery', true);
   if (!result.ok) throw new VbdError(`recovery of the leftover image failed, it is kept at ${imagePath}: ${result.error}`);
-  report({ kind: 'recovered', chunks: result.chunksChanged, bytes: result.bytesWritten, ms: result.durationMs });
+  report({ kind: 'recovered', chunks: result.chunksChanged, bytes: result.bytesWritten, ms: roundMs(result.durationMs) });
   await destroyImage(image);
   return true;
 }

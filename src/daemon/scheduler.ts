@@ -3,7 +3,7 @@
 // the agent); and after a failure, retried with back-off (1 s, 2 s, 4 s … at most 60 s).
 
 import type { FlushEngine, FlushResult } from '../flush/engine.js';
-import type { Report } from './events.js';
+import { roundMs, type Report } from './events.js';
 
 export interface SchedulerOptions {
   intervalMs: number;
@@ -65,7 +65,7 @@ export class FlushScheduler {
   private record(result: FlushResult): void {
     this.o.onResult(result);
     if (result.ok) {
-      if (!result.idle) this.o.report({ kind: 'flushed', reason: result.reason, chunks: result.chunksChanged, bytes: result.bytesWritten, journalBytes: result.journalBytes, ms: result.durationMs });
+      if (!result.idle) this.o.report({ kind: 'flushed', reason: result.reason, chunks: result.chunksChanged, bytes: result.bytesWritten, journalBytes: result.journalBytes, ms: roundMs(result.durationMs) });
       this.failures = 0;
       return;
     }

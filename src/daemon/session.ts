@@ -21,7 +21,7 @@ import { listDamaged, type DamagedChunk } from '../store/chunk-store.js';
 import type { AnyVolume, Owner } from '../volume/volume.js';
 import { CleanupStack } from './cleanup.js';
 import type { ServedStore } from './served-store.js';
-import { messageOf, type Report } from './events.js';
+import { messageOf, roundMs, type Report } from './events.js';
 import { recoverLeftover } from './recover.js';
 import type { DaemonStatus, RuntimePaths } from './runtime.js';
 import { FlushScheduler } from './scheduler.js';
@@ -93,7 +93,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       report({ kind: 'damaged-served-as-zeros', damaged: { count: damaged.length, listed: listDamaged(damaged, MAX_LISTED_DAMAGED) } });
       setStatus({ damagedChunks: damaged.slice(0, MAX_LISTED_DAMAGED) });
     }
-    report({ kind: 'populated', size: manifest.deviceSize, ms: populateMs, sealedEpoch: store.epoch });
+    report({ kind: 'populated', size: manifest.deviceSize, ms: roundMs(populateMs), sealedEpoch: store.epoch });
     setStatus({ populateMs, sealed: store.sealedState() });
     const engine = new FlushEngine(volume, image, store, journalFd, report);
     engine.beforeCommit = beforeCommit;
@@ -246,7 +246,7 @@ async function finalFlush(engine: FlushEngine, recordFlush: (r: FlushResult) => 
     const r = await engine.flush('teardown', true);
     recordFlush(r);
     if (r.ok) {
-      report({ kind: 'final-flush', chunks: r.chunksChanged, bytes: r.bytesWritten, ms: r.durationMs });
+      report({ kind: 'final-flush', chunks: r.chunksChanged, bytes: r.bytesWritten, ms: roundMs(r.durationMs) });
       return;
     }
     report({ kind: 'final-flush-failed', attempt, of: 3, error: r.error ?? 'unknown error' });
