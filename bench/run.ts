@@ -1,7 +1,7 @@
 // `npm run bench`: runs the benchmarks and writes docs/BENCHMARKS.md.
-// Options: --only populate,flush,fio,sealed  --sizes 1,2,4,8 (GiB)  --flush-sizes 1,8  --rounds 3
+// Options: --only populate,flush,fio,references,sealed  --sizes 1,2,4,8 (GiB)  --flush-sizes 1,8  --rounds 3
 //          --files 100 --file-size 10 (MiB, fio)  --seconds 5 (per fio workload)
-//          --device-runs 5 (sealed: interleaved fio runs on the devices)  --sealed-file-size 256 (MiB)
+//          --device-runs 5 (sealed, references: interleaved fio runs on the devices)  --sealed-file-size 256 (MiB)  --refs-size 1024 (MiB)
 //          --sealed-parts populate,devices,files,flush (the others kept from the last run's docs/bench/sealed.md)
 
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { execFileSync } from 'node:child_process';
 import { benchChange, benchFlush } from './flush.js';
 import { benchPeers } from './peers.js';
+import { benchReferences } from './references.js';
 import { benchPopulate } from './populate.js';
 import { SEALED_PARTS, benchSealed, sealedVersions } from './sealed.js';
 import { machine } from './lib.js';
@@ -102,7 +103,7 @@ async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('the benchmarks need root (tmpfs mounts, mlock, loop devices)');
   const sizes = option('sizes', '1,2,4,8').split(',').map(Number);
   const flushSizes = option('flush-sizes', '1,8').split(',').map(Number);
-  const only = option('only', 'populate,flush,fio,sealed').split(',');
+  const only = option('only', 'populate,flush,fio,references,sealed').split(',');
   const changeSizes = option('change-sizes', '1,4').split(',').map(Number);
   const files = Number(option('files', '100'));
   const fileMiB = Number(option('file-size', '10'));
@@ -110,6 +111,7 @@ async function main(): Promise<void> {
   const rounds = Number(option('rounds', '3'));
   const deviceRuns = Math.max(5, Number(option('device-runs', '5')));
   const sealedFileMiB = Number(option('sealed-file-size', '256'));
+  const refsMiB = Number(option('refs-size', '1024'));
   const sealedParts = option('sealed-parts', SEALED_PARTS.join(',')).split(',').map((p) => {
     const part = SEALED_PARTS.find((known) => known === p);
     if (part === undefined) throw new Error(`--sealed-parts: '${p}' is not one of ${SEALED_PARTS.join(', ')}`);
@@ -161,6 +163,18 @@ async function main(): Promise<void> {
         `Versions: ${versions()}.`,
       ],
       run: () => benchPeers(work, files, fileMiB, seconds),
+    },
+    {
+      id: 'references',
+      title: 'fio against the honest references: a loop on a huge-page tmpfs file, and zram',
+      intro: [
+        `One ${refsMiB} MiB device per contender, set up, filled once with incompressible data, measured (fio ${seconds} s per workload,`,
+        `direct=1, libaio) and torn down within its run; ${deviceRuns} interleaved rounds, order rotating; medians. The huge-page loop is`,
+        'the same kernel path vbd-shadow uses (loop worker over shmem with huge pages): its ratio is the overhead vbd-shadow adds.',
+        'zram is the kernel\'s RAM block device (no loop worker): the limit. Beside them vbd-shadow with change tracking off',
+        '(VBD_SHADOW_TRACKING=off: what tracking costs) and with loop direct I/O (VBD_SHADOW_LOOP_DIRECT_IO=1).',
+      ],
+      run: () => benchReferences(work, refsMiB, seconds, deviceRuns),
     },
     {
       id: 'sealed',
