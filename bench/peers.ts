@@ -187,7 +187,7 @@ export async function benchPeers(work: string, files: number, fileSizeMiB: numbe
       const dir = join(work, name);
       const chunk = layout === 'keyed' ? '4K' : '64K';
       writeFileSync600(key, 'benchmark key');
-      cli(['init', dir, '--size', String(size), '--files', String(files), '--chunk', chunk, '--layout', layout, '--force', ...(layout === 'keyed' ? ['--key-file', key] : [])]);
+      cli(['init', dir, '--size', String(size), '--files', String(files), '--chunk', chunk, '--layout', layout, '--force', '--yes', ...(layout === 'keyed' ? ['--key-file', key] : [])]);
       const srcNames = makeFiles(join(work, 'src'), files, fileSize, seed);
       const image = join(work, 'src.img');
       concatInto(image, srcNames.map((n) => join(work, 'src', n)));

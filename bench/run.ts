@@ -1,7 +1,7 @@
 // `npm run bench`: runs the benchmarks and writes docs/BENCHMARKS.md.
-// Options: --only populate,flush,fio,sealed,startup  --sizes 1,2,4,8 (GiB)  --flush-sizes 1,8  --rounds 3
+// Options: --only populate,flush,fio,references,sealed,startup  --sizes 1,2,4,8 (GiB)  --flush-sizes 1,8  --rounds 3
 //          --files 100 --file-size 10 (MiB, fio)  --seconds 5 (per fio workload)
-//          --device-runs 5 (sealed: interleaved fio runs on the devices)  --sealed-file-size 256 (MiB)
+//          --device-runs 5 (sealed, references: interleaved fio runs on the devices)  --sealed-file-size 256 (MiB)  --refs-size 1024 (MiB)
 //          --sealed-parts populate,devices,files,flush (the others kept from the last run's docs/bench/sealed.md)
 //          --scan-sizes 1024,4096,8192 --scan-small 8,16,32,64,128 (MiB, full-scan throughput)
 //          --change-sizes 1,4,8 (GiB) --change-kinds raw,mounted --change-modes old,scan,tracked
@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { execFileSync } from 'node:child_process';
 import { CHANGE_MODES, benchChange, benchFlush, type ChangeMode } from './flush.js';
 import { benchPeers } from './peers.js';
+import { benchReferences } from './references.js';
 import { benchPopulate } from './populate.js';
 import { benchScan } from './scan.js';
 import { benchStartup } from './startup.js';
@@ -107,7 +108,7 @@ async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('the benchmarks need root (tmpfs mounts, mlock, loop devices)');
   const sizes = option('sizes', '1,2,4,8').split(',').map(Number);
   const flushSizes = option('flush-sizes', '1,8').split(',').map(Number);
-  const only = option('only', 'populate,flush,fio,sealed,startup').split(',');
+  const only = option('only', 'populate,flush,fio,references,sealed,startup').split(',');
   const scanSizes = option('scan-sizes', '1024,4096,8192').split(',').map(Number);
   const scanSmall = option('scan-small', '8,16,32,64,128').split(',').map(Number);
   const changeSizes = option('change-sizes', '1,4,8').split(',').map(Number);
@@ -129,6 +130,7 @@ async function main(): Promise<void> {
   const deviceRuns = Math.max(5, Number(option('device-runs', '5')));
   const sealedFileMiB = Number(option('sealed-file-size', '256'));
   const startupRuns = Math.max(11, Number(option('startup-runs', '21')));
+  const refsMiB = Number(option('refs-size', '1024'));
   const sealedParts = option('sealed-parts', SEALED_PARTS.join(',')).split(',').map((p) => {
     const part = SEALED_PARTS.find((known) => known === p);
     if (part === undefined) throw new Error(`--sealed-parts: '${p}' is not one of ${SEALED_PARTS.join(', ')}`);
@@ -207,6 +209,18 @@ async function main(): Promise<void> {
         '`flush` ≤ 1.5× `node -e 0`. The machine is shared: other work may run beside it, so min – max is shown too.',
       ],
       run: () => benchStartup(work, startupRuns),
+    },
+    {
+      id: 'references',
+      title: 'fio against the honest references: a loop on a huge-page tmpfs file, and zram',
+      intro: [
+        `One ${refsMiB} MiB device per contender, set up, filled once with incompressible data, measured (fio ${seconds} s per workload,`,
+        `direct=1, libaio) and torn down within its run; ${deviceRuns} interleaved rounds, order rotating; medians. The huge-page loop is`,
+        'the same kernel path vbd-shadow uses (loop worker over shmem with huge pages): its ratio is the overhead vbd-shadow adds.',
+        'zram is the kernel\'s RAM block device (no loop worker): the limit. Beside them vbd-shadow with change tracking off',
+        '(VBD_SHADOW_TRACKING=off: what tracking costs) and with loop direct I/O (VBD_SHADOW_LOOP_DIRECT_IO=1).',
+      ],
+      run: () => benchReferences(work, refsMiB, seconds, deviceRuns),
     },
     {
       id: 'sealed',

@@ -57,13 +57,20 @@ async function openLoopNode(index: number): Promise<number> {
 }
 
 /** A new loop device bound to the image (`imageFd`, identified by `backing`). */
+/**
+ * VBD_SHADOW_LOOP_DIRECT_IO=1 binds the image with loop direct I/O (tmpfs takes O_DIRECT from
+ * Linux 6.6): off by default, because the fio side-by-side found it slower here (docs/BENCHMARKS.md).
+ */
+export const LOOP_DIRECT_IO_ENV = 'VBD_SHADOW_LOOP_DIRECT_IO';
+
 export async function attachLoop(imageFd: number, imagePath: string, backing: Backing): Promise<LoopDevice> {
+  const directIo = process.env[LOOP_DIRECT_IO_ENV] === '1';
   for (let attempt = 0; attempt < 8; attempt++) {
     const index = addLoopDevice();
     const path = `/dev/loop${index}`;
     const fd = await openLoopNode(index);
     try {
-      configureLoop(fd, imageFd, imagePath, `LOOP_CONFIGURE of ${path}`);
+      configureLoop(fd, imageFd, imagePath, `LOOP_CONFIGURE of ${path}`, directIo);
     } catch (err) {
       closeSync(fd);
       // Another tool (losetup --find) took the new device first: it is theirs now.

@@ -16,6 +16,9 @@ const LOOP_CONFIGURE = 0x4c0a;
 const INFO64_BYTES = 232;
 const CONFIG_BYTES = 8 + INFO64_BYTES + 64;
 const FILE_NAME_AT = 56;
+/** loop_info64.lo_flags, and its direct I/O flag (uapi linux/loop.h). */
+const FLAGS_AT = 52;
+const LO_FLAGS_DIRECT_IO = 16;
 const FILE_NAME_BYTES = 64;
 
 function withControl<T>(fn: (fd: number) => T): T {
@@ -47,11 +50,15 @@ export function removeLoopDevice(index: number): 'removed' | 'busy' | 'gone' {
   });
 }
 
-/** Binds `backingFd` to the loop device open as `loopFd`: 512-byte sectors, buffered I/O. */
-export function configureLoop(loopFd: number, backingFd: number, name: string, what: string): void {
+/**
+ * Binds `backingFd` to the loop device open as `loopFd`: 512-byte sectors, buffered I/O unless
+ * `directIo` (set in the same call, atomically with the block size).
+ */
+export function configureLoop(loopFd: number, backingFd: number, name: string, what: string, directIo = false): void {
   const config = Buffer.alloc(CONFIG_BYTES);
   config.writeUInt32LE(backingFd, 0);
   config.writeUInt32LE(512, 4);
+  if (directIo) config.writeUInt32LE(LO_FLAGS_DIRECT_IO, 8 + FLAGS_AT);
   Buffer.from(name).copy(config, 8 + FILE_NAME_AT, 0, FILE_NAME_BYTES - 1);
   ioctlStruct(loopFd, LOOP_CONFIGURE, config, what);
 }
