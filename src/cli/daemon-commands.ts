@@ -24,6 +24,7 @@ import { MANIFEST_NAME } from '../volume/names.js';
 import type { RecoverOptions } from './recover-command.js';
 import type { StartOptions } from './start-command.js';
 import { shown as shownViews, statusJson, statusLines, type StatusView } from './status-view.js';
+import { directoryOfUnit } from '../common/unit-name.js';
 
 // What a command needs beyond this file is imported when it runs (`await import(…)`): `status`,
 // `flush` and `stop` by name load neither koffi, chokidar nor the daemon and flush engine
@@ -48,10 +49,15 @@ function isDirectoryTarget(target: string): boolean {
   return existsSync(join(target, MANIFEST_NAME));
 }
 
+/**
+ * A volume on the command line: a directory, a unit name (`vbd-shadow@INSTANCE.service`, or the
+ * agent's: the directory systemd-escaped, src/common/unit-name.ts), or a name among the caller's.
+ */
 async function resolveTarget(target: string): Promise<Target> {
-  if (isDirectoryTarget(target)) {
+  const dir = directoryOfUnit(target) ?? (isDirectoryTarget(target) ? target : undefined);
+  if (dir !== undefined) {
     const { closeVolume, isSealedVolume, openVolume } = await import('../volume/volume.js');
-    const volume = openVolume(target);
+    const volume = openVolume(dir);
     try {
       const paths = runtimePaths(volume.identity);
       return { name: volume.manifest.name, paths, status: readStatusAt(paths), needsSecret: isSealedVolume(volume) || volume.manifest.layout.kind === 'keyed' };
@@ -171,7 +177,7 @@ export function registerDaemonCommands(program: Command): void {
   program
     .command('stop')
     .description('tear a volume down: final writeback, unmount, detach, free the RAM, and end its daemon; waits until done (root or the owner)')
-    .argument('<volume>', 'volume name or directory')
+    .argument('<volume>', 'volume name, directory, or its unit vbd-shadow@INSTANCE.service')
     .action(async (target: string) => {
       const { name, pid, paths } = await runningDaemon(target, 'running');
       sendControl(name, paths, { kind: 'stop' });
@@ -188,7 +194,7 @@ export function registerDaemonCommands(program: Command): void {
   program
     .command('agent')
     .description('(the volume owner) the canary of a login session: the volume lives while this runs; logout or Ctrl-C writes everything back and frees the RAM')
-    .argument('<volume>', 'volume directory or name')
+    .argument('<volume>', 'volume directory, name, or its unit vbd-shadow-agent@INSTANCE.service')
     .option('--key-file <file>', `keyed layout: the secret; sealed volume: the passphrase (- = standard input; default ~/.config/vbd-shadow/NAME.key if present, else asked)`)
     .action(async (target: string, o: { keyFile?: string }) => {
       const { name, paths, needsSecret } = await resolveTarget(target);
@@ -201,7 +207,7 @@ export function registerDaemonCommands(program: Command): void {
   program
     .command('status')
     .description('show the volumes whose daemon runs (or the one named), for people or with --json for scripts')
-    .argument('[volume]', 'volume name or directory')
+    .argument('[volume]', 'volume name, directory, or its unit vbd-shadow@INSTANCE.service')
     .option('--all', 'also volumes whose daemon has gone: those that left their RAM image or a loop device behind, and those that ended less than a minute ago')
     .option('--json', 'print a JSON array, one object of one shape per volume')
     .action(async (target: string | undefined, o: { all?: boolean; json?: boolean }) => {
@@ -234,7 +240,7 @@ export function registerDaemonCommands(program: Command): void {
   program
     .command('flush')
     .description('write back what changed now, and wait for the result (root or the owner)')
-    .argument('<volume>', 'volume name or directory')
+    .argument('<volume>', 'volume name, directory, or its unit vbd-shadow@INSTANCE.service')
     .action(async (target: string) => {
       const { name, pid, paths } = await runningDaemon(target, 'live');
       console.log(await flushAndWait(name, pid, paths));

@@ -3,6 +3,7 @@
 // does not apply), counts as integers, durations in milliseconds rounded to the microsecond.
 
 import { formatSize } from '../common/size.js';
+import { unitOfDirectory } from '../common/unit-name.js';
 import type { DaemonState, DaemonStatus, FlushCheck, FlushReport, Presence, WaitingFor } from '../daemon/runtime.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
 import type { NbdState } from '../device/nbd.js';
@@ -37,6 +38,8 @@ export interface StatusJson {
   pid: number;
   owner: { uid: number; gid: number };
   volumeDir: string;
+  /** The system unit that serves it (`vbd-shadow@` + the directory as systemd-escape --path writes it). */
+  unit: string;
   identity: string;
   layout: string;
   sealedVolume: boolean;
@@ -104,7 +107,7 @@ export function statusJson(v: StatusView): StatusJson {
   const s = v.status;
   const running = v.presence === 'running';
   return {
-    name: s.name, state: s.state, presence: v.presence, pid: s.pid, owner: { uid: s.owner.uid, gid: s.owner.gid }, volumeDir: s.volumeDir, identity: s.identity,
+    name: s.name, state: s.state, presence: v.presence, pid: s.pid, owner: { uid: s.owner.uid, gid: s.owner.gid }, volumeDir: s.volumeDir, unit: unitOfDirectory(s.volumeDir), identity: s.identity,
     layout: s.layout, sealedVolume: s.sealedVolume === true, deviceSize: s.deviceSize, chunkSize: s.chunkSize, canary: s.canary, sessions: s.sessions,
     intervalMs: Math.round(s.intervalMs), startedAt: s.startedAt,
     device: running ? s.device ?? null : null, link: running ? s.link ?? null : null, mountpoint: running ? s.mountpoint ?? null : null,
@@ -128,6 +131,7 @@ export function statusLines(v: StatusView): string[] {
   const how = running ? ` (pid ${s.pid}, canary ${s.canary}, ${s.sessions} sessions)` : v.presence === 'left-behind' ? ' (daemon gone)' : '';
   out.push(`${s.name}: ${s.state}${how}`);
   out.push(`  volume   ${s.volumeDir} (${formatSize(s.deviceSize)}, ${s.sealedVolume === true ? 'sealed, ' : ''}${s.layout}, ${formatSize(s.chunkSize)} chunks)`);
+  out.push(`  unit     ${unitOfDirectory(s.volumeDir)}`);
   if (running && s.device !== undefined) out.push(`  device   ${s.link} -> ${s.device}`);
   if (running && s.mountpoint !== undefined) out.push(`  mounted  ${s.mountpoint}`);
   if (running && s.nbd !== undefined) out.push(`  nbd      ${s.nbd.uri} (nbdkit pid ${s.nbd.pid} as uid ${s.nbd.uid}${s.nbd.tls === 'psk' ? ', TLS with PSK required' : ', owner-only socket'})`);

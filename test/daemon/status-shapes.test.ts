@@ -5,6 +5,7 @@
 
 import { existsSync, utimesSync } from 'node:fs';
 import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { cli } from '../helpers/cli.js';
 import { startDaemon, waitLive } from '../helpers/daemon.js';
@@ -16,7 +17,7 @@ const KEYS = [
   'boundLoops', 'canary', 'chunkSize', 'damagedChunks', 'device', 'deviceSize', 'error', 'events', 'externalChanges', 'flushChecks', 'flushFailures',
   'identity', 'imageKept', 'intervalMs', 'lastCheck', 'lastExternalChange', 'lastFlush', 'lastGoodFlush', 'layout', 'link', 'mountpoint', 'name',
   'nbd', 'nbdError', 'notices', 'owner', 'pid', 'populateMs', 'presence', 'quarantinedLoops', 'refused', 'scan', 'sealed', 'sealedVolume', 'sessions',
-  'startedAt', 'state', 'tracking', 'volumeDir', 'waitingFor',
+  'startedAt', 'state', 'tracking', 'unit', 'volumeDir', 'waitingFor',
 ];
 
 type Entry = Record<string, unknown> & { name: string; state: string; presence: string };
@@ -67,6 +68,11 @@ describe.skipIf(!IS_ROOT)(`status: live by default, --all, pruning, one JSON sha
     const one = statusJson([names[1] ?? '']);
     expect(one.map((e) => e.name)).toEqual([names[1]]);
     one.forEach(expectShape);
+    // Its unit is the one systemd would name; that name works where the volume's name does.
+    const unit = `vbd-shadow@${execFileSync('systemd-escape', ['--path', dirs[1] ?? ''], { encoding: 'utf8' }).trim()}.service`;
+    expect(one[0]?.unit).toBe(unit);
+    expect(statusJson([unit]).map((e) => e.name)).toEqual([names[1]]);
+    expect(cli(['flush', unit]).status).toBe(0);
 
     // a stops: gone from the list; --all shows it stopped, with no device or mount line.
     expect(cliAs(user, ['stop', names[0] ?? '']).status).toBe(0);
