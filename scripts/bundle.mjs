@@ -50,3 +50,7 @@ writeFileSync(`${bundle}.v8cache`, script.createCachedData());
 
 // Run by path, as its own process, from beside main.cjs (src/layouts/user-module.ts, RUNNER).
 await build({ ...common, entryPoints: { 'module-runner': 'dist/src/layouts/module-runner.js' }, format: 'esm' });
+
+// The scan pool's worker, loaded by URL from beside the code that starts it (src/flush/scan-pool.ts,
+// WORKER_URL): in the bundle that is beside main.cjs.
+await build({ ...common, entryPoints: { 'scan-worker': 'dist/src/flush/scan-worker.js' }, format: 'esm' });

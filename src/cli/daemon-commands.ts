@@ -25,6 +25,7 @@ import type { RecoverOptions } from './recover-command.js';
 import type { StartOptions } from './start-command.js';
 import { shown as shownViews, statusJson, statusLines, type StatusView } from './status-view.js';
 import { directoryOfUnit } from '../common/unit-name.js';
+import { UNNAMED_HOLDER } from '../daemon/events.js';
 
 // What a command needs beyond this file is imported when it runs (`await import(…)`): `status`,
 // `flush` and `stop` by name load neither koffi, chokidar nor the daemon and flush engine
@@ -95,7 +96,7 @@ class WaitReporter {
     if (w === undefined || now - this.saidAt < WAIT_REPORT_MS) return;
     this.saidAt = now;
     const seconds = Math.max(0, Math.round((now - Date.parse(w.since)) / 1000));
-    const who = w.holders.length > 0 ? w.holders.join(', ') : 'a process not found in /proc';
+    const who = w.holders.length > 0 ? w.holders.join(', ') : UNNAMED_HOLDER;
     process.stderr.write(`vbd-shadow: waiting ${seconds} s for ${escapeText(w.path)} to be unmounted (volume '${escapeText(this.name)}'): it is busy, held by ${escapeText(who)}; the files are kept current meanwhile\n`);
   }
 }

@@ -230,7 +230,9 @@ export async function passwdCommand(dir: string, o: { keyFile?: string; newKeyFi
   let fresh: Buffer | undefined;
   try {
     if (!isSealedVolume(volume)) {
-      throw new VbdError(`volume '${volume.manifest.name}' is not sealed: only a sealed volume has a passphrase to change (a keyed layout's key decides where every chunk is)`);
+      if (volume.manifest.layout.kind !== 'keyed') throw new RefusedError(`volume '${volume.manifest.name}' has no passphrase (${volume.manifest.layout.kind} layout, not sealed)`);
+      throw new RefusedError(`volume '${volume.manifest.name}' is not sealed: its keyed layout's key decides where every chunk is, so changing it moves every chunk ` +
+        `(export, 'init --force' with the new key, import: the whole device written once); a sealed volume's passphrase change re-wraps one key and moves nothing`);
     }
     const uid = process.getuid?.();
     if (uid !== volume.owner.uid) throw new VbdError(`passwd runs as the volume's owner (uid ${volume.owner.uid}, ${volume.owner.name}), not uid ${uid}`);

@@ -7,7 +7,7 @@ import { unitOfDirectory } from '../common/unit-name.js';
 import type { DaemonState, DaemonStatus, FlushCheck, FlushReport, Presence, WaitingFor } from '../daemon/runtime.js';
 import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
 import type { NbdState } from '../device/nbd.js';
-import type { DaemonEvent } from '../daemon/events.js';
+import { UNNAMED_HOLDER, type DaemonEvent } from '../daemon/events.js';
 
 /** A duration in ms, to the microsecond (no `27.81837900000005`). */
 function ms(value: number): number {
@@ -137,7 +137,7 @@ export function statusLines(v: StatusView): string[] {
   if (running && s.nbd !== undefined) out.push(`  nbd      ${s.nbd.uri} (nbdkit pid ${s.nbd.pid} as uid ${s.nbd.uid}${s.nbd.tls === 'psk' ? ', TLS with PSK required' : ', owner-only socket'})`);
   if (s.nbdError !== undefined) out.push(`  nbd      ENDED: ${s.nbdError}`);
   const w = running ? s.waitingFor : undefined;
-  if (w !== undefined) out.push(`  waiting  since ${w.since} to unmount ${w.path}: busy, held by ${w.holders.join(', ') || 'a process not found in /proc'}`);
+  if (w !== undefined) out.push(`  waiting  since ${w.since} to unmount ${w.path}: busy, held by ${w.holders.join(', ') || UNNAMED_HOLDER}`);
   if (!running && v.boundLoops.length > 0) out.push(`  held     ${v.boundLoops.join(', ')} still bound to its RAM image`);
   if (!running && v.imageKept) out.push(`  image    its RAM image is kept (root-only): 'vbd-shadow recover ${s.volumeDir}' writes it back into the files`);
   if (running && s.populateMs !== undefined) out.push(`  populate ${Math.round(s.populateMs)} ms`);

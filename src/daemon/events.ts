@@ -93,6 +93,12 @@ interface Formatted {
 
 const held = (holders: string[], none: string): string => (holders.length > 0 ? holders.join(', ') : none);
 
+/**
+ * Who holds a busy mount when no process could be named: another user's process links
+ * (/proc/PID/cwd, fd) are readable only with CAP_SYS_PTRACE, which the system unit does not grant.
+ */
+export const UNNAMED_HOLDER = 'a process the daemon cannot name (another user\'s, and naming it needs CAP_SYS_PTRACE, which the unit does not grant; \'fuser -vm\' as root names it)';
+
 const FORMAT: { [K in EventKind]: (e: EventOf<K>) => Formatted } = {
   'starting': (e) => ({
     text: `starting: volume ${e.dir}, ${formatSize(e.deviceSize)}, ${e.files} files, ${e.sealed ? 'sealed, ' : ''}${e.layout} layout, ${formatSize(e.chunkSize)} chunks, canary ${e.canary}`,
@@ -190,7 +196,7 @@ const FORMAT: { [K in EventKind]: (e: EventOf<K>) => Formatted } = {
     priority: 'warning',
   }),
   'unmount-retry': (e) => ({ text: `unmount of ${e.path}: ${e.error}; retrying`, priority: 'warning' }),
-  'unmount-busy': (e) => ({ text: `unmount of ${e.path} failed: busy; held by ${held(e.holders, 'an unknown user')}; retrying`, priority: 'warning' }),
+  'unmount-busy': (e) => ({ text: `unmount of ${e.path} failed: busy; held by ${held(e.holders, UNNAMED_HOLDER)}; retrying`, priority: 'warning' }),
   'pipe-ignored': (e) => ({ text: `${e.pipe} pipe: ignored ${e.what}`, priority: e.suspicious ? 'warning' : 'info' }),
   'agent-pipe-closed-early': () => ({ text: 'agent pipe closed before the agent was ready', priority: 'warning' }),
   'notify-failed': (e) => ({ text: e.message, priority: 'warning' }),

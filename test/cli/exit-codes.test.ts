@@ -74,6 +74,11 @@ describe('exit statuses', () => {
     chmodSync(key, 0o600);
     chmodSync(dir, 0o777);
     expectRefusal(scratch, ['export', dir, join(scratch, 'out'), ...keyArgs], EXIT.refused, /writable by group or others \(mode 777\)/);
+    chmodSync(dir, 0o700);
+    // passwd of a plain keyed volume: refused, saying what a change of its key costs.
+    expectRefusal(scratch, ['passwd', dir, ...keyArgs], EXIT.refused, /is not sealed: its keyed layout's key decides where every chunk is, so changing it moves every chunk/);
+    const plain = volume();
+    expectRefusal(plain.scratch, ['passwd', plain.dir], EXIT.refused, /volume 'vol' has no passphrase \(linear layout, not sealed\)/);
   });
 
   it(`${EXIT.wrongKey}: wrong key — export and import refuse before reading or writing`, () => {

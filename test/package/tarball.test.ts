@@ -52,7 +52,7 @@ describe('the packed tarball', () => {
     const list = run('tar', ['tzf', tarball]).stdout.split('\n').filter((l) => l !== '' && !l.endsWith('/')).map((l) => l.replace(/^package\//, ''));
     const outside = list.filter((f) => !/^dist\/src\/.*\.js$/.test(f)).sort();
     expect(outside).toEqual([
-      'README.md', 'bin/package.json', 'bin/vbd-shadow', 'dist/cli/main.cjs', 'dist/cli/main.cjs.v8cache', 'dist/cli/module-runner.js', 'docs/FORMAT.md', 'docs/SECURITY.md', 'man/vbd-shadow.8', 'package.json',
+      'README.md', 'bin/package.json', 'bin/vbd-shadow', 'dist/cli/main.cjs', 'dist/cli/main.cjs.v8cache', 'dist/cli/module-runner.js', 'dist/cli/scan-worker.js', 'docs/FORMAT.md', 'docs/SECURITY.md', 'man/vbd-shadow.8', 'package.json',
       'systemd/vbd-shadow-agent@.service', 'systemd/vbd-shadow-hibernate.service', 'systemd/vbd-shadow-sleep.service', 'systemd/vbd-shadow@.service',
     ]);
     // Every compiled source file, and nothing compiled from tests or benchmarks.
