@@ -43,12 +43,13 @@ function sh(cmd: string, args: string[]): string {
   return execFileSync(cmd, args, { encoding: 'utf8' });
 }
 
-function fio(device: string, w: (typeof WORKLOADS)[number], seconds: number, size: number): number {
+/** fio's bandwidth (MB/s) of one workload on `device`, direct I/O through libaio, time-based. */
+export function fio(device: string, w: (typeof WORKLOADS)[number], seconds: number, size: number): number {
   const out = sh('fio', ['--name=bench', `--filename=${device}`, '--direct=1', '--ioengine=libaio', `--rw=${w.rw}`, `--bs=${w.bs}`,
     `--iodepth=${w.depth}`, `--runtime=${seconds}`, '--time_based', `--size=${size}`, '--output-format=json', '--randrepeat=0']);
   const job = (JSON.parse(out) as { jobs: { read: { bw_bytes: number }; write: { bw_bytes: number } }[] }).jobs[0];
-  const bytes = w.rw.includes('write') ? job?.write.bw_bytes : job?.read.bw_bytes;
-  return (bytes ?? 0) / 1e6;
+  if (job === undefined) throw new Error(`fio on ${device}: no job in its output`);
+  return (w.rw.includes('write') ? job.write.bw_bytes : job.read.bw_bytes) / 1e6;
 }
 
 /** sha256 of files read one after the other, streamed (a 1 GiB Buffer per check piles up:

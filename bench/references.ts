@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node
 import { join } from 'node:path';
 import { cli, startBenchDaemon } from './daemon.js';
 import { median, table } from './lib.js';
-import { WORKLOADS } from './peers.js';
+import { WORKLOADS, fio } from './peers.js';
 
 const MiB = 2 ** 20;
 
@@ -28,14 +28,6 @@ interface Contender {
 
 function sh(cmd: string, args: string[]): string {
   return execFileSync(cmd, args, { encoding: 'utf8' });
-}
-
-function fio(device: string, w: (typeof WORKLOADS)[number], seconds: number, size: number): number {
-  const out = sh('fio', ['--name=bench', `--filename=${device}`, '--direct=1', '--ioengine=libaio', `--rw=${w.rw}`, `--bs=${w.bs}`,
-    `--iodepth=${w.depth}`, `--runtime=${seconds}`, '--time_based', `--size=${size}`, '--output-format=json', '--randrepeat=0']);
-  const job = (JSON.parse(out) as { jobs: { read: { bw_bytes: number }; write: { bw_bytes: number } }[] }).jobs[0];
-  if (job === undefined) throw new Error(`fio on ${device}: no job in its output`);
-  return (w.rw.includes('write') ? job.write.bw_bytes : job.read.bw_bytes) / 1e6;
 }
 
 /** Writes the whole device once with incompressible data, so no contender reads holes or zero pages. */

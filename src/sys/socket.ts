@@ -12,13 +12,16 @@ const AF_UNIX = 1;
 const AF_INET = 2;
 const AF_INET6 = 10;
 const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
+const MSG_NOSIGNAL = 0x4000;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SO_REUSEADDR = 2;
 const IPPROTO_IPV6 = 41;
 const IPV6_V6ONLY = 26;
 const BACKLOG = 64;
-/** struct sockaddr_un: sa_family_t + char sun_path[108]. */
+/** struct sockaddr_un: sa_family_t (2 bytes) + char sun_path[108]. */
+const SUN_PATH_OFFSET = 2;
 const SUN_PATH_MAX = 108;
 
 const c = {
@@ -27,12 +30,41 @@ const c = {
   listen: libc.func('int listen(int fd, int backlog)'),
   setsockopt: libc.func('int setsockopt(int fd, int level, int name, const void *value, uint32_t len)'),
   inetPton: libc.func('int inet_pton(int af, const char *src, void *dst)'),
+  sendto: libc.func('int64_t sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32_t addrlen)'),
 };
 
-function open(domain: number, what: string): number {
-  const fd = c.socket(domain, SOCK_STREAM | SOCK_CLOEXEC, 0) as number;
+function open(domain: number, what: string, type = SOCK_STREAM): number {
+  const fd = c.socket(domain, type | SOCK_CLOEXEC, 0) as number;
   if (fd < 0) throw syscallError('socket', what);
   return fd;
+}
+
+/** The sockaddr_un of `name` and its length: a path (NUL-terminated) or '@abstract'. */
+export function unixAddress(name: string, what: string): { addr: Buffer; length: number } {
+  const abstract = name.startsWith('@');
+  if (!abstract && !name.startsWith('/')) throw new VbdError(`${what} '${name}' is neither an absolute path nor '@' and an abstract name`, { kind: 'usage' });
+  const path = Buffer.from(abstract ? name.slice(1) : name, 'utf8');
+  // An abstract name starts with a NUL and is exactly as long as given; a path ends with one.
+  const length = SUN_PATH_OFFSET + 1 + path.length;
+  if (length > SUN_PATH_OFFSET + SUN_PATH_MAX) throw new VbdError(`${what} '${name}' is longer than a Unix socket address may be (${SUN_PATH_MAX - 1} bytes)`, { kind: 'usage' });
+  const addr = Buffer.alloc(SUN_PATH_OFFSET + SUN_PATH_MAX);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  path.copy(addr, SUN_PATH_OFFSET + (abstract ? 1 : 0));
+  return { addr, length };
+}
+
+/** Sends one datagram `text` to the Unix socket `name` (sd_notify's NOTIFY_SOCKET); throws an error naming it. */
+export function sendDatagram(name: string, text: string): void {
+  const { addr, length } = unixAddress(name, 'NOTIFY_SOCKET');
+  const fd = open(AF_UNIX, `(AF_UNIX datagram, for NOTIFY_SOCKET ${name})`, SOCK_DGRAM);
+  try {
+    const bytes = Buffer.from(text, 'utf8');
+    const sent = Number(c.sendto(fd, bytes, bytes.length, MSG_NOSIGNAL, addr, length));
+    if (sent < 0) throw syscallError('sendto', `NOTIFY_SOCKET ${name}`);
+    if (sent !== bytes.length) throw new VbdError(`sendto NOTIFY_SOCKET ${name}: sent ${sent} of ${bytes.length} bytes`);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function bindAndListen(fd: number, addr: Buffer, what: string): number {
@@ -51,11 +83,8 @@ function bindAndListen(fd: number, addr: Buffer, what: string): number {
  * directory nobody else can enter, set its mode and owner, then move it into place). Close-on-exec.
  */
 export function listenUnix(path: string): number {
-  const bytes = Buffer.from(path, 'utf8');
-  if (bytes.length + 1 > SUN_PATH_MAX) throw new VbdError(`socket path ${path} is longer than a Unix socket address may be (${SUN_PATH_MAX - 1} bytes)`);
-  const addr = Buffer.alloc(2 + SUN_PATH_MAX);
-  addr.writeUInt16LE(AF_UNIX, 0);
-  bytes.copy(addr, 2);
+  if (!path.startsWith('/')) throw new VbdError(`internal: the socket path ${path} is not absolute`);
+  const { addr } = unixAddress(path, 'socket path');
   return bindAndListen(open(AF_UNIX, `(Unix stream, for ${path})`), addr, path);
 }
 
