@@ -5,7 +5,6 @@
 // scan on the daemon's thread, and a malformed value is refused before anything is touched.
 
 import { randomBytes } from 'node:crypto';
-import { spawnSync } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
@@ -16,7 +15,7 @@ import { cli, cliOk } from '../helpers/cli.js';
 import { startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers } from '../helpers/system.js';
 import { tempDir } from '../helpers/tmp.js';
-import { withStore } from '../helpers/volumes.js';
+import { expectExportedExt4File, withStore } from '../helpers/volumes.js';
 
 const SIZE = 128 * 2 ** 20;
 const CHUNK = 65536;
@@ -88,13 +87,7 @@ describe.skipIf(!IS_ROOT || THREADS < 2)(`full scans on the scan pool (${IS_ROOT
     expect((await differingChunks(v.dir, live.image ?? '', v.scratch)).filter((c) => c !== 0)).toEqual([]);
     expect(readStatus(v.name)?.scan).toEqual({ threads: THREADS, started: THREADS });
     expect(await stopDaemon(daemon)).toBe(0);
-    const image = join(v.scratch, 'final.img');
-    cliOk(['export', v.dir, image]);
-    const fsck = spawnSync('e2fsck', ['-fn', image], { encoding: 'utf8' });
-    expect(fsck.status, fsck.stdout).toBe(0);
-    const dumped = join(v.scratch, 'dumped');
-    expect(spawnSync('debugfs', ['-R', `dump /data ${dumped}`, image]).status).toBe(0);
-    expect(readFileSync(dumped).equals(data)).toBe(true);
+    expectExportedExt4File(v.dir, v.scratch, '/data', data);
     expect(leftovers()).toEqual([]);
   });
 

@@ -19,7 +19,7 @@ import { cliOk } from '../helpers/cli.js';
 import { startDaemon, stopDaemon, waitLive, type TestDaemon } from '../helpers/daemon.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers } from '../helpers/system.js';
 import { tempDir } from '../helpers/tmp.js';
-import { withStore } from '../helpers/volumes.js';
+import { expectExportedExt4File, withStore } from '../helpers/volumes.js';
 import { exportImage } from '../../src/image/offline.js';
 
 const SIZE = 64 * 2 ** 20;
@@ -135,13 +135,7 @@ describe.skipIf(!IS_ROOT)(`change tracking by the block layer (${IS_ROOT ? 'as r
     expect((await differingChunks(v.dir, readDevice(v.image), v.scratch)).filter((c) => c !== 0)).toEqual([]);
     expect(await stopDaemon(v.daemon)).toBe(0);
     // After teardown (unmount, final flush): a clean ext4 in the files, the file as expected.
-    const image = join(v.scratch, 'final.img');
-    cliOk(['export', v.dir, image]);
-    const fsck = spawnSync('e2fsck', ['-fn', image], { encoding: 'utf8' });
-    expect(fsck.status, fsck.stdout).toBe(0);
-    const dumped = join(v.scratch, 'dumped');
-    expect(spawnSync('debugfs', ['-R', `dump /data ${dumped}`, image]).status).toBe(0);
-    expect(readFileSync(dumped).equals(data)).toBe(true);
+    expectExportedExt4File(v.dir, v.scratch, '/data', data);
     expect(leftovers()).toEqual([]);
   });
 

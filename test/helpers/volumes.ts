@@ -1,9 +1,12 @@
 // Making volumes and moving images through the library, as the CLI does (through the chunk store).
 
 import { randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { expect } from 'vitest';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { exportImage, importImage } from '../../src/image/offline.js';
+import { cliOk } from './cli.js';
 import { resolvePlacement } from '../../src/layouts/index.js';
 import type { PlacementTable } from '../../src/layouts/layout.js';
 import { openChunkStore, type ChunkStore } from '../../src/store/chunk-store.js';
@@ -51,4 +54,18 @@ export async function importThenExport(dir: string, image: Buffer, scratch: stri
 
 export function randomImage(size: number): Buffer {
   return randomBytes(size);
+}
+
+/**
+ * Exports the volume in `dir` (offline, through the CLI) and checks the ext4 it holds: `e2fsck
+ * -fn` clean, and the file at `fsPath` equal to `data`.
+ */
+export function expectExportedExt4File(dir: string, scratch: string, fsPath: string, data: Buffer): void {
+  const image = join(scratch, 'final.img');
+  cliOk(['export', dir, image]);
+  const fsck = spawnSync('e2fsck', ['-fn', image], { encoding: 'utf8' });
+  expect(fsck.status, fsck.stdout).toBe(0);
+  const dumped = join(scratch, 'dumped');
+  expect(spawnSync('debugfs', ['-R', `dump ${fsPath} ${dumped}`, image]).status).toBe(0);
+  expect(readFileSync(dumped).equals(data)).toBe(true);
 }
