@@ -16,11 +16,10 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readStatus, type FlushReport } from '../../src/daemon/runtime.js';
 import { cliOk } from '../helpers/cli.js';
-import { startDaemon, stopDaemon, waitLive, type TestDaemon } from '../helpers/daemon.js';
+import { flushReport, startDaemon, stopDaemon, waitLive, type TestDaemon } from '../helpers/daemon.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers } from '../helpers/system.js';
 import { tempDir } from '../helpers/tmp.js';
-import { expectExportedExt4File, withStore } from '../helpers/volumes.js';
-import { exportImage } from '../../src/image/offline.js';
+import { differingChunks, expectExportedExt4File } from '../helpers/volumes.js';
 
 const SIZE = 64 * 2 ** 20;
 const CHUNK = 65536;
@@ -34,26 +33,6 @@ function readDevice(image: string): Buffer {
   const out = readFileSync(image);
   expect(out.length).toBe(SIZE);
   return out;
-}
-
-/** Chunks where the files differ from `image` (exported through the chunk store, as `export` does; the CLI refuses while live). */
-async function differingChunks(dir: string, image: Buffer, scratch: string): Promise<number[]> {
-  const out = join(scratch, `export-${Date.now()}.img`);
-  await withStore(dir, undefined, false, (store) => exportImage(store, out));
-  const files = readFileSync(out);
-  expect(files.length).toBe(image.length);
-  const diff: number[] = [];
-  for (let c = 0; c < CHUNKS; c++) if (!files.subarray(c * CHUNK, (c + 1) * CHUNK).equals(image.subarray(c * CHUNK, (c + 1) * CHUNK))) diff.push(c);
-  return diff;
-}
-
-/** `vbd-shadow flush`, then the latest flush report (which must be a success). */
-function flush(name: string): FlushReport {
-  cliOk(['flush', name]);
-  const f = readStatus(name)?.lastFlush;
-  if (f === undefined) throw new Error('no flush report');
-  expect(f.ok, f.error).toBe(true);
-  return f;
 }
 
 /** A python3 child writing with O_DIRECT; resolves with its stdout. */
@@ -107,7 +86,7 @@ async function liveVolume(tag: string, extra: string[] = [], env: Record<string,
   const live = await waitLive(daemon);
   expect(live.tracking).toBe('full-scan (first flush of the session)');
   // The first flush of a session scans everything; from then on the trace decides.
-  const first = flush(name);
+  const first = flushReport(name);
   expect(first.tracking).toBe('full-scan (first flush of the session)');
   expect(first.chunksHashed).toBe(CHUNKS);
   expect(readStatus(name)?.tracking).toBe('block-layer');
@@ -120,19 +99,19 @@ describe.skipIf(!IS_ROOT)(`change tracking by the block layer (${IS_ROOT ? 'as r
     const file = join(v.mnt, 'data');
     const data = randomBytes(8 * 2 ** 20);
     writeFileSync(file, data);
-    flush(v.name);
+    flushReport(v.name);
     for (const args of [['-z', '-o', '1M', '-l', '2M'], ['-p', '-o', '5M', '-l', '1M']]) {
       const r = spawnSync('fallocate', [...args, file], { encoding: 'utf8' });
       expect(r.status, r.stderr).toBe(0);
     }
     data.fill(0, 1 * 2 ** 20, 3 * 2 ** 20);
     data.fill(0, 5 * 2 ** 20, 6 * 2 ** 20);
-    const f = flush(v.name);
+    const f = flushReport(v.name);
     expect(f.tracking).toBe('block-layer');
     expect(f.chunksChanged).toBeGreaterThan(0);
     expect(f.chunksHashed).toBeLessThan(CHUNKS / 4);
     // The files hold the frozen capture: only the superblock the thaw rewrote (chunk 0) may differ.
-    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch)).filter((c) => c !== 0)).toEqual([]);
+    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch, CHUNK)).filter((c) => c !== 0)).toEqual([]);
     expect(await stopDaemon(v.daemon)).toBe(0);
     // After teardown (unmount, final flush): a clean ext4 in the files, the file as expected.
     expectExportedExt4File(v.dir, v.scratch, '/data', data);
@@ -144,7 +123,7 @@ describe.skipIf(!IS_ROOT)(`change tracking by the block layer (${IS_ROOT ? 'as r
     const writer = pythonWriter(RANDOM_WRITER, [v.device, '4', '0']);
     const flushes: FlushReport[] = [];
     while (writer.running()) {
-      flushes.push(flush(v.name));
+      flushes.push(flushReport(v.name));
       await tick(); // the writer's exit is an event
     }
     const writes = Number((await writer.done).trim());
@@ -152,9 +131,9 @@ describe.skipIf(!IS_ROOT)(`change tracking by the block layer (${IS_ROOT ? 'as r
     expect(flushes.length).toBeGreaterThan(2);
     // The write counter moved during the race: every flush ran from the trace, none scanned.
     for (const f of flushes) expect(f.tracking).toBe('block-layer');
-    const last = flush(v.name);
+    const last = flushReport(v.name);
     expect(last.tracking).toBe('block-layer');
-    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch))).toEqual([]);
+    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch, CHUNK))).toEqual([]);
     // Idle now: nothing written since.
     cliOk(['flush', v.name]);
     expect(readStatus(v.name)?.lastCheck?.idle).toBe(true);
@@ -166,7 +145,7 @@ describe.skipIf(!IS_ROOT)(`change tracking by the block layer (${IS_ROOT ? 'as r
     const file = join(v.mnt, 'blocks');
     writeFileSync(file, randomBytes(2 ** 20));
     spawnSync('sync');
-    flush(v.name);
+    flushReport(v.name);
     // The writer rewrites 4 KiB blocks of a preallocated file with O_DIRECT (straight to the
     // device, no metadata) and stops after the first write a freeze held up: that write is
     // released by FITHAW and lands right after it, and nothing is written after it.
@@ -183,14 +162,14 @@ while time.time() < end:
 print('never held', n)
 `, [file]);
     while (writer.running()) {
-      flush(v.name);
+      flushReport(v.name);
       await tick();
     }
     const said = await writer.done;
     expect(said).toMatch(/^held /);
     // The write released by the thaw reached the files with the next flush.
-    flush(v.name);
-    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch)).filter((c) => c !== 0)).toEqual([]);
+    flushReport(v.name);
+    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch, CHUNK)).filter((c) => c !== 0)).toEqual([]);
     expect(await stopDaemon(v.daemon)).toBe(0);
   });
 
@@ -200,18 +179,18 @@ print('never held', n)
       // Thousands of scattered writes in a burst: far more than a 4 KiB buffer per CPU holds
       // between two drains.
       await pythonWriter(RANDOM_WRITER, [v.device, '10', '6000']).done;
-      const f = flush(v.name);
+      const f = flushReport(v.name);
       expect(f.tracking).toMatch(/^full-scan \(trace events lost on cpu\d+ \(overrun \d+/);
       expect(f.chunksHashed).toBe(CHUNKS);
-      expect((await differingChunks(v.dir, readDevice(v.image), v.scratch))).toEqual([]);
+      expect((await differingChunks(v.dir, readDevice(v.image), v.scratch, CHUNK))).toEqual([]);
     }
     expect(v.daemon.output().match(/change tracking: trace events lost/g)?.length).toBe(1);
     // A few writes fit: tracking is back.
     await pythonWriter(RANDOM_WRITER, [v.device, '10', '3']).done;
-    const f = flush(v.name);
+    const f = flushReport(v.name);
     expect(f.tracking).toBe('block-layer');
     expect(f.chunksHashed).toBeLessThanOrEqual(3);
-    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch))).toEqual([]);
+    expect((await differingChunks(v.dir, readDevice(v.image), v.scratch, CHUNK))).toEqual([]);
     expect(await stopDaemon(v.daemon)).toBe(0);
     expect(leftovers()).toEqual([]);
   });

@@ -3,8 +3,9 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { DaemonEvent, EventKind, EventOf } from '../../src/daemon/events.js';
-import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
-import { cliArgv } from './cli.js';
+import { readStatus, type DaemonStatus, type FlushReport } from '../../src/daemon/runtime.js';
+import { expect } from 'vitest';
+import { cliArgv, cliOk } from './cli.js';
 import { Stage, eachTestCleanup } from './cleanup.js';
 import { sweep } from './system.js';
 
@@ -95,4 +96,13 @@ export async function waitState(d: TestDaemon, state: string, timeoutMs = 60_000
 export async function stopDaemon(d: TestDaemon): Promise<number | null> {
   d.child.kill('SIGTERM');
   return d.exited;
+}
+
+/** `vbd-shadow flush NAME`, then the latest flush report (which must be a success). */
+export function flushReport(name: string): FlushReport {
+  cliOk(['flush', name]);
+  const f = readStatus(name)?.lastFlush;
+  if (f === undefined) throw new Error('no flush report');
+  expect(f.ok, f.error).toBe(true);
+  return f;
 }

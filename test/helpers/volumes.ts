@@ -69,3 +69,14 @@ export function expectExportedExt4File(dir: string, scratch: string, fsPath: str
   expect(spawnSync('debugfs', ['-R', `dump ${fsPath} ${dumped}`, image]).status).toBe(0);
   expect(readFileSync(dumped).equals(data)).toBe(true);
 }
+
+/** Chunks of `chunkSize` where the files differ from `image` (exported through the chunk store, as `export` does; the CLI refuses while live). */
+export async function differingChunks(dir: string, image: Buffer, scratch: string, chunkSize: number): Promise<number[]> {
+  const out = join(scratch, `export-${Date.now()}.img`);
+  await withStore(dir, undefined, false, (store) => exportImage(store, out));
+  const files = readFileSync(out);
+  expect(files.length).toBe(image.length);
+  const diff: number[] = [];
+  for (let c = 0; c < image.length / chunkSize; c++) if (!files.subarray(c * chunkSize, (c + 1) * chunkSize).equals(image.subarray(c * chunkSize, (c + 1) * chunkSize))) diff.push(c);
+  return diff;
+}
