@@ -58,6 +58,8 @@ export interface StatusJson {
   /** Whether the RAM image's tmpfs is still mounted (a daemon that has gone kept it: `recover`). */
   imageKept: boolean;
   populateMs: number | null;
+  /** Threads that opened a sealed volume's slots at populate (1: the daemon's own). */
+  populateThreads: number | null;
   tracking: string | null;
   /** The large-scan thread pool: threads, threads started, why it is off. */
   scan: { threads: number; started: number; off: string | null } | null;
@@ -112,7 +114,7 @@ export function statusJson(v: StatusView): StatusJson {
     intervalMs: Math.round(s.intervalMs), startedAt: s.startedAt,
     device: running ? s.device ?? null : null, link: running ? s.link ?? null : null, mountpoint: running ? s.mountpoint ?? null : null,
     boundLoops: v.boundLoops, imageKept: v.imageKept,
-    populateMs: s.populateMs !== undefined ? Math.round(s.populateMs) : null, tracking: s.tracking ?? null,
+    populateMs: s.populateMs !== undefined ? Math.round(s.populateMs) : null, populateThreads: s.populateThreads ?? null, tracking: s.tracking ?? null,
     scan: s.scan !== undefined ? { threads: s.scan.threads, started: s.scan.started, off: s.scan.off ?? null } : null,
     nbd: running ? s.nbd ?? null : null, nbdError: s.nbdError ?? null,
     lastFlush: s.lastFlush !== undefined ? flushJson(s.lastFlush) : null, lastCheck: s.lastCheck !== undefined ? checkJson(s.lastCheck) : null,
@@ -140,7 +142,7 @@ export function statusLines(v: StatusView): string[] {
   if (w !== undefined) out.push(`  waiting  since ${w.since} to unmount ${w.path}: busy, held by ${w.holders.join(', ') || UNNAMED_HOLDER}`);
   if (!running && v.boundLoops.length > 0) out.push(`  held     ${v.boundLoops.join(', ')} still bound to its RAM image`);
   if (!running && v.imageKept) out.push(`  image    its RAM image is kept (root-only): 'vbd-shadow recover ${s.volumeDir}' writes it back into the files`);
-  if (running && s.populateMs !== undefined) out.push(`  populate ${Math.round(s.populateMs)} ms`);
+  if (running && s.populateMs !== undefined) out.push(`  populate ${Math.round(s.populateMs)} ms${s.sealedVolume === true && s.populateThreads !== undefined ? ` on ${s.populateThreads} thread${s.populateThreads === 1 ? '' : 's'}` : ''}`);
   if (running && s.tracking !== undefined) out.push(`  tracking ${s.tracking}`);
   if (running && s.scan !== undefined) out.push(`  scan     ${s.scan.threads} thread${s.scan.threads === 1 ? '' : 's'} for large scans${s.scan.off !== undefined ? ` (pool off: ${s.scan.off})` : ''}`);
   const f = s.lastFlush;

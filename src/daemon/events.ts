@@ -25,7 +25,7 @@ export type DaemonEvent =
   | { kind: 'agent-spawn-failed'; uid: number; error: string }
   | { kind: 'session-refused'; message: string }
   | { kind: 'ram-image'; size: number; path: string }
-  | { kind: 'populated'; size: number; ms: number; sealedEpoch: number | undefined }
+  | { kind: 'populated'; size: number; ms: number; threads: number; sealedEpoch: number | undefined }
   | { kind: 'damaged-served-as-zeros'; damaged: NamedChunks }
   | { kind: 'attached'; device: string; link: string; ownerNode: boolean; uid: number }
   | { kind: 'formatted'; device: string; fsType: string; asOwner: boolean }
@@ -110,7 +110,7 @@ const FORMAT: { [K in EventKind]: (e: EventOf<K>) => Formatted } = {
   'session-refused': (e) => ({ text: `session refused: ${e.message}`, priority: 'err' }),
   'ram-image': (e) => ({ text: `RAM image: ${formatSize(e.size)} in ${e.path}, mapped and locked`, priority: 'info' }),
   'populated': (e) => ({
-    text: `populated ${formatSize(e.size)} from the files in ${e.ms} ms${e.sealedEpoch === undefined ? '' : ` (sealed, epoch ${e.sealedEpoch})`}`,
+    text: `populated ${formatSize(e.size)} from the files in ${e.ms} ms${e.sealedEpoch === undefined ? '' : ` (sealed, epoch ${e.sealedEpoch}, ${e.threads === 1 ? 'opened on the daemon\'s thread' : `opened on ${e.threads} threads`})`}`,
     priority: 'info',
   }),
   'damaged-served-as-zeros': (e) => ({

@@ -151,6 +151,8 @@ export interface DaemonStatus {
   image?: string;
   startedAt: string;
   populateMs?: number;
+  /** Threads that opened the slots (sealed: the pool's, or 1). */
+  populateThreads?: number;
   /** How the next flush finds what changed: 'block-layer', or 'full-scan (reason)'. */
   tracking?: string;
   /** The threads large scans use, the pool's threads started so far, and why the pool is off (if it is). */

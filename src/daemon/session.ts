@@ -84,7 +84,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ state: 'populating', image: image.path });
     const started = performance.now();
     const progress = startProgress('populate', manifest.deviceSize);
-    const damaged = await store.fill(image, { damaged: 'zero' }, (n) => progress.advance(n));
+    const { damaged, threads } = await store.fill(image, { damaged: 'zero', pool: ctx.scanPool }, (n) => progress.advance(n));
     progress.done();
     const populateMs = Math.round(performance.now() - started);
     if (damaged.length > 0) {
@@ -93,8 +93,8 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       report({ kind: 'damaged-served-as-zeros', damaged: { count: damaged.length, listed: listDamaged(damaged, MAX_LISTED_DAMAGED) } });
       setStatus({ damagedChunks: damaged.slice(0, MAX_LISTED_DAMAGED) });
     }
-    report({ kind: 'populated', size: manifest.deviceSize, ms: roundMs(populateMs), sealedEpoch: store.epoch });
-    setStatus({ populateMs, sealed: store.sealedState() });
+    report({ kind: 'populated', size: manifest.deviceSize, ms: roundMs(populateMs), threads, sealedEpoch: store.epoch });
+    setStatus({ populateMs, populateThreads: threads, sealed: store.sealedState() });
     const engine = new FlushEngine(volume, image, store, journalFd, report);
     engine.beforeCommit = beforeCommit;
     engine.afterCommit = afterCommit;

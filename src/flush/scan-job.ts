@@ -5,6 +5,7 @@
 
 import { xxh64 } from '@node-rs/xxhash';
 import { VbdError } from '../common/errors.js';
+import type { SlotSources } from '../store/slot-runs.js';
 
 /** A window of the image as a view: the daemon's thread has them, a worker makes them from the address. */
 export interface WindowView {
@@ -79,23 +80,40 @@ export function pieceItems(chunkSize: number, count: number, threads: number): n
 /** A claim counter set to this stops every thread at its next claim (one of them failed). */
 export const STOP_CLAIMS = 2 ** 30;
 
-/** What a pool thread is sent: the windows by address (threads share the address space). */
-export interface ScanJob {
-  kind: 'scan';
+/** What every pool job carries: the windows by address (threads share the address space) and the claims. */
+interface JobCommon {
   windows: { offset: number; length: number; address: bigint }[];
   chunkSize: number;
-  items: ScanItems;
   /** Items per piece. */
   pieceItems: number;
   /** [0]: the next piece to claim (shared). */
   next: Int32Array;
-  /** Per thread: the piece it is hashing, or -1 (shared: what a thread that died was on). */
+  /** Per thread: the piece it is on, or -1 (shared: what a thread that died was on). */
   busy: Int32Array;
   /** This thread's index into `busy`. */
   slot: number;
+}
+
+/** Hash `items` into out[chunk] (shared). */
+export interface ScanJob extends JobCommon {
+  kind: 'scan';
+  items: ScanItems;
   /** Hashes by chunk number (shared). */
   out: BigUint64Array;
 }
+
+/** Open the slots `src` names into the image (src/store/slot-runs.ts); damaged[i] = 1 where entry i fails. */
+export interface OpenJob extends JobCommon {
+  kind: 'open';
+  src: SlotSources;
+  keys: { generation: number; key: Buffer; uuid: Buffer }[];
+  damaged: Uint8Array;
+  zero: boolean;
+}
+
+export type PoolJob = ScanJob | OpenJob;
+/** A job as the pool builds it, before each thread's claim counters and slot are added. */
+export type PoolJobBody = Omit<ScanJob, keyof Omit<JobCommon, 'windows' | 'chunkSize' | 'pieceItems'>> | Omit<OpenJob, keyof Omit<JobCommon, 'windows' | 'chunkSize' | 'pieceItems'>>;
 
 /** What a pool thread answers: once when it has started, then once per job. */
 export type ScanReply = { kind: 'ready' } | { kind: 'done' } | { kind: 'failed'; piece: number; message: string };

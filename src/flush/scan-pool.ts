@@ -16,7 +16,9 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { VbdError } from '../common/errors.js';
-import { describePiece, itemCount, pieceItems as piecesFor, type ScanItems, type ScanJob, type ScanReply } from './scan-job.js';
+import type { SlotKey } from '../store/keys.js';
+import type { SlotSources } from '../store/slot-runs.js';
+import { describePiece, itemCount, pieceItems as piecesFor, type PoolJob, type PoolJobBody, type ScanItems, type ScanReply } from './scan-job.js';
 
 const WORKER_URL = new URL('./scan-worker.js', import.meta.url);
 
@@ -34,6 +36,20 @@ export interface ScanPoolState {
   started: number;
   /** Why the pool is off (scans run on the daemon's thread). */
   off?: string;
+}
+
+/** One job for the threads: what it is for error lines, and the message each thread gets. */
+interface PoolTask {
+  what: string;
+  verb: string;
+  count: number;
+  pieceItems: number;
+  job: PoolJobBody;
+  describe(piece: number): string | undefined;
+}
+
+function addresses(windows: readonly PoolWindow[]): PoolWindow[] {
+  return windows.map((w) => ({ offset: w.offset, length: w.length, address: w.address }));
 }
 
 interface Member {
@@ -103,24 +119,49 @@ export class ScanPool {
    * claiming pieces of it (scan-job.ts, pieceItems). Jobs run one at a time.
    */
   hash(windows: readonly PoolWindow[], chunkSize: number, items: ScanItems, out: BigUint64Array): Promise<void> {
-    const run = this.running.then(() => this.run(windows, chunkSize, items, out));
+    if (!(out.buffer instanceof SharedArrayBuffer)) throw new VbdError('internal: the scan pool writes its hashes into a SharedArrayBuffer');
+    const count = itemCount(items);
+    const pieceItems = piecesFor(chunkSize, count, this.threads);
+    return this.queue({
+      what: `full scan of ${count} chunks`, verb: 'hashing', count, pieceItems,
+      job: { kind: 'scan', windows: addresses(windows), chunkSize, items, pieceItems, out },
+      describe: (piece) => describePiece(items, pieceItems, piece, chunkSize),
+    });
+  }
+
+  /**
+   * Reads and opens the slots `src` names straight into the image (populate of a sealed volume),
+   * marking in `damaged` (shared) the entries that fail authentication, zeroed if `zero`.
+   */
+  open(windows: readonly PoolWindow[], chunkSize: number, src: SlotSources, keyOf: (generation: number) => SlotKey, damaged: Uint8Array, zero: boolean): Promise<void> {
+    if (!(damaged.buffer instanceof SharedArrayBuffer) || !(src.file.buffer instanceof SharedArrayBuffer)) throw new VbdError('internal: the pool opens slots from and into SharedArrayBuffers');
+    const generations = [...new Set(src.generation)];
+    // The threads get the slot keys' bytes (same process, same trust); each wipes its copies after the job.
+    const keys = generations.map((g) => ({ generation: g, key: keyOf(g).key, uuid: keyOf(g).uuid }));
+    const pieceItems = piecesFor(chunkSize, src.count, this.threads);
+    return this.queue({
+      what: `populate of chunks ${src.first}–${src.first + src.count - 1}`, verb: 'opening', count: src.count, pieceItems,
+      job: { kind: 'open', windows: addresses(windows), chunkSize, src, keys, pieceItems, damaged, zero },
+      describe: (piece) => describePiece({ from: src.first, to: src.first + src.count }, pieceItems, piece, chunkSize),
+    });
+  }
+
+  private queue(task: PoolTask): Promise<void> {
+    const run = this.running.then(() => this.run(task));
     this.running = run.catch(() => undefined);
     return run;
   }
 
-  private async run(windows: readonly PoolWindow[], chunkSize: number, items: ScanItems, out: BigUint64Array): Promise<void> {
+  private async run(task: PoolTask): Promise<void> {
     if (!this.usable) throw new VbdError(`internal: the scan pool is off (${this.off ?? 'closed'})`);
-    if (!(out.buffer instanceof SharedArrayBuffer)) throw new VbdError('internal: the scan pool writes its hashes into a SharedArrayBuffer');
     for (let slot = 0; slot < this.threads; slot++) {
       if (this.members[slot] === undefined || this.members[slot]?.gone === true) this.members[slot] = this.spawn(slot);
     }
     const members = this.members.slice(0, this.threads);
-    const pieceItems = piecesFor(chunkSize, itemCount(items), members.length);
     const next = new Int32Array(new SharedArrayBuffer(4));
     const busy = new Int32Array(new SharedArrayBuffer(4 * members.length)).fill(-1);
     // Referenced while the job runs (their start included): an awaited job keeps the process alive.
     for (const m of members) m.worker.ref();
-    const shared = { kind: 'scan', windows: windows.map((w) => ({ offset: w.offset, length: w.length, address: w.address })), chunkSize, items, pieceItems, next, busy, out } as const;
     const replies = await Promise.all(members.map(async (m): Promise<ScanReply | Error> => {
       try {
         await m.ready;
@@ -129,25 +170,25 @@ export class ScanPool {
       }
       return new Promise((resolve) => {
         m.settle = resolve;
-        m.worker.postMessage({ ...shared, slot: m.slot } satisfies ScanJob);
+        m.worker.postMessage({ ...task.job, next, busy, slot: m.slot } satisfies PoolJob);
       });
     }));
     for (const m of members) if (!m.gone) m.worker.unref();
     const failed = replies.flatMap((reply, slot) => {
       const who = `thread ${slot + 1} of ${members.length}`;
       if (reply instanceof Error) {
-        const piece = describePiece(items, pieceItems, busy[slot] ?? -1, chunkSize);
-        return [`${who} ended ${piece === undefined ? 'before it took a piece' : `while hashing ${piece}`}: ${reply.message}`];
+        const piece = task.describe(busy[slot] ?? -1);
+        return [`${who} ended ${piece === undefined ? 'before it took a piece' : `while ${task.verb} ${piece}`}: ${reply.message}`];
       }
       if (reply.kind === 'failed') {
-        const piece = describePiece(items, pieceItems, reply.piece, chunkSize);
-        return [`${who} failed ${piece === undefined ? 'before its first piece' : `hashing ${piece}`}: ${reply.message}`];
+        const piece = task.describe(reply.piece);
+        return [`${who} failed ${piece === undefined ? 'before its first piece' : `${task.verb} ${piece}`}: ${reply.message}`];
       }
       return [];
     });
     if (failed.length === 0) return;
-    const line = `full scan of ${itemCount(items)} chunks: ${failed.join('; ')}`;
-    this.switchOff(`a scan failed (${line}); scans run on the daemon's thread`);
+    const line = `${task.what}: ${failed.join('; ')}`;
+    this.switchOff(`a job failed (${line}); scans and populates run on the daemon's thread`);
     throw new VbdError(line);
   }
 

@@ -13,11 +13,13 @@ import { VbdError, failure } from '../common/errors.js';
 import { resolvePlacement } from '../layouts/index.js';
 import type { PlacementTable } from '../layouts/layout.js';
 import { readRuns, runsFor, writeRuns } from '../image/transfer.js';
-import type { ShadowImage } from '../shadow/image.js';
+import type { ImageWindow, ShadowImage } from '../shadow/image.js';
 import { fileOrder, transferImage } from '../shadow/populate.js';
 import { fileName, isPlainVolume, isSealedVolume, type AnyVolume, type Volume } from '../volume/volume.js';
 import { datasync } from './map.js';
 import { openSealedStore } from './sealed-store.js';
+import type { SlotKey } from './keys.js';
+import type { SlotSources } from './slot-runs.js';
 
 /** Where a chunk's bytes are now. */
 export interface ChunkPlace {
@@ -55,6 +57,27 @@ export interface ReadOptions {
    * offset and chunk; `zero` fills the chunk with zeros in the buffer and lists it.
    */
   damaged?: 'throw' | 'zero';
+}
+
+/**
+ * Threads that open slots straight into the RAM image (the daemon's image pool,
+ * src/flush/scan-pool.ts): `damaged[i]` is set to 1 where entry i failed, zeroed if `zero`.
+ */
+export interface SlotOpenPool {
+  readonly usable: boolean;
+  readonly threads: number;
+  open(windows: readonly ImageWindow[], chunkSize: number, src: SlotSources, keyOf: (generation: number) => SlotKey, damaged: Uint8Array, zero: boolean): Promise<void>;
+}
+
+export interface FillResult {
+  damaged: DamagedChunk[];
+  /** Threads that read the slots: the pool's, or 1 (the daemon's thread; a plain volume's reads). */
+  threads: number;
+}
+
+export interface FillOptions extends ReadOptions {
+  /** Open slots on these threads (sealed volumes; a plain populate is a copy, done by the kernel). */
+  pool?: SlotOpenPool;
 }
 
 export type CommitReport =
@@ -124,7 +147,7 @@ export interface ChunkStore {
   /** Every chunk, in the order writes go fastest: plain — file order (runs stream); sealed — ascending (what `begin` takes). */
   writeOrder(): Uint32Array;
   /** Fills the RAM image with every chunk (populate); resolves with the damaged ones (with `damaged: 'zero'`). */
-  fill(image: ShadowImage, options?: ReadOptions, progress?: (bytes: number) => void): Promise<DamagedChunk[]>;
+  fill(image: ShadowImage, options?: FillOptions, progress?: (bytes: number) => void): Promise<FillResult>;
   /** Reads chunks [first, end) into `into` (into[0] = first byte of chunk `first`); returns the damaged ones (with `damaged: 'zero'`). */
   read(first: number, end: number, into: Buffer, options?: ReadOptions): DamagedChunk[];
   /**
@@ -200,11 +223,11 @@ class PlainStore implements ChunkStore {
     return fileOrder(this.table, this.chunkSize, this.volume.manifest.files.map((f) => f.size));
   }
 
-  fill(image: ShadowImage, _options?: ReadOptions, progress?: (bytes: number) => void): Promise<DamagedChunk[]> {
+  fill(image: ShadowImage, _options?: FillOptions, progress?: (bytes: number) => void): Promise<FillResult> {
     // One preadv per run of consecutive file bytes, straight into the mapping, in file order.
     const io = { image, table: this.table, chunkSize: this.chunkSize, fds: this.volume.fds, name: this.#name };
     transferImage('read', io, this.volume.manifest.files.map((f) => f.size), progress);
-    return Promise.resolve([]);
+    return Promise.resolve({ damaged: [], threads: 1 });
   }
 
   read(first: number, end: number, into: Buffer): DamagedChunk[] {

@@ -9,7 +9,7 @@
 // check: a wrong passphrase and an edited manifest both fail the same way, and nothing can tell
 // them apart. A passphrase change re-wraps the one volume key; no slot is touched.
 
-import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createSecretKey, hkdfSync, randomBytes, type KeyObject } from 'node:crypto';
 import { VbdError } from '../common/errors.js';
 import { scryptDerive } from '../layouts/secret.js';
 import type { ScryptParams } from '../volume/manifest.js';
@@ -72,8 +72,15 @@ export interface SealedGeometry {
 /** The key that seals slots of one key generation of one volume. */
 export interface SlotKey {
   readonly key: Buffer;
+  /** The same key as OpenSSL holds it: a cipher made from it skips the key import (~6 µs a slot). */
+  readonly secret: KeyObject;
   readonly generation: number;
   readonly uuid: Buffer;
+}
+
+/** A slot key from its bytes (which it keeps: wipe them to wipe it). */
+export function slotKeyOf(key: Buffer, generation: number, uuid: Buffer): SlotKey {
+  return { key, secret: createSecretKey(key), generation, uuid };
 }
 
 /** Fills buffers with zeros: for keys, passphrases and plaintext once they are no longer needed. */
@@ -202,7 +209,7 @@ export class VolumeKeys {
     this.#live();
     const known = this.#slotKeys.get(generation);
     if (known !== undefined) return known;
-    const key: SlotKey = { key: hkdf(this.#volumeKey, this.uuid, slotKeyInfo(generation)), generation, uuid: this.uuid };
+    const key = slotKeyOf(hkdf(this.#volumeKey, this.uuid, slotKeyInfo(generation)), generation, this.uuid);
     this.#slotKeys.set(generation, key);
     return key;
   }

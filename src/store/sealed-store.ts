@@ -28,7 +28,7 @@ import type { ShadowImage } from '../shadow/image.js';
 import { availableMemory } from '../sys/memory.js';
 import { serializeManifest, type SealedManifest } from '../volume/manifest.js';
 import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, rereadManifest, writeManifest, type SealedVolume } from '../volume/volume.js';
-import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, ReadOptions, SealedState, StoreWrite } from './chunk-store.js';
+import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, FillOptions, FillResult, ReadOptions, SealedState, StoreWrite } from './chunk-store.js';
 import type { VolumeKeys } from './keys.js';
 import {
   RESERVE_RECORD_BYTES, checkMapFormat, clearPending, clonePositionMap, datasync, loadReservation, mapFileBytes, newPositionMap,
@@ -36,7 +36,8 @@ import {
 } from './map.js';
 import { MapCommitter, loadMapState } from './map-log.js';
 import { nextKeyGeneration, unlockSealedManifest } from './sealed-manifest.js';
-import { NONCE_MARGIN, NonceBudget, RANDOM_NONCE_LIMIT, SlotAuthError, SlotSealer, openChunk, slotSize, type NonceBudgetState } from './slot.js';
+import { NONCE_MARGIN, NonceBudget, RANDOM_NONCE_LIMIT, SlotAuthError, SlotSealer, slotSize, type NonceBudgetState } from './slot.js';
+import { newSlotSources, openSlots, type SlotSources } from './slot-runs.js';
 
 /** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
 const RUN_BYTES = 8 * 2 ** 20;
@@ -287,24 +288,31 @@ class SealedStore implements ChunkStore {
   }
 
   /**
-   * Opens every slot into the image, a window of FILL_BYTES at a time, yielding to the event loop
-   * between windows so the daemon keeps answering its pipes. On this thread: worker threads
-   * (each opening batches of slots into the image) measured slower here, 1.6–2.2 s against
-   * 0.9–1.5 s for 1 GiB on 2 cores (docs/PERFORMANCE.md).
+   * Opens every slot into the image, FILL_BYTES of it at a time. With a pool (`options.pool`),
+   * its threads read and open each part straight into the image while this thread waits, free
+   * for the daemon's pipes; without one, this thread does it, yielding to the event loop between
+   * parts. Damaged slots are listed after the whole image is read (the caller refuses or zeroes).
    */
-  async fill(image: ShadowImage, options: ReadOptions = {}, progress?: (bytes: number) => void): Promise<DamagedChunk[]> {
+  async fill(image: ShadowImage, options: FillOptions = {}, progress?: (bytes: number) => void): Promise<FillResult> {
     const damaged: DamagedChunk[] = [];
     const C = this.chunkSize;
+    const pool = options.pool?.usable === true ? options.pool : undefined;
     for (const window of image.windows) {
       const first = window.offset / C;
       for (const part of windows(window.length / C, C, FILL_BYTES)) {
-        const into = window.view.subarray(part.first * C, part.end * C);
-        damaged.push(...this.read(first + part.first, first + part.end, into, options));
-        progress?.(into.length);
-        await new Promise((resolve) => setImmediate(resolve));
+        if (pool === undefined) {
+          damaged.push(...this.read(first + part.first, first + part.end, window.view.subarray(part.first * C, part.end * C), options));
+          await new Promise((resolve) => setImmediate(resolve));
+        } else {
+          const src = this.#sources(first + part.first, first + part.end, true);
+          const marks = new Uint8Array(new SharedArrayBuffer(src.count));
+          await pool.open(image.windows, C, src, (g) => this.#keys.slotKey(g), marks, options.damaged === 'zero');
+          damaged.push(...this.#damaged(src, marks, options));
+        }
+        progress?.((part.end - part.first) * C);
       }
     }
-    return damaged;
+    return { damaged, threads: pool?.threads ?? 1 };
   }
 
   #buffer(): Buffer {
@@ -312,43 +320,49 @@ class SealedStore implements ChunkStore {
     return this.#scratch;
   }
 
+  /** Where the slots of chunks [first, end) are read from now, as slot-runs.ts takes them. */
+  #sources(first: number, end: number, shared: boolean): SlotSources {
+    const files = this.#volume.fds.map((fd, i) => ({ fd, name: fileName(this.#volume, i) }));
+    const journal = files.length;
+    if (this.#journal !== undefined) files.push({ fd: this.#journal.fd, name: SEALED_JOURNAL_NAME });
+    const src = newSlotSources(first, end - first, this.#slotBytes, files, shared);
+    const m = this.#committed;
+    for (let c = first; c < end; c++) {
+      const p = this.#placeOf(c);
+      const i = c - first;
+      src.file[i] = p.file < 0 ? journal : p.file;
+      src.offset[i] = p.offset;
+      src.epoch[i] = m.epochs[c] ?? 0;
+      src.generation[i] = m.generation[c] ?? 0;
+    }
+    return src;
+  }
+
+  /** The chunks `marks` says failed, as the caller asked: listed, or the first one thrown. */
+  #damaged(src: SlotSources, marks: Uint8Array, options: ReadOptions): DamagedChunk[] {
+    const damaged: DamagedChunk[] = [];
+    for (let i = 0; i < src.count; i++) {
+      if (marks[i] !== 1) continue;
+      const chunk = src.first + i;
+      const epoch = src.epoch[i] as number;
+      const file = src.files[src.file[i] as number];
+      if (file === undefined) throw new VbdError(`internal: chunk ${chunk} names slot file ${src.file[i]} of ${src.files.length}`);
+      const offset = src.offset[i] as number;
+      if (options.damaged !== 'zero') throw new SlotAuthError(chunk, epoch, src.generation[i] as number, { file: file.name, offset });
+      damaged.push({ chunk, name: file.name, offset, epoch });
+    }
+    return damaged;
+  }
+
   read(first: number, end: number, into: Buffer, options: ReadOptions = {}): DamagedChunk[] {
     checkChunks(first, end, this.chunkCount);
     const C = this.chunkSize;
-    const S = this.#slotBytes;
     if (into.length < (end - first) * C) throw new VbdError(`internal: a buffer of ${into.length} bytes for ${end - first} chunks`);
-    const buf = this.#buffer();
-    const m = this.#committed;
-    const damaged: DamagedChunk[] = [];
-    let c = first;
-    while (c < end) {
-      const p0 = this.#placeOf(c);
-      let count = 1;
-      while (c + count < end && (count + 1) * S <= buf.length) {
-        const p = this.#placeOf(c + count);
-        if (p.fd !== p0.fd || p.offset !== p0.offset + count * S) break;
-        count++;
-      }
-      readInto(p0.fd, buf, count * S, p0.offset, p0.name);
-      for (let i = 0; i < count; i++) {
-        const chunk = c + i;
-        const at = { chunk, epoch: m.epochs[chunk] ?? 0 };
-        const out = into.subarray((chunk - first) * C, (chunk - first + 1) * C);
-        const generation = m.generation[chunk] ?? 0;
-        try {
-          openChunk(this.#keys.slotKey(generation), at, buf.subarray(i * S, (i + 1) * S), out);
-        } catch (err) {
-          if (!(err instanceof SlotAuthError)) throw err;
-          const where = { file: p0.name, offset: p0.offset + i * S };
-          if (options.damaged !== 'zero') throw new SlotAuthError(chunk, at.epoch, generation, where);
-          out.fill(0);
-          damaged.push({ chunk, name: where.file, offset: where.offset, epoch: at.epoch });
-        }
-      }
-      buf.fill(0, 0, count * S);
-      c += count;
-    }
-    return damaged;
+    const src = this.#sources(first, end, false);
+    const marks = new Uint8Array(src.count);
+    const target = { chunk: (i: number) => into.subarray(i * C, (i + 1) * C), damaged: marks, zero: options.damaged === 'zero' };
+    openSlots(src, 0, src.count, (g) => this.#keys.slotKey(g), target, this.#buffer());
+    return this.#damaged(src, marks, options);
   }
 
   /** Free slots under the committed map, ascending. */

@@ -80,7 +80,7 @@ export function sealChunk(key: SlotKey, at: SlotAddress, plaintext: Buffer, out:
   if (out.length !== slotSize(plaintext.length)) throw new VbdError(`slot buffer is ${out.length} bytes, a chunk of ${plaintext.length} needs ${slotSize(plaintext.length)}`);
   const ad = slotAD(key.uuid, at.chunk, at.epoch, key.generation, scratchAD);
   freshNonce(out, 0);
-  const cipher = createCipheriv('aes-256-gcm', key.key, out.subarray(0, NONCE_BYTES), { authTagLength: TAG_BYTES });
+  const cipher = createCipheriv('aes-256-gcm', key.secret, out.subarray(0, NONCE_BYTES), { authTagLength: TAG_BYTES });
   cipher.setAAD(ad);
   // Node's cipher API returns its output in a buffer of its own; one copy puts it in the slot.
   const ciphertext = cipher.update(plaintext);
@@ -120,7 +120,7 @@ export function openChunk(key: SlotKey, at: SlotAddress, slot: Buffer, out: Buff
   if (slot.length <= SLOT_OVERHEAD) throw new VbdError(`slot of ${slot.length} bytes is too short to hold a chunk`);
   if (out.length !== slot.length - SLOT_OVERHEAD) throw new VbdError(`chunk buffer is ${out.length} bytes, a slot of ${slot.length} holds ${slot.length - SLOT_OVERHEAD}`);
   const ad = slotAD(key.uuid, at.chunk, at.epoch, key.generation, scratchAD);
-  const decipher = createDecipheriv('aes-256-gcm', key.key, slot.subarray(0, NONCE_BYTES), { authTagLength: TAG_BYTES });
+  const decipher = createDecipheriv('aes-256-gcm', key.secret, slot.subarray(0, NONCE_BYTES), { authTagLength: TAG_BYTES });
   decipher.setAAD(ad);
   decipher.setAuthTag(slot.subarray(NONCE_BYTES, SLOT_OVERHEAD));
   // The plaintext is unverified until final(): it reaches `out` only after, and is wiped either way.

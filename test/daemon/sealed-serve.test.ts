@@ -6,6 +6,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { chownSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readEpochRecord } from '../../src/daemon/epoch-record.js';
@@ -155,6 +156,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
       const device = live.link ?? '';
       expect(sha256(readFileSync(device))).toBe(sha256(image));
       expect(live.sealedVolume).toBe(true);
+      expect(live.populateThreads).toBe(availableParallelism());
       const chunkSize = live.chunkSize;
       const freeSlots = live.sealed?.freeSlots ?? 0;
       expect(freeSlots).toBeGreaterThan(0);
@@ -192,6 +194,21 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
       expect(leftovers()).toEqual([]);
     });
   }
+
+  it('populate opens the slots on the pool\'s threads, straight into the image, over several jobs: the device is the imported image', async () => {
+    const h = sealedHome('sealed-pool');
+    // 160 MiB: three populate jobs of at most 64 MiB each, every one cut into pieces the threads claim.
+    const size = 160 * MiB;
+    initSealed(h, '160M', 9, '64K', 'keyed');
+    const image = randomBytes(size);
+    importAs(h, image);
+    const { daemon, live } = await serve(h);
+    expect(live.populateThreads).toBe(availableParallelism());
+    expect(availableParallelism()).toBeGreaterThan(1);
+    expect(sha256(readFileSync(live.link ?? ''))).toBe(sha256(image));
+    expect(await stopDaemon(daemon)).toBe(0);
+    expect(sha256(exportAs(h))).toBe(sha256(image));
+  });
 
   it('re-key while live: a flush that would pass the re-key point (lowered by VBD_SHADOW_REKEY_AT) moves to the next key generation; the same passphrase opens everything after', async () => {
     const h = sealedHome('sealed-rekey');
@@ -284,6 +301,8 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     expect(refused.error).toContain(`chunk ${chunk} (${place.name} at offset ${place.offset},`);
 
     const { daemon, live } = await serve(h, ['--zero-damaged']);
+    // Found by a pool thread, named here by the daemon.
+    expect(live.populateThreads).toBe(availableParallelism());
     expect(live.damagedChunks?.map((d) => [d.chunk, d.name, d.offset])).toEqual([[chunk, place.name, place.offset]]);
     const device = readFileSync(live.link ?? '');
     expect(device.subarray(chunk * 4096, (chunk + 1) * 4096).equals(Buffer.alloc(4096))).toBe(true);

@@ -16,7 +16,7 @@ import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, runtimeDirOf } from '../
 const KEYS = [
   'boundLoops', 'canary', 'chunkSize', 'damagedChunks', 'device', 'deviceSize', 'error', 'events', 'externalChanges', 'flushChecks', 'flushFailures',
   'identity', 'imageKept', 'intervalMs', 'lastCheck', 'lastExternalChange', 'lastFlush', 'lastGoodFlush', 'layout', 'link', 'mountpoint', 'name',
-  'nbd', 'nbdError', 'notices', 'owner', 'pid', 'populateMs', 'presence', 'quarantinedLoops', 'refused', 'scan', 'sealed', 'sealedVolume', 'sessions',
+  'nbd', 'nbdError', 'notices', 'owner', 'pid', 'populateMs', 'populateThreads', 'presence', 'quarantinedLoops', 'refused', 'scan', 'sealed', 'sealedVolume', 'sessions',
   'startedAt', 'state', 'tracking', 'unit', 'volumeDir', 'waitingFor',
 ];
 

@@ -3,7 +3,7 @@
 import { createDecipheriv, randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { VbdError } from '../../src/common/errors.js';
-import { VolumeKeys, type SlotKey } from '../../src/store/keys.js';
+import { VolumeKeys, slotKeyOf, type SlotKey } from '../../src/store/keys.js';
 import {
   NONCE_MARGIN, NonceBudget, RANDOM_NONCE_LIMIT, SLOT_OVERHEAD, SlotAuthError, SlotSealer, openChunk, sealChunk, slotAD, slotSize,
 } from '../../src/store/slot.js';
@@ -84,10 +84,10 @@ describe('sealed slots', () => {
     // Chunk numbers and epochs past 2^32 are distinct too (u64 in the AD).
     expect(authFailure(() => openChunk(key0, { chunk: 10 + 2 ** 32, epoch: 3 }, slot, out)).chunk).toBe(10 + 2 ** 32);
     // Same key bytes, another volume's UUID: the AD alone refuses it.
-    const otherVolume: SlotKey = { key: key0.key, generation: 0, uuid: Buffer.alloc(16, 0xab) };
+    const otherVolume: SlotKey = slotKeyOf(key0.key, 0, Buffer.alloc(16, 0xab));
     authFailure(() => openChunk(otherVolume, { chunk: 10, epoch: 3 }, slot, out));
     // Same key bytes, another generation in the AD.
-    const otherGenAD: SlotKey = { key: key0.key, generation: 1, uuid };
+    const otherGenAD: SlotKey = slotKeyOf(key0.key, 1, uuid);
     expect(authFailure(() => openChunk(otherGenAD, { chunk: 10, epoch: 3 }, slot, out)).generation).toBe(1);
     // The real next generation: another key and another AD.
     authFailure(() => openChunk(keys.slotKey(1), { chunk: 10, epoch: 3 }, slot, out));

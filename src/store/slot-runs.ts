@@ -1,0 +1,84 @@
+// Opening a range of slots into chunk buffers: the one piece of code that reads sealed chunks,
+// run by the sealed store on the daemon's thread (read, export, recovery) and by the threads of
+// the image pool (populate, src/flush/scan-pool.ts) alike. The store says where each chunk's
+// slot lies and what it opens as (SlotSources); this reads runs of neighbouring slots in one
+// call and opens each into its chunk.
+//
+// SlotSources is plain typed arrays and numbers, so it crosses to a pool thread as is (on
+// SharedArrayBuffers); file descriptors are the process's, valid in every thread.
+
+import { VbdError } from '../common/errors.js';
+import { readExactly } from '../common/fd.js';
+import type { SlotKey } from './keys.js';
+import { SlotAuthError, openChunk } from './slot.js';
+
+/** Where the slots of chunks first … first + count − 1 lie, one entry per chunk. */
+export interface SlotSources {
+  /** The device chunk of entry 0. */
+  first: number;
+  count: number;
+  slotBytes: number;
+  /** The files read from (a backing file, or the overflow journal), by index: fd and name for errors. */
+  files: { fd: number; name: string }[];
+  /** Per entry: index into `files`. */
+  file: Int32Array;
+  /** Per entry: the slot's byte offset in its file. */
+  offset: Float64Array;
+  /** Per entry: the epoch and key generation the slot was sealed in (the map's). */
+  epoch: Float64Array;
+  generation: Uint32Array;
+}
+
+/** Entries for `count` chunks from `first`, on shared memory if a pool thread is to read them. */
+export function newSlotSources(first: number, count: number, slotBytes: number, files: SlotSources['files'], shared: boolean): SlotSources {
+  const bytes = (n: number): ArrayBuffer | SharedArrayBuffer => (shared ? new SharedArrayBuffer(n) : new ArrayBuffer(n));
+  return {
+    first, count, slotBytes, files,
+    file: new Int32Array(bytes(4 * count)),
+    offset: new Float64Array(bytes(8 * count)),
+    epoch: new Float64Array(bytes(8 * count)),
+    generation: new Uint32Array(bytes(4 * count)),
+  };
+}
+
+/** A slot that failed authentication: marked in `damaged` (entry index), its chunk left as `zero` says. */
+export interface OpenTarget {
+  /** Chunk buffer of entry i (C bytes). */
+  chunk(i: number): Buffer;
+  /** 1 where entry i's slot failed authentication. */
+  damaged: Uint8Array;
+  /** Fill a failed chunk with zeros (else it is left as it was: the caller refuses the whole read). */
+  zero: boolean;
+}
+
+/**
+ * Opens entries [from, end) of `src`: reads each run of neighbouring slots of one file into `buf`
+ * (whole slots; at least one fits) and opens every slot into its chunk. Read errors throw, naming
+ * the file; authentication failures are marked, not thrown. `buf` is wiped after each run.
+ */
+export function openSlots(src: SlotSources, from: number, end: number, keyOf: (generation: number) => SlotKey, to: OpenTarget, buf: Buffer): void {
+  const S = src.slotBytes;
+  let i = from;
+  while (i < end) {
+    const file = src.file[i] as number;
+    const offset = src.offset[i] as number;
+    let n = 1;
+    while (i + n < end && (n + 1) * S <= buf.length && src.file[i + n] === file && src.offset[i + n] === offset + n * S) n++;
+    const where = src.files[file];
+    if (where === undefined) throw new VbdError(`internal: slot file ${file} of chunk ${src.first + i} is not among the ${src.files.length} files`);
+    readExactly(where.fd, buf, n * S, offset, `'${where.name}'`);
+    for (let k = 0; k < n; k++) {
+      const e = i + k;
+      const out = to.chunk(e);
+      try {
+        openChunk(keyOf(src.generation[e] as number), { chunk: src.first + e, epoch: src.epoch[e] as number }, buf.subarray(k * S, (k + 1) * S), out);
+      } catch (err) {
+        if (!(err instanceof SlotAuthError)) throw err;
+        to.damaged[e] = 1;
+        if (to.zero) out.fill(0);
+      }
+    }
+    buf.fill(0, 0, n * S);
+    i += n;
+  }
+}
