@@ -2,7 +2,7 @@
 // between a buffer (a window of the device image: RAM image, export, import) and the files.
 //
 //   plain  — the layout's placement table; runs of neighbouring chunks move as one read or
-//            write (src/image/transfer.ts); a write is durable at commit (fdatasync).
+//            write (src/image/transfer.ts); a write is durable at commit (src/store/sync-files.ts).
 //   sealed — the position map (src/store/map.ts): every chunk is an authenticated AES-256-GCM
 //            slot; reads open and verify, writes seal into free slots and commit the map
 //            copy-on-write (src/store/sealed-store.ts).
@@ -16,8 +16,8 @@ import { readRuns, runsFor, writeRuns } from '../image/transfer.js';
 import type { ImageWindow, ShadowImage } from '../shadow/image.js';
 import { fileOrder, transferImage } from '../shadow/populate.js';
 import { fileName, isPlainVolume, isSealedVolume, type AnyVolume, type Volume } from '../volume/volume.js';
-import { datasync } from './map.js';
 import { openSealedStore } from './sealed-store.js';
+import { syncBackingFiles } from './sync-files.js';
 import type { SlotKey } from './keys.js';
 import type { SlotSources } from './slot-runs.js';
 
@@ -252,7 +252,7 @@ class PlainStore implements ChunkStore {
         chunks += end - first;
       },
       commit: () => {
-        for (const file of touched) datasync(this.volume.fds[file] ?? -1, `backing file '${this.#name(file)}'`);
+        syncBackingFiles(this.volume, touched);
         return { kind: 'plain', chunks, files: touched.size };
       },
       abort: () => undefined,

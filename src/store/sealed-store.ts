@@ -5,7 +5,7 @@
 // A read opens each slot with (chunk, epoch, generation) from the map: nothing unverified reaches
 // the buffer. A write is copy-on-write:
 //
-//   reserve (epoch, seal count; fdatasync)  →  seal the chunks into free slots (fdatasync)
+//   reserve (epoch, seal count; fdatasync)  →  seal the chunks into free slots (syncfs, sync-files.ts)
 //   →  a map log record of what changed, or a whole checkpoint copy (src/store/map-log.ts;
 //      fdatasync): committed.
 //
@@ -38,6 +38,7 @@ import { MapCommitter, loadMapState } from './map-log.js';
 import { nextKeyGeneration, unlockSealedManifest } from './sealed-manifest.js';
 import { NONCE_MARGIN, NonceBudget, RANDOM_NONCE_LIMIT, SlotAuthError, SlotSealer, slotSize, type NonceBudgetState } from './slot.js';
 import { newSlotSources, openSlots, type SlotSources } from './slot-runs.js';
+import { syncBackingFiles } from './sync-files.js';
 
 /** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
 const RUN_BYTES = 8 * 2 ** 20;
@@ -444,7 +445,7 @@ class SealedStore implements ChunkStore {
           k += n;
         }
       }
-      for (const file of touched) datasync(this.#volume.fds[file] ?? -1, `backing file '${fileName(this.#volume, file)}'`);
+      syncBackingFiles(this.#volume, touched);
     }
     const cleared = clonePositionMap(m);
     clearPending(cleared);
@@ -563,7 +564,7 @@ class SealedStore implements ChunkStore {
 
   finishWrite(plan: WritePlan, touched: ReadonlySet<number>): CommitReport {
     try {
-      for (const file of touched) datasync(this.#volume.fds[file] ?? -1, `backing file '${fileName(this.#volume, file)}'`);
+      syncBackingFiles(this.#volume, touched);
       if (plan.journalFd !== undefined) {
         datasync(plan.journalFd, SEALED_JOURNAL_NAME);
         fsyncSync(this.#volume.dirFd);

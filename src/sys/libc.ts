@@ -130,6 +130,11 @@ export function makeFifo(path: string, mode: number): void {
   if (c.mkfifo(path, mode) !== 0) throw syscallError('mkfifo', path);
 }
 
+/** syncfs(2) on this thread: for code that is synchronous anyway (a sealed commit). */
+export function syncFilesystemSync(fd: number, what: string): void {
+  if (c.syncfs(fd) < 0) throw syscallError('syncfs', what);
+}
+
 /** syncfs(2) on a worker thread: writes out everything dirty on the filesystem holding `fd`. */
 export function syncFilesystem(fd: number, what: string): Promise<void> {
   return new Promise((resolve, reject) => {
