@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { chownSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import type { InspectReport } from '../../src/cli/inspect-command.js';
 import { readEpochRecord } from '../../src/daemon/epoch-record.js';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
 import type { ChunkPlace } from '../../src/store/chunk-store.js';
@@ -432,9 +433,16 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
 
     // Every file put back from the copy: its manifest and map say generation 0, 1024 seals.
     expect(runAs(h.user, 'cp', ['-a', `${backup}/.`, `${h.dir}/`]).status).toBe(0);
+    const resumed = { files: { generation: 0, used: 1024 }, record: { generation: 1, used: 80 }, now: { generation: 2, used: 0 }, how: 'fresh-generation', applied: true };
+    // inspect, as the owner: root's record, and what the next writable open will do (nothing done yet).
+    const inspected = cliAs(h.user, ['inspect', h.dir, '--key-file', h.key, '--json']);
+    expect(inspected.status).toBe(0);
+    const seal = (JSON.parse(inspected.stdout) as InspectReport).seal;
+    expect(seal?.epochRecord).toMatchObject({ committedEpoch: committed, keyGeneration: 1, sealsReserved: 80 });
+    expect(seal?.unlocked?.budgetAtNextWrite).toEqual({ ...resumed, applied: false });
+    expect(keyGenerationOf(h)).toBe(0);
     const accepted = await serve(h, ['--accept-rollback']);
     expect(sha256(readFileSync(accepted.live.link ?? ''))).toBe(sha256(image));
-    const resumed = { files: { generation: 0, used: 1024 }, record: { generation: 1, used: 80 }, now: { generation: 2, used: 0 }, how: 'fresh-generation', applied: true };
     expect(accepted.live.sealed).toMatchObject({ keyGeneration: 2, seals: 0, resumed });
     const filesEpoch = accepted.live.sealed?.epoch ?? -1;
     expect(eventsOf(h.name).filter((e) => e.kind === 'rollback-accepted')).toEqual([
