@@ -7,10 +7,10 @@
 import { closeSync } from 'node:fs';
 import { RefusedError, UsageError } from '../common/errors.js';
 import { formatSize } from '../common/size.js';
-import { readEpochRecord } from '../daemon/epoch-record.js';
+import { readEpochRecord, sealFloorOf, type EpochRecord } from '../daemon/epoch-record.js';
 import { liveDaemon } from '../daemon/runtime.js';
 import { journalSummary } from '../flush/journal.js';
-import { openChunkStore } from '../store/chunk-store.js';
+import { describeResumed, openChunkStore, type BudgetResumed } from '../store/chunk-store.js';
 import { slotSize } from '../store/slot.js';
 import { SEALED_JOURNAL_NAME, closeVolume, openVolume, openVolumeEntry, sameIdentity, surveyVolume, type VolumeSurvey } from '../volume/volume.js';
 import { withSecret } from './key-input.js';
@@ -35,6 +35,8 @@ export interface InspectUnlocked {
   mapCopy: 'A' | 'B';
   mapLogBytes: number;
   notices: string[];
+  /** Root's record is ahead of the files' nonce budget: where the next writable open continues (nothing changed yet); else null. */
+  budgetAtNextWrite: BudgetResumed | null;
 }
 
 export interface InspectSealed {
@@ -44,8 +46,12 @@ export interface InspectSealed {
   slotBytes: number;
   /** The overflow journal is there: a commit larger than the free slots was interrupted. */
   overflowJournal: boolean;
-  /** Root's record of this volume's epochs on this machine (readable by all), if any. */
-  epochRecord: { committedEpoch: number; reservedEpoch: number; at: string } | null;
+  /**
+   * Root's record of this volume's epochs and nonce budget on this machine (readable by all), if
+   * any: no key generation above `keyGeneration` sealed, at most `sealsReserved` under it (both
+   * null: a record from before they were kept).
+   */
+  epochRecord: { committedEpoch: number; reservedEpoch: number; keyGeneration: number | null; sealsReserved: number | null; at: string } | null;
   /** With the passphrase; else null and `unlockedSkipped` says why. */
   unlocked: InspectUnlocked | null;
   unlockedSkipped: string | null;
@@ -84,7 +90,7 @@ function fileProblems(survey: VolumeSurvey): InspectFileProblem[] {
 }
 
 /** The key-dependent part of a sealed volume, or why it was left out. */
-async function unlockedPart(survey: VolumeSurvey, keyFile: string | undefined, live: boolean): Promise<{ unlocked: InspectUnlocked | null; skipped: string | null }> {
+async function unlockedPart(survey: VolumeSurvey, keyFile: string | undefined, live: boolean, record: EpochRecord | undefined): Promise<{ unlocked: InspectUnlocked | null; skipped: string | null }> {
   if (survey.files.some((f) => f.state !== 'ok')) return { unlocked: null, skipped: 'backing files missing or damaged' };
   if (survey.unexpected.length > 0) return { unlocked: null, skipped: `the directory holds '${survey.unexpected[0]}', which the manifest does not list (move it out)` };
   if (live) return { unlocked: null, skipped: 'the volume is live: its RAM image is the truth, the files may be mid-commit' };
@@ -93,7 +99,8 @@ async function unlockedPart(survey: VolumeSurvey, keyFile: string | undefined, l
     if (!sameIdentity(volume.identity, survey.identity)) throw new RefusedError(`volume directory ${survey.dir} was replaced while being inspected`);
     return await withSecret(volume.manifest, keyFile, async (secret) => {
       if (secret === undefined) return { unlocked: null, skipped: 'no passphrase given (--key-file, the default key file, or a terminal to ask on)' };
-      const store = await openChunkStore(volume, { writable: false, secret });
+      // Read-only: the floors of root's record only say what a write would do.
+      const store = await openChunkStore(volume, { writable: false, secret, epochFloor: record?.reservedEpoch, sealFloor: sealFloorOf(record) });
       try {
         const s = store.sealedState();
         if (s === undefined) return { unlocked: null, skipped: 'internal: no sealed state' };
@@ -101,6 +108,7 @@ async function unlockedPart(survey: VolumeSurvey, keyFile: string | undefined, l
           unlocked: {
             committedEpoch: s.epoch, reservedEpoch: s.reservedEpoch, keyGeneration: s.keyGeneration, sealsUnderGeneration: s.seals,
             rekeyAt: s.rekeyAt, freeSlots: s.freeSlots, mapCopy: s.mapCopy, mapLogBytes: s.mapLogBytes, notices: [...store.notices],
+            budgetAtNextWrite: s.resumed ?? null,
           },
           skipped: null,
         };
@@ -116,6 +124,7 @@ async function unlockedPart(survey: VolumeSurvey, keyFile: string | undefined, l
 /** Inspects the volume in `dir` (see the top of this file). */
 export async function inspectVolume(dir: string, keyFile: string | undefined): Promise<InspectReport> {
   // The survey is synchronous; the key part (a prompt, scrypt) runs after it, on a fresh open checked to be the same directory.
+  let record: EpochRecord | undefined;
   const { report, survey } = surveyVolume(dir, (survey) => {
     const m = survey.manifest;
     const daemon = liveDaemon(survey.identity);
@@ -132,11 +141,14 @@ export async function inspectVolume(dir: string, keyFile: string | undefined): P
     } else {
       const overflow = openVolumeEntry(survey, SEALED_JOURNAL_NAME, 'read');
       if (overflow !== undefined) closeSync(overflow);
-      const record = readEpochRecord(survey.owner.uid, m.sealed.uuid);
+      record = readEpochRecord(survey.owner.uid, m.sealed.uuid);
       seal = {
         uuid: m.sealed.uuid, keyGeneration: m.sealed.keyGeneration, spareSlots: m.sealed.spareSlots, slotBytes: slotSize(m.chunkSize),
         overflowJournal: overflow !== undefined,
-        epochRecord: record === undefined ? null : { committedEpoch: record.committedEpoch, reservedEpoch: record.reservedEpoch, at: record.at },
+        epochRecord: record === undefined ? null : {
+          committedEpoch: record.committedEpoch, reservedEpoch: record.reservedEpoch,
+          keyGeneration: record.keyGeneration ?? null, sealsReserved: record.sealsReserved ?? null, at: record.at,
+        },
         unlocked: null, unlockedSkipped: null,
       };
     }
@@ -153,7 +165,7 @@ export async function inspectVolume(dir: string, keyFile: string | undefined): P
   });
   if (keyFile !== undefined && report.seal === null) throw new UsageError(`inspect --key-file: volume '${report.name}' is not sealed; inspect needs no key for it`);
   if (report.seal !== null) {
-    const { unlocked, skipped } = await unlockedPart(survey, keyFile, report.live !== null && report.live.state !== 'waiting');
+    const { unlocked, skipped } = await unlockedPart(survey, keyFile, report.live !== null && report.live.state !== 'waiting', record);
     report.seal.unlocked = unlocked;
     report.seal.unlockedSkipped = skipped;
   }
@@ -194,12 +206,15 @@ export function formatInspect(r: InspectReport): string[] {
   row('sealed', s === null ? 'no' : `yes: UUID ${s.uuid}, key generation ${s.keyGeneration}, ${plural(s.spareSlots, 'spare slot')} (slots of ${s.slotBytes} bytes)`);
   if (s !== null) {
     if (s.overflowJournal) row('', `${SEALED_JOURNAL_NAME} is there: a commit larger than the free slots was interrupted (the next import or start completes it)`);
-    row('recorded', s.epochRecord === null ? 'no epoch record of root\'s on this machine' : `root committed epoch ${s.epochRecord.committedEpoch} here (${s.epochRecord.at}); epochs reserved up to ${s.epochRecord.reservedEpoch}`);
+    const r = s.epochRecord;
+    row('recorded', r === null ? 'no epoch record of root\'s on this machine' : `root committed epoch ${r.committedEpoch} here (${r.at}); epochs reserved up to ${r.reservedEpoch}; ${
+      r.keyGeneration === null ? 'seal counts not recorded (an older record)' : `seals reserved up to ${r.sealsReserved} under key generation ${r.keyGeneration}`}`);
     const u = s.unlocked;
     if (u === null) row('unlocked', `no: ${s.unlockedSkipped ?? ''}`);
     else {
       row('committed', `epoch ${u.committedEpoch} (epochs reserved up to ${u.reservedEpoch}); map copy ${u.mapCopy}${u.mapLogBytes > 0 ? ` and ${u.mapLogBytes} bytes of map log` : ''}`);
       row('seals', `${u.sealsUnderGeneration} under key generation ${u.keyGeneration}; re-key due at ${u.rekeyAt}`);
+      if (u.budgetAtNextWrite !== null) row('', describeResumed(u.budgetAtNextWrite));
       row('free', `${plural(u.freeSlots, 'free slot')} (a flush of more changed chunks goes through the overflow journal)`);
       for (const n of u.notices) row('notice', n);
     }

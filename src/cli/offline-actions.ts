@@ -9,8 +9,8 @@ import { formatSize, parseSize } from '../common/size.js';
 import { liveDaemon } from '../daemon/runtime.js';
 import { journalPending } from '../flush/journal.js';
 import { STDIO, exportImage, importImage, spoolStdin } from '../image/offline.js';
-import { describeDamaged, isSealedStore, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
-import { isRolledBack, readEpochRecord } from '../daemon/epoch-record.js';
+import { describeDamaged, describeResumed, isSealedStore, openChunkStore, type ChunkStore, type CommitReport } from '../store/chunk-store.js';
+import { isRolledBack, readEpochRecord, sealFloorOf } from '../daemon/epoch-record.js';
 import { changePassphrase, unlockSealedManifest } from '../store/sealed-manifest.js';
 import { slotSize } from '../store/slot.js';
 import { initSealedVolume, initVolume, reuseTarget, type ReuseTarget, type LayoutChoice, type SealedLayoutChoice, type SpareChoice } from '../volume/init.js';
@@ -87,12 +87,16 @@ async function withStore(dir: string, keyFile: string | undefined, writable: boo
     // Root's record of a sealed volume's epochs (readable by all): a write takes epochs above any
     // this machine may have used, and files older than the last commit here are said to be so.
     const record = isSealedVolume(volume) ? readEpochRecord(volume.owner.uid, volume.manifest.sealed.uuid) : undefined;
-    const store = await withSecret(volume.manifest, keyFile, (secret) => openChunkStore(volume, { writable, secret, epochFloor: record?.reservedEpoch }));
+    const store = await withSecret(volume.manifest, keyFile, (secret) => openChunkStore(volume, { writable, secret, epochFloor: record?.reservedEpoch, sealFloor: sealFloorOf(record) }));
     try {
       printNotices(store);
-      if (record !== undefined && isSealedStore(store) && isRolledBack(record, store.epoch)) {
+      const rolledBack = record !== undefined && isSealedStore(store) && isRolledBack(record, store.epoch);
+      if (rolledBack) {
         process.stderr.write(`vbd-shadow: warning: the files decode to epoch ${store.epoch}, older than epoch ${record.committedEpoch} committed here (${record.at}): restored from an older copy? 'start' refuses them without --accept-rollback\n`);
       }
+      // A count raised by root's record running a little ahead is routine; a rollback or a new generation is said.
+      const resumed = store.sealedState()?.resumed;
+      if (writable && resumed !== undefined && (rolledBack || resumed.how === 'fresh-generation')) process.stderr.write(`vbd-shadow: nonce budget: ${describeResumed(resumed)}\n`);
       await work(store, volume);
     } finally {
       store.close();

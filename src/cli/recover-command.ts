@@ -53,10 +53,7 @@ export async function recoverCommand(dir: string, o: RecoverOptions): Promise<vo
           return;
         }
         const { epochs, store } = served;
-        await recoverLeftover(paths, volume, store, journalFd, say, {
-          beforeCommit: () => epochs?.beforeCommit(),
-          afterCommit: () => epochs?.committed(),
-        });
+        await recoverLeftover(paths, volume, store, journalFd, say, { afterCommit: () => epochs?.committed() });
         console.log(`volume '${name}' recovered into the files`);
       } finally {
         served.store.close();

@@ -5,7 +5,7 @@
 import { formatSize } from '../common/size.js';
 import { unitOfDirectory } from '../common/unit-name.js';
 import type { DaemonState, DaemonStatus, FlushCheck, FlushReport, Presence, WaitingFor } from '../daemon/runtime.js';
-import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
+import { describeResumed, type DamagedChunk, type SealedState } from '../store/chunk-store.js';
 import type { NbdState } from '../device/nbd.js';
 import { UNNAMED_HOLDER, type DaemonEvent } from '../daemon/events.js';
 
@@ -152,6 +152,7 @@ export function statusLines(v: StatusView): string[] {
   const sealed = s.sealed;
   if (sealed !== undefined) {
     out.push(`  sealed   epoch ${sealed.epoch}; ${sealed.seals} slots sealed under key generation ${sealed.keyGeneration} (re-key due at ${sealed.rekeyAt}); ${sealed.freeSlots} free slots`);
+    if (sealed.resumed !== undefined) out.push(`  budget   at start: ${describeResumed(sealed.resumed)}`);
     const path = f?.sealed;
     if (path !== undefined) out.push(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map`);
   }

@@ -8,6 +8,7 @@
 // the rest.
 
 import { formatSize } from '../common/size.js';
+import { describeResumed, type BudgetResumed } from '../store/chunk-store.js';
 import type { Log, Priority } from './log.js';
 
 /** A chunk a sealed start found damaged, as the log names it. */
@@ -57,7 +58,9 @@ export type DaemonEvent =
   | { kind: 'watch-failed'; error: string }
   | { kind: 'keep-aside-failed'; file: string; error: string }
   | { kind: 'store-notice'; notice: string }
-  | { kind: 'rollback-accepted'; filesEpoch: number; committedEpoch: number; reservedEpoch: number }
+  /** `budget`: where seals continue, when root's record of the nonce budget was ahead of the files (undefined: it was not). */
+  | { kind: 'rollback-accepted'; filesEpoch: number; committedEpoch: number; reservedEpoch: number; budget: BudgetResumed | undefined }
+  | { kind: 'budget-resumed'; budget: BudgetResumed }
   | { kind: 'sealed-record-dropped'; uuid: string; forgotten: boolean }
   // Recovery of an earlier daemon's leftovers
   | { kind: 'recovery-empty-tmpfs'; path: string }
@@ -172,9 +175,10 @@ const FORMAT: { [K in EventKind]: (e: EventOf<K>) => Formatted } = {
   'keep-aside-failed': (e) => ({ text: `could not keep '${e.file}' aside: ${e.error}`, priority: 'err' }),
   'store-notice': (e) => ({ text: `NOTICE: ${e.notice}`, priority: 'warning' }),
   'rollback-accepted': (e) => ({
-    text: `--accept-rollback: serving the files at epoch ${e.filesEpoch} although epoch ${e.committedEpoch} was committed here; root's record now follows them (new commits take epochs above ${e.reservedEpoch})`,
+    text: `--accept-rollback: serving the files at epoch ${e.filesEpoch} although epoch ${e.committedEpoch} was committed here; root's record now follows them (new commits take epochs above ${e.reservedEpoch}); ${e.budget === undefined ? 'their nonce budget is not behind root\'s record' : describeResumed(e.budget)}`,
     priority: 'warning',
   }),
+  'budget-resumed': (e) => ({ text: `nonce budget: ${describeResumed(e.budget)}`, priority: e.budget.how === 'fresh-generation' ? 'notice' : 'info' }),
   'sealed-record-dropped': (e) => ({
     text: `--accept-rollback: this directory held sealed volume ${e.uuid}; serving it as the plain volume it is now${e.forgotten ? ", root's record of the sealed one removed" : ''}`,
     priority: 'warning',

@@ -24,7 +24,7 @@ const UNMOUNT_ATTEMPTS = 20;
 /** Returns true if a leftover image was found and written back. */
 /** `journalFd`: a plain volume's flush journal (undefined for a sealed one). */
 /** `hooks`: a sealed volume's epoch record, kept before and after the commit (see FlushEngine); the daemon's scan pool. */
-export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, report: Report, hooks: Partial<Pick<FlushEngine, 'beforeCommit' | 'afterCommit' | 'scanPool'>> = {}): Promise<boolean> {
+export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, store: ChunkStore, journalFd: number | undefined, report: Report, hooks: Partial<Pick<FlushEngine, 'afterCommit' | 'scanPool'>> = {}): Promise<boolean> {
   if (!isTmpfsMounted(paths.shadow)) return false;
   const imagePath = join(paths.shadow, 'image');
   if (!existsSync(imagePath)) {
@@ -61,7 +61,6 @@ export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, st
   // The image's flush state died with its daemon: compare against what the files hold and
   // write the difference as one commit, like any flush.
   const engine = new FlushEngine(volume, image, store, journalFd, report);
-  engine.beforeCommit = hooks.beforeCommit;
   engine.afterCommit = hooks.afterCommit;
   engine.scanPool = hooks.scanPool;
   engine.hashFiles();

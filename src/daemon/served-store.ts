@@ -6,7 +6,7 @@
 import { RefusedError, UsageError, VbdError } from '../common/errors.js';
 import { isSealedStore, openChunkStore, type ChunkStore } from '../store/chunk-store.js';
 import { identityKey, isSealedVolume, type AnyVolume } from '../volume/volume.js';
-import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal } from './epoch-record.js';
+import { EpochKeeper, forgetEpochRecord, readEpochRecord, recordsOfDirectory, rollbackRefusal, sealFloorOf } from './epoch-record.js';
 import type { DaemonStatus } from './runtime.js';
 import type { Report } from './events.js';
 
@@ -56,9 +56,11 @@ function rekeyPointFromEnv(): number | undefined {
 /**
  * Opens the volume's chunk store for a session (after the lock: a sealed store may complete an
  * interrupted commit). A sealed volume is checked against root's record of its epoch before
- * anything is written (a plain one was checked by checkNotStripped before its journal opened).
- * `keepRecord`: root keeps the epoch record up to date (the daemon; root's recover); else it is
- * only checked (the owner's recover).
+ * anything is written (a plain one was checked by checkNotStripped before its journal opened),
+ * and its nonce budget continues past the record's (SealedStore.resumeFrom): an accepted
+ * rollback says where seals continue. `keepRecord`: root keeps the epoch record up to date (the
+ * daemon; root's recover), covering each reservation before the store writes it; else it is only
+ * checked (the owner's recover).
  */
 export async function openServedStore(ctx: StoreContext, secret: Buffer | undefined, acceptRollback: boolean, keepRecord = true): Promise<ServedStore> {
   const { volume, report } = ctx;
@@ -69,21 +71,28 @@ export async function openServedStore(ctx: StoreContext, secret: Buffer | undefi
   }
   const uuid = volume.manifest.sealed.uuid;
   const record = readEpochRecord(uid, uuid);
+  let rolledBack: { filesEpoch: number; committedEpoch: number; reservedEpoch: number } | undefined;
+  // Set once the store is open: reservations made while it opens (completing a commit) seal nothing.
+  let epochs: EpochKeeper | undefined;
   const store = await openChunkStore(volume, {
-    writable: true, secret, epochFloor: record?.reservedEpoch, rekeyAt: rekeyPointFromEnv(),
+    writable: true, secret, epochFloor: record?.reservedEpoch, sealFloor: sealFloorOf(record), rekeyAt: rekeyPointFromEnv(),
     acceptEpoch: (epoch) => {
       const refusal = rollbackRefusal(name, record, epoch);
-      if (refusal === undefined) return;
+      if (refusal === undefined || record === undefined) return;
       if (!acceptRollback) throw new RefusedError(refusal);
-      if (record !== undefined) report({ kind: 'rollback-accepted', filesEpoch: epoch, committedEpoch: record.committedEpoch, reservedEpoch: record.reservedEpoch });
+      rolledBack = { filesEpoch: epoch, committedEpoch: record.committedEpoch, reservedEpoch: record.reservedEpoch };
     },
+    beforeReserve: keepRecord ? (r) => epochs?.cover(r) : undefined,
   });
   try {
+    if (!isSealedStore(store)) throw new VbdError(`internal: sealed volume '${name}' opened as a plain store`);
+    const resumed = store.sealedState()?.resumed;
+    if (rolledBack !== undefined) report({ kind: 'rollback-accepted', ...rolledBack, budget: resumed });
+    else if (resumed !== undefined) report({ kind: 'budget-resumed', budget: resumed });
     for (const notice of store.notices) report({ kind: 'store-notice', notice });
     ctx.setStatus({ notices: [...store.notices] });
     if (!keepRecord) return { store, epochs: undefined };
-    if (!isSealedStore(store)) throw new VbdError(`internal: sealed volume '${name}' opened as a plain store`);
-    const epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record, store);
+    epochs = new EpochKeeper(uid, { uuid, identity: identityKey(volume.identity), bornNs: String(volume.identity.bornNs), dir: volume.dir }, record, store);
     return { store, epochs };
   } catch (err) {
     store.close();

@@ -69,8 +69,8 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       if (c.rekeyedFrom !== undefined) report({ kind: 'rekeyed', from: c.rekeyedFrom, to: c.keyGeneration, epoch: c.epoch });
       setStatus({ sealed: store.sealedState() });
     };
-    const beforeCommit = epochs === undefined ? undefined : (): void => epochs.beforeCommit();
-    await recoverLeftover(paths, volume, store, journalFd, report, { beforeCommit, afterCommit, scanPool: ctx.scanPool });
+    // Root's record covers each reservation before the store writes it (openServedStore's beforeReserve).
+    await recoverLeftover(paths, volume, store, journalFd, report, { afterCommit, scanPool: ctx.scanPool });
     const held = retryQuarantine(owner.uid);
     setStatus({ quarantinedLoops: held });
     if (held.length >= MAX_QUARANTINED) {
@@ -96,7 +96,6 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     report({ kind: 'populated', size: manifest.deviceSize, ms: roundMs(populateMs), threads, sealedEpoch: store.epoch });
     setStatus({ populateMs, populateThreads: threads, sealed: store.sealedState() });
     const engine = new FlushEngine(volume, image, store, journalFd, report);
-    engine.beforeCommit = beforeCommit;
     engine.afterCommit = afterCommit;
     const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, report, trackerOptions());
     engine.tracker = tracker;

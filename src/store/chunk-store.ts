@@ -16,10 +16,12 @@ import { readRuns, runsFor, writeRuns } from '../image/transfer.js';
 import type { ImageWindow, ShadowImage } from '../shadow/image.js';
 import { fileOrder, transferImage } from '../shadow/populate.js';
 import { fileName, isPlainVolume, isSealedVolume, type AnyVolume, type Volume } from '../volume/volume.js';
+import type { Reservation } from './map.js';
 import { openSealedStore } from './sealed-store.js';
 import { syncBackingFiles } from './sync-files.js';
 import type { SlotKey } from './keys.js';
 import type { SlotSources } from './slot-runs.js';
+import type { NonceBudgetState } from './slot.js';
 
 /** Where a chunk's bytes are now. */
 export interface ChunkPlace {
@@ -129,6 +131,41 @@ export interface SealedState {
   /** The copy of the position map (A or B) the files decode from, and the bytes of map log appended to it since. */
   mapCopy: 'A' | 'B';
   mapLogBytes: number;
+  /** Set when root's record was ahead of the files' nonce budget at open: where seals continue instead (SealFloor). */
+  resumed?: BudgetResumed;
+}
+
+/**
+ * Root's record of how far a sealed volume's nonce budget may have been spent on this machine
+ * (src/daemon/epoch-record.ts): no slot key generation above `generation` has sealed anything,
+ * and under `generation` at most `seals` slots were sealed. 'unknown': a record written before it
+ * kept this (only its epochs are known).
+ */
+export type SealFloor = { generation: number; seals: number } | 'unknown';
+
+/** What opening against a SealFloor ahead of the files did to the nonce budget (or, read-only, would do at a write). */
+export interface BudgetResumed {
+  /** The budget as the files have it (the map's count, raised by the files' own reservation). */
+  files: NonceBudgetState;
+  /** What root's record says may have been used under its generation ('unknown': an older record). */
+  record: NonceBudgetState | 'unknown';
+  /** Where seals continue. */
+  now: NonceBudgetState;
+  /** `count-raised`: the files' generation, its count raised to the record's; `fresh-generation`: a generation no seal has used (count 0), the manifest re-wrapped for it. */
+  how: 'count-raised' | 'fresh-generation';
+  /** False for a read-only open: what a write would do; nothing was changed. */
+  applied: boolean;
+}
+
+/** One line for the log, status and inspect: what a BudgetResumed did. */
+export function describeResumed(b: BudgetResumed): string {
+  const record = b.record === 'unknown'
+    ? 'root\'s record is from before it kept seal counts (any generation it reserved epochs for may have sealed)'
+    : `root's record says up to ${b.record.used} seals under key generation ${b.record.generation} may have been used`;
+  const now = b.how === 'count-raised'
+    ? `seals continue under key generation ${b.now.generation} from count ${b.now.used}`
+    : `seals continue under fresh key generation ${b.now.generation} from count 0 (manifest re-wrapped)`;
+  return `the files' nonce budget is ${b.files.used} seals under key generation ${b.files.generation}, ${record}: ${b.applied ? '' : 'at the next writable open, '}${now}`;
 }
 
 export interface ChunkStore {
@@ -189,6 +226,13 @@ export interface OpenStoreOptions {
   acceptEpoch?: ((epoch: number) => void) | undefined;
   /** Sealed: re-key after this many seals under one key (default and maximum 2^32 − 2^28); lower only to test the re-key. */
   rekeyAt?: number | undefined;
+  /**
+   * Sealed: root's record of the nonce budget (SealFloor). Where it is ahead of the files (put back
+   * from an older copy), a writable store continues past it before anything is sealed.
+   */
+  sealFloor?: SealFloor | undefined;
+  /** Sealed: called with each reservation of epochs and seals before it is written: root's record must cover it first. */
+  beforeReserve?: ((reservation: Reservation) => void) | undefined;
 }
 
 class PlainStore implements ChunkStore {
@@ -283,7 +327,7 @@ export async function openChunkStore(volume: AnyVolume, options: OpenStoreOption
   if (options.writable && !volume.writable) throw new VbdError('internal: a writable store over a volume opened read-only');
   if (isSealedVolume(volume)) {
     if (options.secret === undefined) throw new VbdError(`volume '${volume.manifest.name}' is sealed: its passphrase is needed (--key-file FILE or a terminal prompt)`);
-    return openSealedStore(volume, options.secret, options.writable, options.epochFloor, options.acceptEpoch, options.rekeyAt);
+    return openSealedStore(volume, options.secret, options.writable, options);
   }
   if (!isPlainVolume(volume)) throw new VbdError(`internal: volume '${volume.manifest.name}' is neither plain nor sealed`);
   const plain = volume;

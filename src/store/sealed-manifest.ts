@@ -106,7 +106,15 @@ export function changePassphrase(oldPassphrase: Buffer, newPassphrase: Buffer, m
  * not needed. Slots of older generations stay readable with their own slot keys.
  */
 export function nextKeyGeneration(keys: VolumeKeys, manifest: SealedManifest): SealedManifest {
-  if (manifest.sealed.keyGeneration >= MAX_KEY_GENERATION) throw new VbdError('no key generation left after 2^32-1');
-  const next: SealedManifest = { ...manifest, sealed: { ...manifest.sealed, keyGeneration: manifest.sealed.keyGeneration + 1 } };
+  return atKeyGeneration(keys, manifest, manifest.sealed.keyGeneration + 1);
+}
+
+/** The manifest moved on to key generation `generation` (above its own; generations in between are skipped), re-wrapped as nextKeyGeneration does. */
+export function atKeyGeneration(keys: VolumeKeys, manifest: SealedManifest, generation: number): SealedManifest {
+  if (!Number.isSafeInteger(generation) || generation <= manifest.sealed.keyGeneration) {
+    throw new VbdError(`internal: key generation ${generation} is not after the manifest's ${manifest.sealed.keyGeneration}`);
+  }
+  if (generation > MAX_KEY_GENERATION) throw new VbdError(`no key generation left: ${generation} is past 2^32-1`);
+  const next: SealedManifest = { ...manifest, sealed: { ...manifest.sealed, keyGeneration: generation } };
   return checked(withWrap(next, keys.rewrapFor(sealedGeometry(next))));
 }

@@ -28,14 +28,14 @@ import type { ShadowImage } from '../shadow/image.js';
 import { availableMemory } from '../sys/memory.js';
 import { serializeManifest, type SealedManifest } from '../volume/manifest.js';
 import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, rereadManifest, writeManifest, type SealedVolume } from '../volume/volume.js';
-import type { ChunkPlace, ChunkStore, CommitReport, DamagedChunk, FillOptions, FillResult, ReadOptions, SealedState, StoreWrite } from './chunk-store.js';
+import type { BudgetResumed, ChunkPlace, ChunkStore, CommitReport, DamagedChunk, FillOptions, FillResult, OpenStoreOptions, ReadOptions, SealFloor, SealedState, StoreWrite } from './chunk-store.js';
 import type { VolumeKeys } from './keys.js';
 import {
   RESERVE_RECORD_BYTES, checkMapFormat, clearPending, clonePositionMap, datasync, loadReservation, mapFileBytes, newPositionMap,
   pendingChunks, setPending, writeAt, writePositionMap, writeReservation, type MapKey, type PositionMap, type Region, type Reservation,
 } from './map.js';
 import { MapCommitter, loadMapState } from './map-log.js';
-import { nextKeyGeneration, unlockSealedManifest } from './sealed-manifest.js';
+import { atKeyGeneration, unlockSealedManifest } from './sealed-manifest.js';
 import { NONCE_MARGIN, NonceBudget, RANDOM_NONCE_LIMIT, SlotAuthError, SlotSealer, slotSize, type NonceBudgetState } from './slot.js';
 import { newSlotSources, openSlots, type SlotSources } from './slot-runs.js';
 import { syncBackingFiles } from './sync-files.js';
@@ -130,8 +130,12 @@ class SealedStore implements ChunkStore {
   #journal: JournalOverlay | undefined;
   #active = false;
   #scratch: Buffer | undefined;
+  readonly #beforeReserve: ((reservation: Reservation) => void) | undefined;
+  #resumed: BudgetResumed | undefined;
 
-  constructor(volume: SealedVolume, keys: VolumeKeys, mapFd: number, writable: boolean, epochFloor = 0, rekeyAt = RANDOM_NONCE_LIMIT - NONCE_MARGIN) {
+  constructor(volume: SealedVolume, keys: VolumeKeys, mapFd: number, writable: boolean, options: SealedStoreOptions = {}) {
+    const { epochFloor = 0, rekeyAt = RANDOM_NONCE_LIMIT - NONCE_MARGIN } = options;
+    this.#beforeReserve = options.beforeReserve;
     const m = volume.manifest;
     this.#volume = volume;
     this.#manifest = m;
@@ -192,7 +196,47 @@ class SealedStore implements ChunkStore {
     return {
       epoch: m.epoch, reservedEpoch: this.reservedEpoch, keyGeneration: this.#budget.generation, seals: this.#budget.used,
       rekeyAt: this.#budget.threshold, freeSlots: m.slotCount - m.chunkCount, mapCopy: place.copy, mapLogBytes: place.logEnd,
+      ...(this.#resumed === undefined ? {} : { resumed: { ...this.#resumed } }),
     };
+  }
+
+  /**
+   * Continues the nonce budget past root's record where the record is ahead of the files (they
+   * were put back from an older copy, say, and the owner accepted it): no seal is ever made again
+   * under a (key generation, count) that may have been used. Called once the files' epoch was
+   * accepted, before anything is written; a read-only store only says what a write would do.
+   *
+   * The rule, one of two sound ones:
+   *  - the record's generation is the files' own: the count is raised to the record's high-water
+   *    (the record covers every seal under that generation, being written before each
+   *    reservation). Nothing is written at open, no generation is spent: this is also what a plain
+   *    restart meets, as the record reserves seals a little ahead (src/daemon/epoch-record.ts).
+   *  - the record knows a later generation than the files, or (an older record) no generation at
+   *    all: seals move to a fresh generation above any the record allows (re-key to
+   *    max(files, record) + 1, count 0; the manifest re-wrapped for it, as #rekey does), never to
+   *    the record's own generation at its count. A manifest ahead of its map opens with a count of
+   *    0 (the constructor): that must stay true of every generation the manifest moves to. For an
+   *    older record the bound is the files' generation plus the epochs reserved past the files'
+   *    epoch: every re-key is followed by a reservation of at least one epoch before it seals.
+   */
+  resumeFrom(floor: SealFloor): void {
+    const files = this.#budget.state;
+    let record: BudgetResumed['record'];
+    let now: NonceBudgetState;
+    if (floor === 'unknown') {
+      record = 'unknown';
+      now = { generation: files.generation + Math.max(0, this.reservedEpoch - this.#committed.epoch) + 1, used: 0 };
+    } else {
+      record = { generation: floor.generation, used: floor.seals };
+      if (floor.generation < files.generation || (floor.generation === files.generation && floor.seals <= files.used)) return;
+      // A count past the hard limit is due for a re-key all the same.
+      now = floor.generation === files.generation ? { generation: files.generation, used: Math.min(floor.seals, this.#budget.limit) } : { generation: floor.generation + 1, used: 0 };
+    }
+    const how = now.generation === files.generation ? 'count-raised' : 'fresh-generation';
+    this.#resumed = { files, record, now, how, applied: this.#writable };
+    if (!this.#writable) return;
+    if (how === 'fresh-generation') this.#moveManifestTo(now.generation, `root's record is ahead of the files' nonce budget (key generation ${files.generation})`);
+    this.#budget = new NonceBudget(now, { limit: this.#budget.limit, margin: this.#budget.margin });
   }
 
   /** Seals made under the current key generation (the nonce budget; for status). */
@@ -386,6 +430,7 @@ class SealedStore implements ChunkStore {
     const first = this.#nextEpoch;
     const reservation: Reservation = { epochHigh: first + epochs - 1, generation: this.#budget.generation, sealsHigh: this.#budget.used + seals };
     const index: Region = this.#reservation === undefined ? 0 : this.#reservation.index === 0 ? 1 : 0;
+    this.#beforeReserve?.(reservation);
     // From here on, whatever happens, these epochs count as used.
     this.#nextEpoch = reservation.epochHigh + 1;
     writeReservation(this.#mapFd, MAP_NAME, this.#mapKey, reservation, index);
@@ -515,16 +560,21 @@ class SealedStore implements ChunkStore {
     if (k > this.#budget.threshold) {
       throw new VbdError(`a write of ${k} slots is more than one key generation may seal (${this.#budget.threshold}); nothing was written`);
     }
+    this.#moveManifestTo(from + 1, `key generation ${from} has sealed ${this.#budget.used} slots and is due for a re-key`);
+    this.#budget.rekey();
+    return from;
+  }
+
+  /** Puts the manifest, re-wrapped for key generation `generation`, in place (synced) before anything is sealed under it; `why` a re-key is due. */
+  #moveManifestTo(generation: number, why: string): void {
     const onDisk = rereadManifest(this.#volume);
     if (serializeManifest(onDisk) !== serializeManifest(this.#manifest)) {
-      throw new VbdError(`key generation ${from} has sealed ${this.#budget.used} slots and is due for a re-key, but the manifest changed since the volume was opened (passwd while it was live?): restart the volume to re-key; nothing was written`);
+      throw new VbdError(`${why}, but the manifest changed since the volume was opened (passwd while it was live?): restart the volume to re-key; nothing was written`);
     }
-    const next = nextKeyGeneration(this.#keys, this.#manifest);
+    const next = atKeyGeneration(this.#keys, this.#manifest, generation);
     writeManifest(this.#volume.dirFd, this.#volume.dir, next, this.#volume.owner);
     this.#manifest = next;
     this.#volume.manifest = next;
-    this.#budget.rekey();
-    return from;
   }
 
   #createJournal(epoch: number, count: number): number {
@@ -711,8 +761,15 @@ function checkChunks(first: number, end: number, chunkCount: number): void {
   }
 }
 
-/** Unlocks a sealed volume and opens its store (see the top of this file). The caller wipes `passphrase`. */
-export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, epochFloor?: number, acceptEpoch?: (epoch: number) => void, rekeyAt?: number): SealedStore {
+/** What the constructor takes of the open options. */
+type SealedStoreOptions = Pick<OpenStoreOptions, 'epochFloor' | 'rekeyAt' | 'beforeReserve'>;
+
+/**
+ * Unlocks a sealed volume and opens its store (see the top of this file): the files' epoch is
+ * accepted (or refused) first, then the nonce budget continues past root's record, then an
+ * interrupted commit is completed. The caller wipes `passphrase`.
+ */
+export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writable: boolean, options: Pick<OpenStoreOptions, 'acceptEpoch' | 'sealFloor'> & SealedStoreOptions = {}): SealedStore {
   const m = volume.manifest;
   const chunks = m.deviceSize / m.chunkSize;
   checkMemory(m.name, chunks, slotsOf(m).total);
@@ -721,9 +778,10 @@ export function openSealedStore(volume: SealedVolume, passphrase: Buffer, writab
   try {
     mapFd = openVolumeEntry(volume, MAP_NAME, writable ? 'write' : 'read');
     if (mapFd === undefined) throw new VbdError(`volume '${m.name}': its position map ${MAP_NAME} is missing, so no slot can be found (nothing was read or written)`);
-    const store = new SealedStore(volume, keys, mapFd, writable, epochFloor, rekeyAt);
+    const store = new SealedStore(volume, keys, mapFd, writable, options);
     try {
-      acceptEpoch?.(store.epoch);
+      options.acceptEpoch?.(store.epoch);
+      if (options.sealFloor !== undefined) store.resumeFrom(options.sealFloor);
       store.settle();
     } catch (err) {
       store.close();

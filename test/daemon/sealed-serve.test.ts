@@ -9,14 +9,16 @@ import { chownSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, re
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import type { InspectReport } from '../../src/cli/inspect-command.js';
 import { readEpochRecord } from '../../src/daemon/epoch-record.js';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
 import type { ChunkPlace } from '../../src/store/chunk-store.js';
+import type { SealedStore } from '../../src/store/sealed-store.js';
 import { EXIT } from '../../src/common/exit-codes.js';
 import { MANIFEST_NAME } from '../../src/volume/manifest.js';
 import { startAgent } from '../helpers/agent.js';
 import { cli, cliOk, sha256, treeHash } from '../helpers/cli.js';
-import { startDaemon, stopDaemon, waitLive, waitState, type TestDaemon } from '../helpers/daemon.js';
+import { eventsOf, startDaemon, stopDaemon, waitLive, waitState, type TestDaemon } from '../helpers/daemon.js';
 import { ownedScratch } from '../helpers/owner.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, cliAs, leftovers, runAs, type User } from '../helpers/system.js';
 import { withStore } from '../helpers/volumes.js';
@@ -66,6 +68,21 @@ function exportAs(h: SealedHome): Buffer {
   rmSync(path, { force: true });
   asUser(h, ['export', h.dir, path, '--key-file', h.key]);
   return readFileSync(path);
+}
+
+/** Fills `image[offset, offset + length)` with random bytes and returns them (what is written to the device there). */
+function fill(image: Buffer, offset: number, length: number): Buffer {
+  const data = randomBytes(length);
+  data.copy(image, offset);
+  return data;
+}
+
+function uuidOf(h: SealedHome): string {
+  return (JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { sealed: { uuid: string } }).sealed.uuid;
+}
+
+function keyGenerationOf(h: SealedHome): number {
+  return (JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { sealed: { keyGeneration: number } }).sealed.keyGeneration;
 }
 
 function flush(name: string): DaemonStatus {
@@ -172,8 +189,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
       expect(s1.lastFlush?.sealed?.epoch).toBeGreaterThan(epochBefore);
       expect(s1.sealed?.epoch).toBe(s1.lastFlush?.sealed?.epoch);
       // Root's record follows the commit.
-      const uuid = (JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { sealed: { uuid: string } }).sealed.uuid;
-      expect(readEpochRecord(h.user.uid, uuid)?.committedEpoch).toBe(s1.sealed?.epoch);
+      expect(readEpochRecord(h.user.uid, uuidOf(h))?.committedEpoch).toBe(s1.sealed?.epoch);
 
       // The whole device: more changed chunks than free slots, still one commit.
       const whole = randomBytes(size);
@@ -346,7 +362,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     expect(await stopDaemon(again.daemon)).toBe(0);
   });
 
-  it('every file restored from an older copy is refused at start; --accept-rollback serves it and says so; a plain manifest put in its place is refused', async () => {
+  it('every file restored from an older copy is refused at start; --accept-rollback serves it and says so, its seal count raised to root\'s high-water; a plain manifest put in its place is refused', async () => {
     const h = sealedHome('sealed-rollback');
     initSealed(h, '2M', 3, '4K');
     const old = randomBytes(2 * MiB);
@@ -356,11 +372,17 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     // The user's own copy of the directory (cp -a: her files, her modes).
     const backup = join(h.home, 'backup');
     expect(runAs(h.user, 'cp', ['-a', h.dir, backup]).status).toBe(0);
+    const copied = first.live.sealed;
 
     const second = await serve(h);
     writeAt(second.live.link ?? '', 0, randomBytes(64 * KiB));
     const committed = flush(h.name).sealed?.epoch ?? 0;
     expect(await stopDaemon(second.daemon)).toBe(0);
+    const uuid = uuidOf(h);
+    const recorded = readEpochRecord(h.user.uid, uuid);
+    // The 16 seals of that flush under generation 0 were recorded before they were made.
+    expect(recorded?.keyGeneration).toBe(0);
+    expect(recorded?.sealsReserved).toBeGreaterThanOrEqual((copied?.seals ?? 0) + 16);
 
     // Every file put back from the copy (same directory, same owner).
     expect(runAs(h.user, 'cp', ['-a', `${backup}/.`, `${h.dir}/`]).status).toBe(0);
@@ -371,10 +393,21 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     expect(sha256(readFileSync(accepted.live.link ?? ''))).toBe(sha256(old));
     const filesEpoch = accepted.live.sealed?.epoch ?? -1;
     expect(filesEpoch).toBeLessThan(committed);
-    expect(accepted.daemon.output()).toContain(`--accept-rollback: serving the files at epoch ${filesEpoch} although epoch ${committed} was committed here`);
+    // Same generation: seals continue from root's high-water, not from the copy's count.
+    const resumed = {
+      files: { generation: 0, used: copied?.seals }, record: { generation: 0, used: recorded?.sealsReserved },
+      now: { generation: 0, used: recorded?.sealsReserved }, how: 'count-raised', applied: true,
+    };
+    expect(accepted.live.sealed).toMatchObject({ keyGeneration: 0, seals: recorded?.sealsReserved, resumed });
+    expect(eventsOf(h.name).filter((e) => e.kind === 'rollback-accepted')).toEqual([
+      { kind: 'rollback-accepted', filesEpoch, committedEpoch: committed, reservedEpoch: recorded?.reservedEpoch, budget: resumed },
+    ]);
+    const again = Buffer.from(old);
+    writeAt(accepted.live.link ?? '', 0, fill(again, 0, 8 * KiB));
+    expect(flush(h.name).sealed).toMatchObject({ keyGeneration: 0, seals: (recorded?.sealsReserved ?? 0) + 2 });
     expect(await stopDaemon(accepted.daemon)).toBe(0);
-    const uuid = (JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { sealed: { uuid: string } }).sealed.uuid;
-    expect(readEpochRecord(h.user.uid, uuid)?.committedEpoch).toBe(filesEpoch);
+    expect(readEpochRecord(h.user.uid, uuid)?.committedEpoch).toBeGreaterThan(filesEpoch);
+    expect(sha256(exportAs(h))).toBe(sha256(again));
 
     // The sealed manifest swapped for a plain one (format 1): the daemon would write plaintext.
     const m = JSON.parse(readFileSync(join(h.dir, MANIFEST_NAME), 'utf8')) as { name: string; deviceSize: number; chunkSize: number; files: { path: string; size: number }[] };
@@ -390,6 +423,68 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     rmSync(join(h.dir, 'vbd-shadow.map'));
     const stripped = await expectRefusedStart(h, EXIT.refused);
     expect(stripped.error).toContain(`this directory held sealed volume ${uuid}`);
+  });
+
+  it('a rollback accepted across a re-key (VBD_SHADOW_REKEY_AT): seals continue under a fresh key generation above the one root\'s record shows used; the volume holds what was written', async () => {
+    const h = sealedHome('sealed-rollback-rekey');
+    initSealed(h, '2M', 3, '4K'); // 512 chunks, sealed by init: 512 seals under generation 0
+    const image = randomBytes(2 * MiB);
+    importAs(h, image); // 1024
+    const backup = join(h.home, 'backup');
+    expect(runAs(h.user, 'cp', ['-a', h.dir, backup]).status).toBe(0);
+
+    // After the copy: 1024 + 50, then 50 more pass the re-key point: generation 1, then 80 seals under it.
+    const daemon = startDaemon(h.name, [h.dir, '--key-file', h.key, '--interval', '1h'], undefined, { VBD_SHADOW_REKEY_AT: '1100' });
+    const live = await waitLive(daemon);
+    expect(live.sealed).toMatchObject({ keyGeneration: 0, seals: 1024 });
+    const device = live.link ?? '';
+    const later = Buffer.from(image);
+    writeAt(device, 0, fill(later, 0, 50 * 4 * KiB));
+    expect(flush(h.name).sealed).toMatchObject({ keyGeneration: 0, seals: 1074 });
+    writeAt(device, 100 * 4 * KiB, fill(later, 100 * 4 * KiB, 50 * 4 * KiB));
+    expect(flush(h.name).sealed).toMatchObject({ keyGeneration: 1, seals: 50 });
+    writeAt(device, 300 * 4 * KiB, fill(later, 300 * 4 * KiB, 30 * 4 * KiB));
+    const committed = flush(h.name).sealed?.epoch ?? 0;
+    expect(await stopDaemon(daemon)).toBe(0);
+    const uuid = uuidOf(h);
+    const recorded = readEpochRecord(h.user.uid, uuid);
+    expect(recorded).toMatchObject({ committedEpoch: committed, keyGeneration: 1, sealsReserved: 80 });
+
+    // Every file put back from the copy: its manifest and map say generation 0, 1024 seals.
+    expect(runAs(h.user, 'cp', ['-a', `${backup}/.`, `${h.dir}/`]).status).toBe(0);
+    const resumed = { files: { generation: 0, used: 1024 }, record: { generation: 1, used: 80 }, now: { generation: 2, used: 0 }, how: 'fresh-generation', applied: true };
+    // inspect, as the owner: root's record, and what the next writable open will do (nothing done yet).
+    const inspected = cliAs(h.user, ['inspect', h.dir, '--key-file', h.key, '--json']);
+    expect(inspected.status).toBe(0);
+    const seal = (JSON.parse(inspected.stdout) as InspectReport).seal;
+    expect(seal?.epochRecord).toMatchObject({ committedEpoch: committed, keyGeneration: 1, sealsReserved: 80 });
+    expect(seal?.unlocked?.budgetAtNextWrite).toEqual({ ...resumed, applied: false });
+    expect(keyGenerationOf(h)).toBe(0);
+    const accepted = await serve(h, ['--accept-rollback']);
+    expect(sha256(readFileSync(accepted.live.link ?? ''))).toBe(sha256(image));
+    expect(accepted.live.sealed).toMatchObject({ keyGeneration: 2, seals: 0, resumed });
+    const filesEpoch = accepted.live.sealed?.epoch ?? -1;
+    expect(eventsOf(h.name).filter((e) => e.kind === 'rollback-accepted')).toEqual([
+      { kind: 'rollback-accepted', filesEpoch, committedEpoch: committed, reservedEpoch: recorded?.reservedEpoch, budget: resumed },
+    ]);
+    expect(keyGenerationOf(h)).toBe(2);
+
+    const after = Buffer.from(image);
+    writeAt(accepted.live.link ?? '', 200 * 4 * KiB, fill(after, 200 * 4 * KiB, 20 * 4 * KiB));
+    const s = flush(h.name);
+    // 20 seals under generation 2, which root's record (generation 1 at most) shows never sealed.
+    expect(s.sealed).toMatchObject({ keyGeneration: 2, seals: 20 });
+    expect(s.sealed?.keyGeneration).toBeGreaterThan(recorded?.keyGeneration ?? Infinity);
+    const now = readEpochRecord(h.user.uid, uuid);
+    expect(now?.keyGeneration).toBe(2);
+    expect(now?.sealsReserved).toBeGreaterThanOrEqual(20);
+    expect(await stopDaemon(accepted.daemon)).toBe(0);
+
+    // The map: the chunks written sit in slots of generation 2 and epochs above any root reserved before.
+    const entries = await withStore(h.dir, Buffer.from(PASS), false, (store) => Array.from({ length: 20 }, (_, i) => (store as SealedStore).entry(200 + i)));
+    expect(entries.every((e) => e.generation === 2 && e.epoch > (recorded?.reservedEpoch ?? Infinity))).toBe(true);
+    expect(sha256(exportAs(h))).toBe(sha256(after));
+    expect(leftovers()).toEqual([]);
   });
 
   it('the agent brings the passphrase: a wrong one is refused with nothing written, the right one serves', async () => {

@@ -9,7 +9,7 @@ import { exportImage, importImage } from '../../src/image/offline.js';
 import { cliOk } from './cli.js';
 import { resolvePlacement } from '../../src/layouts/index.js';
 import type { PlacementTable } from '../../src/layouts/layout.js';
-import { openChunkStore, type ChunkStore } from '../../src/store/chunk-store.js';
+import { openChunkStore, type ChunkStore, type OpenStoreOptions } from '../../src/store/chunk-store.js';
 import { initVolume, type LayoutChoice } from '../../src/volume/init.js';
 import { closeVolume, openVolume, requirePlainVolume } from '../../src/volume/volume.js';
 
@@ -27,11 +27,11 @@ export async function placement(dir: string, secret?: Buffer): Promise<Placement
   }
 }
 
-/** Runs `work` with the volume's chunk store (a keyed secret or a sealed passphrase in `secret`). */
-export async function withStore<T>(dir: string, secret: Buffer | undefined, writable: boolean, work: (store: ChunkStore) => T | Promise<T>): Promise<T> {
+/** Runs `work` with the volume's chunk store (a keyed secret or a sealed passphrase in `secret`; `options`: a sealed store's floors, re-key point …). */
+export async function withStore<T>(dir: string, secret: Buffer | undefined, writable: boolean, work: (store: ChunkStore) => T | Promise<T>, options: Omit<OpenStoreOptions, 'writable' | 'secret'> = {}): Promise<T> {
   const volume = openVolume(dir, { writable });
   try {
-    const store = await openChunkStore(volume, { writable, secret: secret === undefined ? undefined : Buffer.from(secret) });
+    const store = await openChunkStore(volume, { ...options, writable, secret: secret === undefined ? undefined : Buffer.from(secret) });
     try {
       return await work(store);
     } finally {
