@@ -25,7 +25,7 @@ export interface FlushJson {
   journalBytes: number | null;
   tracking: string | null;
   timings: Record<string, number>;
-  sealed: { epoch: number; inFreeSlots: number; throughJournal: number; mapBytes: number } | null;
+  sealed: { epoch: number; inFreeSlots: number; throughJournal: number; mapBytes: number; threads: number } | null;
   error: string | null;
 }
 
@@ -154,7 +154,7 @@ export function statusLines(v: StatusView): string[] {
     out.push(`  sealed   epoch ${sealed.epoch}; ${sealed.seals} slots sealed under key generation ${sealed.keyGeneration} (re-key due at ${sealed.rekeyAt}); ${sealed.freeSlots} free slots`);
     if (sealed.resumed !== undefined) out.push(`  budget   at start: ${describeResumed(sealed.resumed)}`);
     const path = f?.sealed;
-    if (path !== undefined) out.push(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map`);
+    if (path !== undefined) out.push(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map${path.threads > 1 ? `; sealed on ${path.threads} threads` : ''}`);
   }
   for (const notice of s.notices ?? []) out.push(`  notice   ${notice}`);
   if ((s.damagedChunks ?? []).length > 0) out.push(`  damaged  served as zeros: ${(s.damagedChunks ?? []).map((d) => `chunk ${d.chunk} ('${d.name}' at ${d.offset})`).join(', ')}`);

@@ -100,7 +100,8 @@ export interface FlushReport {
    * and the bytes the commit wrote to the map file (its log record or checkpoint, and the
    * reservation), apart from `bytesWritten` (the slots).
    */
-  sealed?: { epoch: number; inFreeSlots: number; throughJournal: number; mapBytes: number };
+  /** A sealed commit: where its chunks went, the map bytes, and the threads that sealed them (the pool's for a large one). */
+  sealed?: { epoch: number; inFreeSlots: number; throughJournal: number; mapBytes: number; threads: number };
 }
 
 /** The latest flush check, idle or not (an idle check does no scan and no I/O). */

@@ -48,6 +48,8 @@ const REHASH_BYTES = 64 * 2 ** 20;
  * costs more than it saves (bench: `--only scan`).
  */
 export const POOL_MIN_BYTES = 128 * 2 ** 20;
+/** A sealed commit of at least this much seals on the pool: sealing costs ~1 ms per MiB on one thread. */
+export const SEAL_POOL_MIN_BYTES = 16 * 2 ** 20;
 
 interface StagedChunk {
   slot: number;
@@ -246,7 +248,8 @@ export class FlushEngine {
     const { chunkSize } = this.volume.manifest;
     const perBlock = Math.max(1, Math.floor(STAGING_BLOCK / chunkSize));
     const blockIndex = Math.floor(n / perBlock);
-    while (this.staging.length <= blockIndex) this.staging.push(Buffer.allocUnsafeSlow(perBlock * chunkSize));
+    // On shared memory: a large sealed commit seals from here on the pool's threads.
+    while (this.staging.length <= blockIndex) this.staging.push(Buffer.from(new SharedArrayBuffer(perBlock * chunkSize)));
     const at = (n % perBlock) * chunkSize;
     return (this.staging[blockIndex] as Buffer).subarray(at, at + chunkSize);
   }
@@ -309,17 +312,26 @@ export class FlushEngine {
   }
 
   /** Sealed: every changed chunk sealed into a free slot, then the map: one copy-on-write commit. */
-  private commitSealed(staged: Map<number, StagedChunk>, t: FlushTimings): { bytesWritten: number; commit: SealedCommit } {
+  private async commitSealed(staged: Map<number, StagedChunk>, t: FlushTimings): Promise<{ bytesWritten: number; commit: SealedCommit; threads: number }> {
     const chunks = Uint32Array.from(staged.keys()).sort();
     const a0 = performance.now();
     this.beforeCommit?.();
     const write = this.store.begin(chunks);
+    const from = (chunk: number): Buffer => {
+      const s = staged.get(chunk);
+      if (s === undefined) throw new VbdError(`internal: chunk ${chunk} was not staged`);
+      return this.stagingSlot(s.slot);
+    };
+    const pool = this.scanPool;
     let report: CommitReport;
+    let threads = 1;
     try {
-      for (const chunk of chunks) {
-        const s = staged.get(chunk);
-        if (s === undefined) throw new VbdError(`internal: chunk ${chunk} was not staged`);
-        write.write(chunk, chunk + 1, this.stagingSlot(s.slot));
+      // Many chunks are sealed on the pool's threads (the daemon keeps answering its pipes); a few here.
+      if (write.writeOnPool !== undefined && pool?.usable === true && chunks.length * this.volume.manifest.chunkSize >= SEAL_POOL_MIN_BYTES) {
+        threads = pool.threads;
+        await write.writeOnPool(chunks, from, pool);
+      } else {
+        for (const chunk of chunks) write.write(chunk, chunk + 1, from(chunk));
       }
       report = write.commit();
     } catch (err) {
@@ -331,7 +343,7 @@ export class FlushEngine {
     this.afterCommit?.(report);
     // Overflowing chunks are written twice: into the journal, then into place.
     const slots = report.chunks + report.throughJournal;
-    return { bytesWritten: slots * slotSize(this.volume.manifest.chunkSize), commit: report };
+    return { bytesWritten: slots * slotSize(this.volume.manifest.chunkSize), commit: report, threads };
   }
 
   /** The selection a cut gives: its chunks (and `extra`) in file order, or everything with a reason. */
@@ -411,16 +423,17 @@ export class FlushEngine {
       let journalBytes = 0;
       let bytesWritten = 0;
       let sealed: SealedCommit | undefined;
+      let sealThreads = 1;
       if (staged.size > 0) {
         if (this.store.kind === 'plain') ({ journalBytes, bytesWritten } = await this.commitPlain(staged, t));
-        else ({ bytesWritten, commit: sealed } = this.commitSealed(staged, t));
+        else ({ bytesWritten, commit: sealed, threads: sealThreads } = await this.commitSealed(staged, t));
         this.afterWrite?.();
         for (const [chunk, s] of staged) this.hashes[chunk] = s.hash;
       }
       this.lastFailed = false;
       if (this.staging.length * STAGING_BLOCK > STAGING_KEEP) this.staging = [];
       const durationMs = performance.now() - started;
-      const sealedReport = sealed === undefined ? {} : { sealed: { epoch: sealed.epoch, inFreeSlots: sealed.inFreeSlots, throughJournal: sealed.throughJournal, mapBytes: sealed.mapBytes } };
+      const sealedReport = sealed === undefined ? {} : { sealed: { epoch: sealed.epoch, inFreeSlots: sealed.inFreeSlots, throughJournal: sealed.throughJournal, mapBytes: sealed.mapBytes, threads: sealThreads } };
       return { at, ok: true, idle: false, reason, durationMs, bytesWritten, journalBytes, chunksChanged: staged.size, chunksHashed, tracking, timings: t, ...sealedReport };
     } catch (err) {
       this.lastFailed = true;

@@ -5,7 +5,7 @@
 
 import { xxh64 } from '@node-rs/xxhash';
 import { VbdError } from '../common/errors.js';
-import type { SlotSources } from '../store/slot-runs.js';
+import type { SealTargets, SlotSources } from '../store/slot-runs.js';
 
 /** A window of the image as a view: the daemon's thread has them, a worker makes them from the address. */
 export interface WindowView {
@@ -106,14 +106,29 @@ export interface ScanJob extends JobCommon {
 export interface OpenJob extends JobCommon {
   kind: 'open';
   src: SlotSources;
-  keys: { generation: number; key: Buffer; uuid: Buffer }[];
+  keys: PoolKey[];
   damaged: Uint8Array;
   zero: boolean;
 }
 
-export type PoolJob = ScanJob | OpenJob;
+/** A slot key's bytes as a job carries them (the thread wipes its copy after the job). */
+export interface PoolKey {
+  generation: number;
+  key: Buffer;
+  uuid: Buffer;
+}
+
+/** Seal the chunks `targets` names from their staging buffers into their slots, and write them. */
+export interface SealJob extends JobCommon {
+  kind: 'seal';
+  targets: SealTargets;
+  key: PoolKey;
+}
+
+export type PoolJob = ScanJob | OpenJob | SealJob;
 /** A job as the pool builds it, before each thread's claim counters and slot are added. */
-export type PoolJobBody = Omit<ScanJob, keyof Omit<JobCommon, 'windows' | 'chunkSize' | 'pieceItems'>> | Omit<OpenJob, keyof Omit<JobCommon, 'windows' | 'chunkSize' | 'pieceItems'>>;
+type PerThread = keyof Omit<JobCommon, 'windows' | 'chunkSize' | 'pieceItems'>;
+export type PoolJobBody = Omit<ScanJob, PerThread> | Omit<OpenJob, PerThread> | Omit<SealJob, PerThread>;
 
 /** What a pool thread answers: once when it has started, then once per job. */
 export type ScanReply = { kind: 'ready' } | { kind: 'done' } | { kind: 'failed'; piece: number; message: string };

@@ -17,8 +17,8 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { VbdError } from '../common/errors.js';
 import type { SlotKey } from '../store/keys.js';
-import type { SlotSources } from '../store/slot-runs.js';
-import { describePiece, itemCount, pieceItems as piecesFor, type PoolJob, type PoolJobBody, type ScanItems, type ScanReply } from './scan-job.js';
+import type { SealTargets, SlotSources } from '../store/slot-runs.js';
+import { describePiece, itemCount, pieceItems as piecesFor, type PoolJob, type PoolJobBody, type PoolKey, type ScanItems, type ScanReply } from './scan-job.js';
 
 const WORKER_URL = new URL('./scan-worker.js', import.meta.url);
 
@@ -46,6 +46,11 @@ interface PoolTask {
   pieceItems: number;
   job: PoolJobBody;
   describe(piece: number): string | undefined;
+}
+
+/** A slot key as a pool thread gets it: its bytes, copied into the message. */
+function keyBytes(key: SlotKey): PoolKey {
+  return { generation: key.generation, key: key.key, uuid: key.uuid };
 }
 
 function addresses(windows: readonly PoolWindow[]): PoolWindow[] {
@@ -135,14 +140,28 @@ export class ScanPool {
    */
   open(windows: readonly PoolWindow[], chunkSize: number, src: SlotSources, keyOf: (generation: number) => SlotKey, damaged: Uint8Array, zero: boolean): Promise<void> {
     if (!(damaged.buffer instanceof SharedArrayBuffer) || !(src.file.buffer instanceof SharedArrayBuffer)) throw new VbdError('internal: the pool opens slots from and into SharedArrayBuffers');
-    const generations = [...new Set(src.generation)];
     // The threads get the slot keys' bytes (same process, same trust); each wipes its copies after the job.
-    const keys = generations.map((g) => ({ generation: g, key: keyOf(g).key, uuid: keyOf(g).uuid }));
+    const keys = [...new Set(src.generation)].map((g) => keyBytes(keyOf(g)));
     const pieceItems = piecesFor(chunkSize, src.count, this.threads);
     return this.queue({
       what: `populate of chunks ${src.first}–${src.first + src.count - 1}`, verb: 'opening', count: src.count, pieceItems,
       job: { kind: 'open', windows: addresses(windows), chunkSize, src, keys, pieceItems, damaged, zero },
       describe: (piece) => describePiece({ from: src.first, to: src.first + src.count }, pieceItems, piece, chunkSize),
+    });
+  }
+
+  /** Seals the chunks `t` names from their staging buffers and writes the slots (a large sealed flush). */
+  seal(t: SealTargets, key: SlotKey): Promise<void> {
+    const count = t.chunk.length;
+    const pieceItems = piecesFor(t.chunkSize, count, this.threads);
+    return this.queue({
+      what: `sealing ${count} chunks for epoch ${t.epoch}`, verb: 'sealing', count, pieceItems,
+      job: { kind: 'seal', windows: [], chunkSize: t.chunkSize, targets: t, key: keyBytes(key), pieceItems },
+      describe: (piece) => {
+        const first = piece * pieceItems;
+        const end = Math.min(count, first + pieceItems);
+        return piece < 0 || first >= end ? undefined : `${end - first} chunks (chunk ${t.chunk[first]} first)`;
+      },
     });
   }
 

@@ -2,7 +2,8 @@
 // address (the daemon's mapping; threads share the address space), and the thread claims
 // pieces of the job from a shared counter until none is left: a scan writes each chunk's hash
 // into the shared result array; an open (sealed populate) reads slots from the volume's files
-// (the process's fds) and opens them into the image, marking failed slots in a shared array.
+// (the process's fds) and opens them into the image, marking failed slots in a shared array;
+// a seal (large sealed flush) seals staged chunks into their slots and writes them.
 // A piece that fails stops the job for every thread and is reported with its number, so the
 // daemon can name its chunks.
 //
@@ -15,13 +16,15 @@ import { parentPort } from 'node:worker_threads';
 import { viewAtAddress } from '../sys/libc.js';
 import { VbdError } from '../common/errors.js';
 import { slotKeyOf, type SlotKey } from '../store/keys.js';
-import { openSlots } from '../store/slot-runs.js';
-import { ChunkViews, STOP_CLAIMS, hashItems, itemCount, type PoolJob, type ScanReply } from './scan-job.js';
+import { openSlots, sealSlots } from '../store/slot-runs.js';
+import { ChunkViews, STOP_CLAIMS, hashItems, itemCount, type PoolJob, type PoolKey, type ScanReply } from './scan-job.js';
 
 let kept = new Map<string, Buffer>();
 
 /** Views of the job's windows: those of the previous job reused, the others made. */
 function viewsOf(job: PoolJob): ChunkViews {
+  // A job without windows (a seal reads the staging buffers) keeps the views of the last one.
+  if (job.windows.length === 0) return new ChunkViews([], job.chunkSize);
   const now = new Map<string, Buffer>();
   const windows = job.windows.map((w) => {
     const key = `${w.address}:${w.length}`;
@@ -36,33 +39,49 @@ function viewsOf(job: PoolJob): ChunkViews {
 /** Work of pieces [first, end) of a job's items. */
 type PieceWork = (first: number, end: number) => void;
 
-function workOf(job: PoolJob, views: ChunkViews): { count: number; work: PieceWork; done(): void } {
-  if (job.kind === 'scan') {
-    return { count: itemCount(job.items), work: (first, end) => hashItems(views, job.items, first, end, job.out), done: () => undefined };
-  }
-  // Buffers arrive as plain Uint8Arrays: views of them as Buffers (the same bytes, wiped after the job).
+/** A job's slot key, its bytes as Buffers (they arrive as plain Uint8Arrays; the same bytes, wiped after the job). */
+function slotKeyFrom(k: PoolKey): SlotKey {
   const asBuffer = (b: Uint8Array): Buffer => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
-  const keys = new Map(job.keys.map((k) => [k.generation, slotKeyOf(asBuffer(k.key), k.generation, asBuffer(k.uuid))]));
-  const keyOf = (g: number): SlotKey => {
-    const key = keys.get(g);
-    if (key === undefined) throw new VbdError(`internal: no slot key of generation ${g} was sent with the job`);
-    return key;
-  };
-  const target = { chunk: (i: number) => views.view(job.src.first + i), damaged: job.damaged, zero: job.zero };
-  const S = job.src.slotBytes;
-  const bytes = Math.max(1, Math.floor(SLOT_RUN_BYTES / S)) * S;
-  if (slotBuffer?.length !== bytes) slotBuffer = Buffer.alloc(bytes);
-  const buf = slotBuffer;
-  return {
-    count: job.src.count,
-    work: (first, end) => openSlots(job.src, first, end, keyOf, target, buf),
-    done: () => {
-      for (const k of job.keys) k.key.fill(0);
-    },
-  };
+  return slotKeyOf(asBuffer(k.key), k.generation, asBuffer(k.uuid));
 }
 
-/** Bytes of slots read per call by this thread (its buffer is kept from job to job). */
+/** This thread's buffer of whole slots for one read or write call, kept from job to job. */
+function slotBufferFor(slotBytes: number): Buffer {
+  const bytes = Math.max(1, Math.floor(SLOT_RUN_BYTES / slotBytes)) * slotBytes;
+  if (slotBuffer?.length !== bytes) slotBuffer = Buffer.alloc(bytes);
+  return slotBuffer;
+}
+
+function workOf(job: PoolJob, views: ChunkViews): { count: number; work: PieceWork; done(): void } {
+  switch (job.kind) {
+    case 'scan':
+      return { count: itemCount(job.items), work: (first, end) => hashItems(views, job.items, first, end, job.out), done: () => undefined };
+    case 'open': {
+      const keys = new Map(job.keys.map((k) => [k.generation, slotKeyFrom(k)]));
+      const keyOf = (g: number): SlotKey => {
+        const key = keys.get(g);
+        if (key === undefined) throw new VbdError(`internal: no slot key of generation ${g} was sent with the job`);
+        return key;
+      };
+      const target = { chunk: (i: number) => views.view(job.src.first + i), damaged: job.damaged, zero: job.zero };
+      const buf = slotBufferFor(job.src.slotBytes);
+      return {
+        count: job.src.count,
+        work: (first, end) => openSlots(job.src, first, end, keyOf, target, buf),
+        done: () => {
+          for (const k of job.keys) k.key.fill(0);
+        },
+      };
+    }
+    case 'seal': {
+      const key = slotKeyFrom(job.key);
+      const buf = slotBufferFor(job.targets.slotBytes);
+      return { count: job.targets.chunk.length, work: (first, end) => sealSlots(job.targets, first, end, key, buf), done: () => job.key.key.fill(0) };
+    }
+  }
+}
+
+/** Bytes of slots read or written per call by this thread. */
 const SLOT_RUN_BYTES = 2 ** 20;
 let slotBuffer: Buffer | undefined;
 

@@ -20,7 +20,7 @@ import type { Reservation } from './map.js';
 import { openSealedStore } from './sealed-store.js';
 import { syncBackingFiles } from './sync-files.js';
 import type { SlotKey } from './keys.js';
-import type { SlotSources } from './slot-runs.js';
+import type { SealTargets, SlotSources } from './slot-runs.js';
 import type { NonceBudgetState } from './slot.js';
 
 /** Where a chunk's bytes are now. */
@@ -71,6 +71,12 @@ export interface SlotOpenPool {
   open(windows: readonly ImageWindow[], chunkSize: number, src: SlotSources, keyOf: (generation: number) => SlotKey, damaged: Uint8Array, zero: boolean): Promise<void>;
 }
 
+/** Threads that seal chunks into their slots and write them (the daemon's image pool). */
+export interface SlotSealPool {
+  readonly usable: boolean;
+  seal(targets: SealTargets, key: SlotKey): Promise<void>;
+}
+
 export interface FillResult {
   damaged: DamagedChunk[];
   /** Threads that read the slots: the pool's, or 1 (the daemon's thread; a plain volume's reads). */
@@ -110,6 +116,12 @@ export interface StoreWrite {
   readonly epoch: number | undefined;
   /** Chunks [first, end) from `from` (from[0] = first byte of chunk `first`). */
   write(first: number, end: number, from: Buffer): void;
+  /**
+   * Sealed, with a pool: writes these chunks (each once, any order), each from its buffer, which
+   * must lie on a SharedArrayBuffer; the pool's threads seal and write the slots. Undefined for a
+   * plain volume (its flush writes through the journal, src/flush/apply.ts).
+   */
+  readonly writeOnPool?: (chunks: Uint32Array, from: (chunk: number) => Buffer, pool: SlotSealPool) => Promise<void>;
   /** Makes the written chunks durable and, for a sealed volume, the new epoch the volume's state. */
   commit(): CommitReport;
   /** Gives up: a sealed volume keeps its committed epoch; what was written is never referenced. */

@@ -28,7 +28,7 @@ import type { ShadowImage } from '../shadow/image.js';
 import { availableMemory } from '../sys/memory.js';
 import { serializeManifest, type SealedManifest } from '../volume/manifest.js';
 import { MAP_NAME, SEALED_JOURNAL_NAME, entryPath, fileName, openVolumeEntry, rereadManifest, writeManifest, type SealedVolume } from '../volume/volume.js';
-import type { BudgetResumed, ChunkPlace, ChunkStore, CommitReport, DamagedChunk, FillOptions, FillResult, OpenStoreOptions, ReadOptions, SealFloor, SealedState, StoreWrite } from './chunk-store.js';
+import type { BudgetResumed, ChunkPlace, ChunkStore, CommitReport, DamagedChunk, FillOptions, FillResult, OpenStoreOptions, ReadOptions, SealFloor, SealedState, SlotSealPool, StoreWrite } from './chunk-store.js';
 import type { VolumeKeys } from './keys.js';
 import {
   RESERVE_RECORD_BYTES, checkMapFormat, clearPending, clonePositionMap, datasync, loadReservation, mapFileBytes, newPositionMap,
@@ -37,7 +37,7 @@ import {
 import { MapCommitter, loadMapState } from './map-log.js';
 import { atKeyGeneration, unlockSealedManifest } from './sealed-manifest.js';
 import { NONCE_MARGIN, NonceBudget, RANDOM_NONCE_LIMIT, SlotAuthError, SlotSealer, slotSize, type NonceBudgetState } from './slot.js';
-import { newSlotSources, openSlots, type SlotSources } from './slot-runs.js';
+import { newSlotSources, openSlots, type SealTargets, type SlotSources } from './slot-runs.js';
 import { syncBackingFiles } from './sync-files.js';
 
 /** Bytes moved per read or write call: runs of neighbouring slots up to this size. */
@@ -737,6 +737,52 @@ class SealedWrite implements StoreWrite {
     }
     flush();
   }
+
+  readonly writeOnPool = async (chunks: Uint32Array, from: (chunk: number) => Buffer, pool: SlotSealPool): Promise<void> => {
+    if (this.#done) throw new VbdError('internal: a write after commit or abort');
+    const { store, plan } = this;
+    const C = store.chunkSize;
+    const files = store.volume.fds.map((fd, i) => ({ fd, name: `backing file '${fileName(store.volume, i)}'` }));
+    const journal = files.length;
+    if (plan.journalFd !== undefined) files.push({ fd: plan.journalFd, name: SEALED_JOURNAL_NAME });
+    const places = Array.from(chunks, (c) => {
+      if (c >= store.chunkCount || (plan.dest[c] ?? NONE) === NONE) throw new VbdError(`internal: chunk ${c} is not part of this write`);
+      if (this.#written[c] === 1) throw new VbdError(`internal: chunk ${c} written twice in one commit`);
+      this.#written[c] = 1;
+      const p = store.placeForWrite(plan, c);
+      return { chunk: c, file: p.file < 0 ? journal : p.file, offset: p.offset };
+    });
+    // In the files' order: neighbouring slots go out in one write.
+    places.sort((a, b) => a.file - b.file || a.offset - b.offset);
+    const shared = (n: number): SharedArrayBuffer => new SharedArrayBuffer(n);
+    const buffers: SharedArrayBuffer[] = [];
+    const t: SealTargets = {
+      slotBytes: store.slotBytes, chunkSize: C, epoch: plan.epoch, generation: plan.sealer.key.generation, files,
+      chunk: new Uint32Array(shared(4 * places.length)), file: new Int32Array(shared(4 * places.length)), offset: new Float64Array(shared(8 * places.length)),
+      buffers, buffer: new Int32Array(shared(4 * places.length)), at: new Float64Array(shared(8 * places.length)),
+    };
+    places.forEach((p, i) => {
+      const source = from(p.chunk);
+      if (!(source.buffer instanceof SharedArrayBuffer) || source.length !== C) throw new VbdError(`internal: chunk ${p.chunk} must come from ${C} bytes of shared memory to be sealed on the pool`);
+      let b = buffers.indexOf(source.buffer);
+      if (b < 0) b = buffers.push(source.buffer) - 1;
+      t.chunk[i] = p.chunk;
+      t.file[i] = p.file;
+      t.offset[i] = p.offset;
+      t.buffer[i] = b;
+      t.at[i] = source.byteOffset;
+      if (p.file !== journal) this.#touched.add(p.file);
+    });
+    // Counted before any is sealed: a seal made and lost to a failure still spent its nonce.
+    const key = plan.sealer.take(places.length);
+    this.#count += places.length;
+    try {
+      await pool.seal(t, key);
+    } catch (err) {
+      this.abort();
+      throw err;
+    }
+  };
 
   commit(): CommitReport {
     if (this.#done) throw new VbdError('internal: commit after commit or abort');

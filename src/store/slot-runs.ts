@@ -1,6 +1,7 @@
 // Opening a range of slots into chunk buffers: the one piece of code that reads sealed chunks,
 // run by the sealed store on the daemon's thread (read, export, recovery) and by the threads of
-// the image pool (populate, src/flush/scan-pool.ts) alike. The store says where each chunk's
+// the image pool (populate, src/flush/scan-pool.ts) alike; and its converse for a large flush,
+// sealing chunks into their slots on the pool's threads (sealSlots). The store says where each chunk's
 // slot lies and what it opens as (SlotSources); this reads runs of neighbouring slots in one
 // call and opens each into its chunk.
 //
@@ -10,7 +11,8 @@
 import { VbdError } from '../common/errors.js';
 import { readExactly } from '../common/fd.js';
 import type { SlotKey } from './keys.js';
-import { SlotAuthError, openChunk } from './slot.js';
+import { writeAt } from './map.js';
+import { SlotAuthError, openChunk, sealChunk } from './slot.js';
 
 /** Where the slots of chunks first … first + count − 1 lie, one entry per chunk. */
 export interface SlotSources {
@@ -79,6 +81,51 @@ export function openSlots(src: SlotSources, from: number, end: number, keyOf: (g
       }
     }
     buf.fill(0, 0, n * S);
+    i += n;
+  }
+}
+
+/**
+ * A write's chunks as the slots they are sealed into, one entry per chunk, in the order of their
+ * places in the files (so neighbouring slots go out in one write call). Each chunk is read from
+ * a buffer on shared memory (the flush's staging), named by index into `buffers` and byte offset.
+ */
+export interface SealTargets {
+  slotBytes: number;
+  chunkSize: number;
+  /** The epoch and key generation every slot of this write is sealed in. */
+  epoch: number;
+  generation: number;
+  files: { fd: number; name: string }[];
+  chunk: Uint32Array;
+  file: Int32Array;
+  offset: Float64Array;
+  buffers: SharedArrayBuffer[];
+  buffer: Int32Array;
+  at: Float64Array;
+}
+
+/** Seals entries [from, end) of `t` under `key` (a fresh random nonce each) and writes their slots. */
+export function sealSlots(t: SealTargets, from: number, end: number, key: SlotKey, buf: Buffer): void {
+  const S = t.slotBytes;
+  const C = t.chunkSize;
+  const sources = t.buffers.map((b) => Buffer.from(b));
+  let i = from;
+  while (i < end) {
+    const file = t.file[i] as number;
+    const offset = t.offset[i] as number;
+    let n = 1;
+    while (i + n < end && (n + 1) * S <= buf.length && t.file[i + n] === file && t.offset[i + n] === offset + n * S) n++;
+    const where = t.files[file];
+    if (where === undefined) throw new VbdError(`internal: slot file ${file} of chunk ${t.chunk[i]} is not among the ${t.files.length} files`);
+    for (let k = 0; k < n; k++) {
+      const e = i + k;
+      const source = sources[t.buffer[e] as number];
+      if (source === undefined) throw new VbdError(`internal: chunk ${t.chunk[e]} names staging buffer ${t.buffer[e]} of ${sources.length}`);
+      const at = t.at[e] as number;
+      sealChunk(key, { chunk: t.chunk[e] as number, epoch: t.epoch }, source.subarray(at, at + C), buf.subarray(k * S, (k + 1) * S));
+    }
+    writeAt(where.fd, buf.subarray(0, n * S), offset, where.name);
     i += n;
   }
 }

@@ -234,10 +234,15 @@ export class SlotSealer {
   ) {}
 
   seal(at: SlotAddress, plaintext: Buffer, out: Buffer): void {
+    sealChunk(this.take(1), at, plaintext, out);
+  }
+
+  /** Counts `count` seals made elsewhere (the pool's threads) and gives the key to make them with. */
+  take(count: number): SlotKey {
     if (this.budget.generation !== this.key.generation) {
       throw new VbdError(`slot key is of generation ${this.key.generation}, the budget is at generation ${this.budget.generation}: derive the new slot key`);
     }
-    this.budget.consume(1);
-    sealChunk(this.key, at, plaintext, out);
+    this.budget.consume(count);
+    return this.key;
   }
 }

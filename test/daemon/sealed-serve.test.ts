@@ -211,7 +211,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     });
   }
 
-  it('populate opens the slots on the pool\'s threads, straight into the image, over several jobs: the device is the imported image', async () => {
+  it('populate opens the slots on the pool\'s threads, straight into the image, over several jobs; a large flush seals on them, into free slots and through the overflow journal: the files hold what was written', async () => {
     const h = sealedHome('sealed-pool');
     // 160 MiB: three populate jobs of at most 64 MiB each, every one cut into pieces the threads claim.
     const size = 160 * MiB;
@@ -221,9 +221,25 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     const { daemon, live } = await serve(h);
     expect(live.populateThreads).toBe(availableParallelism());
     expect(availableParallelism()).toBeGreaterThan(1);
-    expect(sha256(readFileSync(live.link ?? ''))).toBe(sha256(image));
+    const device = live.link ?? '';
+    expect(sha256(readFileSync(device))).toBe(sha256(image));
+
+    // 24 MiB changed (fits the 32 MiB of free slots): sealed and written by the pool's threads.
+    const part = randomBytes(24 * MiB);
+    writeAt(device, 40 * MiB, part);
+    part.copy(image, 40 * MiB);
+    const s1 = flush(h.name);
+    expect(s1.lastFlush?.chunksChanged).toBe(384);
+    expect(s1.lastFlush?.sealed).toMatchObject({ inFreeSlots: 384, throughJournal: 0, threads: availableParallelism() });
+    // The whole device: more than the free slots, the rest through the overflow journal, on the pool too.
+    const whole = randomBytes(size);
+    writeAt(device, 0, whole);
+    const s2 = flush(h.name);
+    expect(s2.lastFlush?.chunksChanged).toBe(size / (64 * KiB));
+    expect(s2.lastFlush?.sealed?.threads).toBe(availableParallelism());
+    expect(s2.lastFlush?.sealed?.throughJournal).toBeGreaterThan(0);
     expect(await stopDaemon(daemon)).toBe(0);
-    expect(sha256(exportAs(h))).toBe(sha256(image));
+    expect(sha256(exportAs(h))).toBe(sha256(whole));
   });
 
   it('re-key while live: a flush that would pass the re-key point (lowered by VBD_SHADOW_REKEY_AT) moves to the next key generation; the same passphrase opens everything after', async () => {
