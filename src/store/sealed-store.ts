@@ -745,37 +745,42 @@ class SealedWrite implements StoreWrite {
     const files = store.volume.fds.map((fd, i) => ({ fd, name: `backing file '${fileName(store.volume, i)}'` }));
     const journal = files.length;
     if (plan.journalFd !== undefined) files.push({ fd: plan.journalFd, name: SEALED_JOURNAL_NAME });
-    const places = Array.from(chunks, (c) => {
+    const n = chunks.length;
+    const fileOf = new Int32Array(n);
+    const offsetOf = new Float64Array(n);
+    chunks.forEach((c, i) => {
       if (c >= store.chunkCount || (plan.dest[c] ?? NONE) === NONE) throw new VbdError(`internal: chunk ${c} is not part of this write`);
       if (this.#written[c] === 1) throw new VbdError(`internal: chunk ${c} written twice in one commit`);
       this.#written[c] = 1;
       const p = store.placeForWrite(plan, c);
-      return { chunk: c, file: p.file < 0 ? journal : p.file, offset: p.offset };
+      fileOf[i] = p.file < 0 ? journal : p.file;
+      offsetOf[i] = p.offset;
     });
     // In the files' order: neighbouring slots go out in one write.
-    places.sort((a, b) => a.file - b.file || a.offset - b.offset);
-    const shared = (n: number): SharedArrayBuffer => new SharedArrayBuffer(n);
+    const order = new Uint32Array(n).map((_, i) => i).sort((a, b) => (fileOf[a] as number) - (fileOf[b] as number) || (offsetOf[a] as number) - (offsetOf[b] as number));
+    const shared = (bytes: number): SharedArrayBuffer => new SharedArrayBuffer(bytes);
     const buffers: SharedArrayBuffer[] = [];
     const t: SealTargets = {
       slotBytes: store.slotBytes, chunkSize: C, epoch: plan.epoch, generation: plan.sealer.key.generation, files,
-      chunk: new Uint32Array(shared(4 * places.length)), file: new Int32Array(shared(4 * places.length)), offset: new Float64Array(shared(8 * places.length)),
-      buffers, buffer: new Int32Array(shared(4 * places.length)), at: new Float64Array(shared(8 * places.length)),
+      chunk: new Uint32Array(shared(4 * n)), file: new Int32Array(shared(4 * n)), offset: new Float64Array(shared(8 * n)),
+      buffers, buffer: new Int32Array(shared(4 * n)), at: new Float64Array(shared(8 * n)),
     };
-    places.forEach((p, i) => {
-      const source = from(p.chunk);
-      if (!(source.buffer instanceof SharedArrayBuffer) || source.length !== C) throw new VbdError(`internal: chunk ${p.chunk} must come from ${C} bytes of shared memory to be sealed on the pool`);
+    order.forEach((k, i) => {
+      const chunk = chunks[k] as number;
+      const source = from(chunk);
+      if (!(source.buffer instanceof SharedArrayBuffer) || source.length !== C) throw new VbdError(`internal: chunk ${chunk} must come from ${C} bytes of shared memory to be sealed on the pool`);
       let b = buffers.indexOf(source.buffer);
       if (b < 0) b = buffers.push(source.buffer) - 1;
-      t.chunk[i] = p.chunk;
-      t.file[i] = p.file;
-      t.offset[i] = p.offset;
+      t.chunk[i] = chunk;
+      t.file[i] = fileOf[k] as number;
+      t.offset[i] = offsetOf[k] as number;
       t.buffer[i] = b;
       t.at[i] = source.byteOffset;
-      if (p.file !== journal) this.#touched.add(p.file);
+      if (fileOf[k] !== journal) this.#touched.add(fileOf[k] as number);
     });
     // Counted before any is sealed: a seal made and lost to a failure still spent its nonce.
-    const key = plan.sealer.take(places.length);
-    this.#count += places.length;
+    const key = plan.sealer.take(n);
+    this.#count += n;
     try {
       await pool.seal(t, key);
     } catch (err) {
