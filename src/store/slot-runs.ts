@@ -43,6 +43,17 @@ export function newSlotSources(first: number, count: number, slotBytes: number, 
   };
 }
 
+/** The run of neighbouring slots of one file from entry i (before `end`, at most `bytes` of them). */
+function runAt(e: Pick<SlotSources, 'files' | 'file' | 'offset'>, i: number, end: number, slotBytes: number, bytes: number): { where: { fd: number; name: string }; offset: number; n: number } {
+  const file = e.file[i] as number;
+  const offset = e.offset[i] as number;
+  let n = 1;
+  while (i + n < end && (n + 1) * slotBytes <= bytes && e.file[i + n] === file && e.offset[i + n] === offset + n * slotBytes) n++;
+  const where = e.files[file];
+  if (where === undefined) throw new VbdError(`internal: slot file ${file} of entry ${i} is not among the ${e.files.length} files`);
+  return { where, offset, n };
+}
+
 /** A slot that failed authentication: marked in `damaged` (entry index), its chunk left as `zero` says. */
 export interface OpenTarget {
   /** Chunk buffer of entry i (C bytes). */
@@ -62,12 +73,7 @@ export function openSlots(src: SlotSources, from: number, end: number, keyOf: (g
   const S = src.slotBytes;
   let i = from;
   while (i < end) {
-    const file = src.file[i] as number;
-    const offset = src.offset[i] as number;
-    let n = 1;
-    while (i + n < end && (n + 1) * S <= buf.length && src.file[i + n] === file && src.offset[i + n] === offset + n * S) n++;
-    const where = src.files[file];
-    if (where === undefined) throw new VbdError(`internal: slot file ${file} of chunk ${src.first + i} is not among the ${src.files.length} files`);
+    const { where, offset, n } = runAt(src, i, end, S, buf.length);
     readExactly(where.fd, buf, n * S, offset, `'${where.name}'`);
     for (let k = 0; k < n; k++) {
       const e = i + k;
@@ -112,12 +118,7 @@ export function sealSlots(t: SealTargets, from: number, end: number, key: SlotKe
   const sources = t.buffers.map((b) => Buffer.from(b));
   let i = from;
   while (i < end) {
-    const file = t.file[i] as number;
-    const offset = t.offset[i] as number;
-    let n = 1;
-    while (i + n < end && (n + 1) * S <= buf.length && t.file[i + n] === file && t.offset[i + n] === offset + n * S) n++;
-    const where = t.files[file];
-    if (where === undefined) throw new VbdError(`internal: slot file ${file} of chunk ${t.chunk[i]} is not among the ${t.files.length} files`);
+    const { where, offset, n } = runAt(t, i, end, S, buf.length);
     for (let k = 0; k < n; k++) {
       const e = i + k;
       const source = sources[t.buffer[e] as number];
