@@ -97,7 +97,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     setStatus({ populateMs, populateThreads: threads, sealed: store.sealedState() });
     const engine = new FlushEngine(volume, image, store, journalFd, report);
     engine.afterCommit = afterCommit;
-    const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, report, trackerOptions());
+    const tracker = new ChangeTracker(volume.identity, manifest.chunkSize, manifest.deviceSize / manifest.chunkSize, report, trackerOptions(o.maxDirtyBytes));
     engine.tracker = tracker;
     engine.scanPool = ctx.scanPool;
     await engine.hashImage();
@@ -133,7 +133,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     });
     disableDiscard(loop);
     // Before anyone else can open the device: every write to it is traced.
-    tracker.start(loop);
+    tracker.start(loop, { thaws: o.mountPoint !== undefined });
     setStatus({ tracking: engine.trackingMode(), scan: engine.scanState() });
     engine.device = loop;
     engine.resetBaseline();
@@ -224,11 +224,13 @@ const MAX_LISTED_DAMAGED = 20;
 
 /**
  * VBD_SHADOW_TRACKING=off turns change tracking off (every flush scans: the benchmark's
- * "before"); VBD_SHADOW_TRACE_BUFFER_KB sets the ring buffer per CPU (tests force an overrun).
+ * "before"); the ring buffer per CPU is sized from max-dirty (traceBufferKb), or set by
+ * VBD_SHADOW_TRACE_BUFFER_KB (tests force an overrun).
  */
-function trackerOptions(): { bufferKb?: number; off?: string } {
+function trackerOptions(maxDirtyBytes: number): { bufferKb?: number; maxDirtyBytes: number; off?: string } {
   const kb = Number(process.env['VBD_SHADOW_TRACE_BUFFER_KB']);
   return {
+    maxDirtyBytes,
     ...(Number.isInteger(kb) && kb > 0 ? { bufferKb: kb } : {}),
     ...(process.env['VBD_SHADOW_TRACKING'] === 'off' ? { off: 'switched off by VBD_SHADOW_TRACKING=off' } : {}),
   };

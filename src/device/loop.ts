@@ -5,7 +5,7 @@
 // whatever is bound to that number later. A number the kernel will not remove (still open) is
 // quarantined: recorded per owner, retried at the next start, and bounded.
 
-import { chmodSync, closeSync, fchmodSync, fchownSync, fstatSync, fsyncSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync, constants as fsc } from 'node:fs';
+import { chmodSync, closeSync, fchmodSync, fchownSync, fstatSync, fsyncSync, lstatSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync, constants as fsc } from 'node:fs';
 import { join } from 'node:path';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { sleep } from '../common/fd.js';
@@ -22,6 +22,11 @@ export interface LoopDevice {
   path: string;
   /** The daemon's fd of the device, held for the session. */
   fd: number;
+  /**
+   * /sys/block/loopN/stat, opened once the number is ours and re-read in place (pread): the
+   * write counter is read at every flush check and by the tracker's cuts.
+   */
+  statFd: number;
 }
 
 /** The file bound to a loop device, as the kernel identifies it. */
@@ -71,10 +76,19 @@ export async function attachLoop(imageFd: number, imagePath: string, backing: Ba
     const index = addLoopDevice();
     const path = `/dev/loop${index}`;
     const fd = await openLoopNode(index);
+    let statFd: number;
+    try {
+      statFd = openStat({ index });
+    } catch (err) {
+      closeSync(fd);
+      removeLoopDevice(index);
+      throw err;
+    }
     try {
       configureLoop(fd, imageFd, imagePath, `LOOP_CONFIGURE of ${path}`, directIo);
     } catch (err) {
       closeSync(fd);
+      closeSync(statFd);
       // Another tool (losetup --find) took the new device first: it is theirs now.
       if ((err as { code?: string }).code === 'EBUSY') continue;
       removeLoopDevice(index);
@@ -83,9 +97,10 @@ export async function attachLoop(imageFd: number, imagePath: string, backing: Ba
     const bound = loopBacking(fd, path);
     if (bound === undefined || bound.ino !== backing.ino || bound.dev !== backing.dev) {
       closeSync(fd);
+      closeSync(statFd);
       throw new VbdError(`${path} is not bound to the RAM image after LOOP_CONFIGURE`);
     }
-    return { index, path, fd };
+    return { index, path, fd, statFd };
   }
   throw new VbdError('could not get a loop device of our own after 8 tries (others keep taking them)');
 }
@@ -117,8 +132,19 @@ export interface DeviceCounters {
   discarded: number;
 }
 
-export function deviceCounters(loop: Pick<LoopDevice, 'index'>): DeviceCounters {
-  const fields = readFileSync(`${sysDir(loop)}/stat`, 'utf8').trim().split(/\s+/);
+function openStat(loop: Pick<LoopDevice, 'index'>): number {
+  try {
+    return openSync(`${sysDir(loop)}/stat`, fsc.O_RDONLY);
+  } catch (err) {
+    throw failure(`cannot open ${sysDir(loop)}/stat`, err);
+  }
+}
+
+const statText = Buffer.alloc(512);
+
+export function deviceCounters(loop: Pick<LoopDevice, 'index' | 'statFd'>): DeviceCounters {
+  // sysfs regenerates the text at every read from offset 0.
+  const fields = statText.toString('latin1', 0, readSync(loop.statFd, statText, 0, statText.length, 0)).trim().split(/\s+/);
   const written = fields[6];
   if (written === undefined) throw new VbdError(`${sysDir(loop)}/stat has no write counter`);
   return { written: Number(written), discarded: Number(fields[13] ?? 0) };
@@ -127,6 +153,14 @@ export function deviceCounters(loop: Pick<LoopDevice, 'index'>): DeviceCounters 
 /** Sectors written to the device so far (field 7 of /sys/block/loopN/stat; only deltas count). */
 export function sectorsWritten(loop: LoopDevice): number {
   return deviceCounters(loop).written;
+}
+
+/**
+ * Whether the block layer counts the device's I/O (queue/iostats): with it off (root can switch
+ * it) the counters above stand still whatever is written.
+ */
+export function countsIo(loop: Pick<LoopDevice, 'index'>): boolean {
+  return readFileSync(`${sysDir(loop)}/queue/iostats`, 'utf8').trim() === '1';
 }
 
 /** The device number as the kernel's tracepoints print it (major << 20 | minor). */
@@ -195,7 +229,7 @@ function stillBound(loop: Pick<LoopDevice, 'index'>): boolean {
  */
 export async function detachLoop(loop: LoopDevice, backing: Backing, report: Report, onUnbound?: () => void): Promise<'removed' | 'quarantined'> {
   takeBackDevice(loop);
-  fsyncSync(loop.fd);
+  syncDevice(loop);
   const bound = loopBacking(loop.fd, loop.path);
   if (bound === undefined) report({ kind: 'loop-unbound-by-other', device: loop.path });
   else if (bound.ino !== backing.ino || bound.dev !== backing.dev) report({ kind: 'loop-rebound', device: loop.path });
@@ -206,7 +240,11 @@ export async function detachLoop(loop: LoopDevice, backing: Backing, report: Rep
     await sleep(100);
   }
   // Unbound: no more writes can reach the image through it (the number is still ours).
-  onUnbound?.();
+  try {
+    onUnbound?.();
+  } finally {
+    closeSync(loop.statFd);
+  }
   const removed = removeLoopDevice(loop.index);
   if (removed === 'busy') {
     report({ kind: 'loop-quarantined', device: loop.path, holders: holdersOfDevice(loop.path) });
@@ -223,8 +261,16 @@ export async function loopsBoundTo(backing: Backing): Promise<LoopDevice[]> {
     if (!stillBound({ index })) continue;
     const fd = await openLoopNode(index);
     const bound = loopBacking(fd, `/dev/loop${index}`);
-    if (bound !== undefined && bound.ino === backing.ino && bound.dev === backing.dev) found.push({ index, path: `/dev/loop${index}`, fd });
-    else closeSync(fd);
+    if (bound === undefined || bound.ino !== backing.ino || bound.dev !== backing.dev) {
+      closeSync(fd);
+      continue;
+    }
+    try {
+      found.push({ index, path: `/dev/loop${index}`, fd, statFd: openStat({ index }) });
+    } catch (err) {
+      closeSync(fd);
+      throw err;
+    }
   }
   return found;
 }

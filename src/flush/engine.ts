@@ -18,7 +18,7 @@
 
 import { xxh64 } from '@node-rs/xxhash';
 import { VbdError, failure } from '../common/errors.js';
-import { sectorsWritten, syncDevice, type LoopDevice } from '../device/loop.js';
+import { deviceCounters, sectorsWritten, syncDevice, type LoopDevice } from '../device/loop.js';
 import { syncMounted, whileFrozen } from '../device/freeze.js';
 import type { Mounted } from '../device/mount.js';
 import type { ShadowImage } from '../shadow/image.js';
@@ -370,9 +370,10 @@ export class FlushEngine {
       if (mounted !== undefined) await syncMounted(mounted);
       else if (this.device !== undefined) syncDevice(this.device);
       t.syncMs = performance.now() - started;
-      const counter = this.device === undefined ? 0 : sectorsWritten(this.device);
+      const counters = this.device === undefined ? undefined : deviceCounters(this.device);
+      const counter = counters?.written ?? 0;
       // The capture point: the set of chunks written up to now.
-      const first = this.tracker?.cut() ?? { chunks: [], scanReason: 'no change tracking' };
+      const first = this.tracker?.cut(counters) ?? { chunks: [], scanReason: 'no change tracking' };
       taken.push(...first.chunks);
       const quiet = tracker !== undefined
         ? first.chunks.length === 0 && first.scanReason === undefined && this.scanReason === undefined

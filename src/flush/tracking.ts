@@ -8,11 +8,15 @@
 //    not a read: writes, write-zeroes ('N'), discards ('D'), flushes carrying data. At
 //    completion: a request queued but not done is not in the set yet, so its chunk stays dirty
 //    for the flush after the one that cuts while it is in flight;
-//  - block:block_bio_queue filtered on the device and the daemon's own thread: the only device
-//    I/O that thread submits is FITHAW's (ext4 rewrites its superblock as it thaws, before any
-//    writer is let go). Completions during the thaw covered sector for sector by those bios are
+//  - block:block_bio_queue filtered on the device and the daemon's own thread, for a session
+//    that mounts the device: the only device I/O that thread submits then is FITHAW's (ext4
+//    rewrites its superblock as it thaws, before any writer is let go); syncfs and FIFREEZE run
+//    on other threads. Completions during the thaw covered sector for sector by those bios are
 //    the thaw's own and ride along with the next flush that happens anyway; anything else
-//    completing then (a writer released by the thaw) is dirty for the next flush.
+//    completing then (a writer released by the thaw) is dirty for the next flush. Not for a raw
+//    device (nothing thaws): there the daemon's thread fsyncs the device, whose page-cache
+//    writeback queues one bio per 4 KiB page — 16 events per 64 KiB chunk written, which filled
+//    a 4 MiB buffer at ~4400 chunks (10 % of a 4 GiB volume fell back to full scans).
 // It is read through trace_pipe (text, consuming, non-blocking) with the `fields` option (every
 // field as name=value, whatever the kernel's print format): a consuming read never returns an
 // event twice nor skips one between two reads, the kernel merges the CPUs' buffers in time
@@ -23,19 +27,40 @@
 // in status): a ring buffer lost events (overrun, commit overrun, dropped); the traced write
 // (discard) sectors fall short of the device's own counters since the last cut; the instance's
 // filters, enables, buffer size, CPU mask, overwrite mode or tracing_on changed; the loop
-// device's binding changed; the first flush of a session; and whatever the engine adds (an
-// external change of the files, a failed flush, a recovery).
+// device's binding changed; the block layer stopped counting its I/O (queue/iostats); the first
+// flush of a session; and whatever the engine adds (an external change of the files, a failed
+// flush, a recovery). Those checks run when the device's counters moved since the last cut; an
+// idle check reads the counters alone (ChangeTracker.quiet says why that is enough).
 
 import { statSync } from 'node:fs';
 import { VbdError } from '../common/errors.js';
-import { deviceCounters, loopSignature, traceDeviceNumber, type DeviceCounters, type LoopDevice } from '../device/loop.js';
+import { countsIo, deviceCounters, loopSignature, traceDeviceNumber, type DeviceCounters, type LoopDevice } from '../device/loop.js';
 import { TracePipe, cpuLoss, createInstance, ensureTracefs, instanceCpus, listInstances, readControl, removeInstance, writeControl, type CpuLoss } from '../sys/tracefs.js';
 import type { VolumeIdentity } from '../volume/volume.js';
 import type { DaemonEvent, Report } from '../daemon/events.js';
 
 const DRAIN_MS = 100;
-const DEFAULT_BUFFER_KB = 4096;
 const PREFIX = 'vbd-shadow-';
+
+const MIN_BUFFER_KB = 4096;
+const MAX_BUFFER_TOTAL_KB = 64 * 1024;
+
+/**
+ * The ring buffer per CPU. A completion event takes 57 bytes (block_rq_complete, measured), 64
+ * with the pages' headers, and buffered writes, filesystems and 4 KiB O_DIRECT complete at
+ * least a page per request: the buffer holds the completions of max-dirty bytes (`start
+ * --max-dirty`, 256 MiB by default: 4 MiB) on any one CPU — all may land on one — between two
+ * drains. Not less than 4 MiB (rewrites of a small device between two drains count too), and
+ * not more than 64 MiB over all CPUs (the kernel's RAM, not the daemon's). Only 512-byte O_DIRECT
+ * writes to the raw device produce events faster; an overrun is detected in any case, and that
+ * flush scans.
+ */
+export function traceBufferKb(maxDirtyBytes: number, cpus: number): number {
+  const wanted = Math.ceil((maxDirtyBytes / 4096) * 64 / 1024);
+  return Math.max(MIN_BUFFER_KB, Math.min(wanted, Math.floor(MAX_BUFFER_TOTAL_KB / Math.max(1, cpus))));
+}
+/** When the daemon gives no max-dirty (tests of the tracker alone): the CLI's default. */
+const DEFAULT_MAX_DIRTY = 256 * 2 ** 20;
 
 /** The instance names of a volume's daemons: vbd-shadow-UID-DEV.INO-PID. */
 export function traceInstancePrefix(id: VolumeIdentity): string {
@@ -93,17 +118,20 @@ export class ChangeTracker {
   /** While FITHAW runs: the sectors our own thread queued, and the completions seen. */
   private thaw: { own: Map<number, number>; done: [number, number][] } | undefined;
   private sealed = false;
-  private readonly bufferKb: number;
+  /** The ring buffer per CPU: given, or from max-dirty and the CPUs (traceBufferKb) at start. */
+  private bufferKb: number | undefined;
+  private readonly maxDirtyBytes: number;
 
   constructor(
     private readonly identity: VolumeIdentity,
     private readonly chunkSize: number,
     chunkCount: number,
     private readonly report: Report,
-    options: { bufferKb?: number; off?: string } = {},
+    options: { bufferKb?: number; maxDirtyBytes?: number; off?: string } = {},
   ) {
     this.pending = new Uint8Array(chunkCount);
-    this.bufferKb = options.bufferKb ?? DEFAULT_BUFFER_KB;
+    this.bufferKb = options.bufferKb;
+    this.maxDirtyBytes = options.maxDirtyBytes ?? DEFAULT_MAX_DIRTY;
     if (options.off !== undefined) this.unavailable = options.off;
   }
 
@@ -118,8 +146,12 @@ export class ChangeTracker {
     return this.unavailable === undefined && this.dir !== undefined;
   }
 
-  /** Creates the instance for `loop` (before anyone else can write to it). Never throws: tracking off instead. */
-  start(loop: LoopDevice): void {
+  /**
+   * Creates the instance for `loop` (before anyone else can write to it). Never throws: tracking
+   * off instead. `thaws`: the session freezes and thaws a filesystem it mounted (FITHAW's own
+   * writes are sorted out by the bios our thread queues); only then is block_bio_queue traced.
+   */
+  start(loop: LoopDevice, how: { thaws: boolean }): void {
     if (this.unavailable !== undefined) {
       this.once('off', { kind: 'tracking-fallback', reason: this.unavailable, scans: 'every flush' });
       return;
@@ -139,13 +171,16 @@ export class ChangeTracker {
       const notRead = '!(rwbs ~ "R*")';
       const dir = this.dir;
       writeControl(dir, 'tracing_on', '0');
+      this.bufferKb ??= traceBufferKb(this.maxDirtyBytes, instanceCpus(dir).length);
       writeControl(dir, 'buffer_size_kb', String(this.bufferKb));
       writeControl(dir, 'options/context-info', '0');
       writeControl(dir, 'options/fields', '1');
       writeControl(dir, 'events/block/block_rq_complete/filter', `dev == ${dev} && ${notRead}`);
-      writeControl(dir, 'events/block/block_bio_queue/filter', `dev == ${dev} && common_pid == ${process.pid} && ${notRead}`);
       writeControl(dir, 'events/block/block_rq_complete/enable', '1');
-      writeControl(dir, 'events/block/block_bio_queue/enable', '1');
+      if (how.thaws) {
+        writeControl(dir, 'events/block/block_bio_queue/filter', `dev == ${dev} && common_pid == ${process.pid} && ${notRead}`);
+        writeControl(dir, 'events/block/block_bio_queue/enable', '1');
+      }
       this.pipe = new TracePipe(dir);
       writeControl(dir, 'tracing_on', '1');
       this.instanceIno = statSync(dir).ino;
@@ -304,6 +339,7 @@ export class ChangeTracker {
     }
     // Once unbound (the final check) the binding is gone on purpose and our fd closed.
     if (!final && loopSignature(loop) !== this.signature) return `the loop device's status changed (${loopSignature(loop)})`;
+    if (!final && !countsIo(loop)) return `the block layer no longer counts ${loop.path}'s I/O (queue/iostats is off): its write counter cannot vouch for the trace`;
     const written = before.written - this.base.written;
     if (this.traced.written < written) return `traced writes fall short of the device's counter (${this.traced.written} < ${written} sectors)`;
     const discarded = before.discarded - this.base.discarded;
@@ -315,14 +351,19 @@ export class ChangeTracker {
    * The capture point: every write completed so far is in the returned set, and the set starts
    * anew (writes completing from now on belong to the next cut). The device's counter is read
    * before the drain: a completion it counts was traced before it was counted.
+   *
+   * An idle cut reads nothing but the counters (quiet()); the full check — the instance's files,
+   * the loss counters of every CPU, the loop's status, the trace itself — runs when they moved.
+   * `counters`: the device's counters as the caller just read them (else read here).
    */
-  cut(): Cut {
+  cut(counters?: DeviceCounters): Cut {
     let reason: string | undefined;
     if (this.unavailable !== undefined) reason = this.unavailable;
     else if (!this.sealed) {
       try {
         if (this.loop === undefined) throw new VbdError('tracking was not started');
-        const before = deviceCounters(this.loop);
+        const before = counters ?? deviceCounters(this.loop);
+        if (this.quiet(before)) return { chunks: [], scanReason: undefined };
         this.collect();
         const problem = this.check(before);
         if (problem !== undefined) {
@@ -343,7 +384,33 @@ export class ChangeTracker {
     const chunks = this.pendingList;
     this.pendingList = [];
     for (const c of chunks) this.pending[c] = 0;
+    // What completed between the drain above and the new base: counted in the base, so traced
+    // now, into the next cut's set (see quiet()).
+    if (!this.sealed) this.collectQuietly();
     return { chunks, scanReason };
+  }
+
+  /**
+   * Whether nothing was written since the last cut, known from the device's counters alone
+   * (`now`, read through the fd kept open) — then the trace is not read nor checked. Sound
+   * because:
+   *  - the block layer traces a request's completion (block_rq_complete) before it adds its
+   *    sectors to the counters (blk_update_request), and counts every request that is not a
+   *    read: writes, write-zeroes and flushes with data in `written`, discards in `discarded`,
+   *    as long as the queue counts I/O at all (queue/iostats; the full check requires it);
+   *  - the last full cut drained the trace again after it read `base` (cut()): every completion
+   *    counted in `base` is in the set already. Counters equal to `base` and an empty set: no
+   *    completion since, so nothing can be missing, lost or mis-attributed — an overrun, a
+   *    changed filter or buffer, a rebound loop device can only hide writes, and there were
+   *    none (a change of them stays visible in the files and counters the next full check
+   *    compares with what was armed: nothing is re-armed here);
+   *  - a completion traced but not yet counted is a write still in flight at the cut, which
+   *    belongs to the next flush in any case.
+   * The drain timer keeps collecting meanwhile: a write it found makes the next cut a full one,
+   * whatever the counters say.
+   */
+  private quiet(now: DeviceCounters): boolean {
+    return now.written === this.base.written && now.discarded === this.base.discarded && this.pendingList.length === 0 && this.scanReason === undefined && this.thaw === undefined;
   }
 
   /** After a problem: the instance set up as it should be again, and the counters taken anew. */
@@ -354,7 +421,7 @@ export class ChangeTracker {
       for (const [file, value] of Object.entries(this.settings)) {
         if (readControl(dir, file) === value) continue;
         // buffer_size_kb reads back as "N" or "N (expanded: M)"; filters as written.
-        writeControl(dir, file, file === 'buffer_size_kb' ? String(this.bufferKb) : value);
+        writeControl(dir, file, file === 'buffer_size_kb' ? String(this.bufferKb ?? value) : value);
       }
       this.settings = this.readSettings();
       this.arm();
