@@ -101,8 +101,7 @@ export class FlushEngine {
   mounted: Mounted | undefined;
   /** Called right after the engine wrote to the backing files (so those writes are known as ours). */
   afterWrite: (() => void) | undefined;
-  /** Sealed: called before a commit reserves its epochs, and once it is durable (root's record of epochs). */
-  beforeCommit: (() => void) | undefined;
+  /** Sealed: called once a commit is durable (root's record of epochs; its reservations are kept by the store's own hook). */
   afterCommit: ((commit: SealedCommit) => void) | undefined;
   /** The session's change tracker; without one every flush scans (recovery). */
   tracker: ChangeTracker | undefined;
@@ -315,7 +314,6 @@ export class FlushEngine {
   private async commitSealed(staged: Map<number, StagedChunk>, t: FlushTimings): Promise<{ bytesWritten: number; commit: SealedCommit; threads: number }> {
     const chunks = Uint32Array.from(staged.keys()).sort();
     const a0 = performance.now();
-    this.beforeCommit?.();
     const write = this.store.begin(chunks);
     const from = (chunk: number): Buffer => {
       const s = staged.get(chunk);

@@ -1,6 +1,8 @@
-// The scan pool: worker threads that hash disjoint pieces of the RAM image, so a full scan
-// (and any large set of chunks) uses every core. One pool per daemon: its threads start at
-// the first large scan, serve every session of the daemon, and end with it (`close`).
+// The scan pool: worker threads that work on disjoint pieces of the RAM image, so the daemon's
+// large jobs use every core while its own thread keeps answering its pipes: a full scan (and any
+// large set of chunks) hashes there; a sealed volume's populate opens its slots there, and a
+// large sealed commit seals its slots there (src/store/slot-runs.ts). One pool per daemon: its
+// threads start at the first such job, serve every session of the daemon, and end with it (`close`).
 //
 // The threads read the daemon's own mapping of the image by address — no copy, no mapping of
 // their own (measured against pread into each thread's buffer and a per-thread mmap of the
@@ -9,9 +11,9 @@
 // Idle threads are unref'd (they never hold the daemon up at exit); a running job keeps it alive.
 //
 // Any failure — a thread's error, a thread that exits — fails the job with one line naming the
-// thread and the chunks it was hashing; the pool then switches itself off for the rest of the
-// daemon's life (scans run on the daemon's thread, slower but the same hashes: scan-job.ts),
-// and says why in `state()`.
+// thread and the chunks it was on; the pool then switches itself off for the rest of the
+// daemon's life (scans, opens and seals run on the daemon's thread, slower but the same bytes:
+// scan-job.ts, slot-runs.ts), and says why in `state()`.
 
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
