@@ -4,9 +4,14 @@
 
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, cpSync, existsSync, mkdirSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, cpSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, rmdirSync, unlinkSync, writeFileSync, writeSync, constants as fsc } from 'node:fs';
 import { basename, join } from 'node:path';
 import { formatSize } from '../src/common/size.js';
+import type { EventOf } from '../src/daemon/events.js';
+import { lockMemory, mapShared, unlockMemory, unmap, type Pointer } from '../src/sys/libc.js';
+import { addLoopDevice, clearLoop, configureLoop, removeLoopDevice } from '../src/sys/loop.js';
+import { unmountPath } from '../src/sys/mount.js';
+import { INSTANCES } from '../src/sys/tracefs.js';
 import { startBenchDaemon } from './daemon.js';
 import { initVolume } from '../src/volume/init.js';
 import { filledVolume, median, table, withLock } from './lib.js';
@@ -201,6 +206,8 @@ interface DaemonFigures {
   idleUs: number;
   finalFlushMs: number;
   teardownMs: number;
+  /** The daemon's own account of its teardown (the 'teardown-timings' event), where it has one. */
+  unwind: EventOf<'teardown-timings'> | undefined;
 }
 
 /** `count` distinct random 64 KiB pieces of [0, span), new random data at each. */
@@ -248,7 +255,8 @@ async function measureDaemon(dir: string, mnt: string, size: number, kind: Kind,
     const { exitMs, last } = await d.stop();
     const final = last?.lastFlush;
     if (final?.reason !== 'teardown' || final.ok !== true) throw new Error(`no successful teardown flush in the last status (${JSON.stringify(final)})`);
-    return { change, idleUs: median(idle), finalFlushMs: final.durationMs, teardownMs: exitMs };
+    const unwind = last?.events?.find((e): e is EventOf<'teardown-timings'> => e.kind === 'teardown-timings');
+    return { change, idleUs: median(idle), finalFlushMs: final.durationMs, teardownMs: exitMs, unwind };
   } finally {
     if (!stopped) await d.stop();
   }
@@ -291,6 +299,7 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
   const same: (string | number)[][] = [];
   const fractions: (string | number)[][] = [];
   const idle: (string | number)[][] = [];
+  const phases: (string | number)[][] = [];
   const summary: string[] = [];
   for (const kind of kinds) {
     for (const gib of sizesGiB) {
@@ -306,6 +315,12 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
       const us = (x: number | undefined): string => (x === undefined ? '–' : x.toFixed(0));
       idle.push([`${gib} GiB`, kind, us(f('old')?.idleUs), us(f('scan')?.idleUs), us(f('tracked')?.idleUs), ms(f('old')?.finalFlushMs), ms(f('scan')?.finalFlushMs), ms(f('tracked')?.finalFlushMs),
         ms(f('old')?.teardownMs), ms(f('scan')?.teardownMs), ms(f('tracked')?.teardownMs), ratio(f('tracked')?.finalFlushMs, f('old')?.finalFlushMs), ratio(f('tracked')?.teardownMs, f('old')?.teardownMs)]);
+      const daemon = f('tracked');
+      const step = (name: (step: string) => boolean): string => ms(daemon?.unwind?.steps.find((x) => name(x.step))?.ms);
+      phases.push([`${gib} GiB`, kind, ms(daemon?.teardownMs), ms(daemon?.unwind?.ms), step((x) => x === 'stop watching the backing files'), step((x) => x.startsWith('unmount ')),
+        step((x) => x.startsWith('detach ')), step((x) => x === 'final writeback to the files'), step((x) => x === 'free the RAM image'),
+        step((x) => /^remove \/dev\/loop\d+$/.test(x)), step((x) => x === 'remove the trace instance'), step((x) => x === 'end the scan threads'),
+        ms(daemon?.unwind === undefined ? undefined : daemon.teardownMs - daemon.unwind.ms)]);
     }
     const base = get(smallest, kind, 'tracked')?.change['10 MiB']?.flushMs;
     summary.push(`${kind}: ${sizesGiB.filter((g) => g !== smallest).map((g) => `${g} GiB ÷ ${smallest} GiB ${ratio(get(g, kind, 'tracked')?.change['10 MiB']?.flushMs, base)}`).join(', ')}`);
@@ -327,7 +342,102 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
     'flush, unmount, detach, freeing the RAM image), and its final flush alone (lastFlush of reason teardown).',
     '',
     table(['volume', 'kind', 'idle µs: before', 'idle µs: pool', 'idle µs: tracked', 'final flush ms: before', 'final flush ms: pool', 'final flush ms: tracked', 'teardown ms: before', 'teardown ms: pool', 'teardown ms: tracked', 'final flush: tracked ÷ before', 'teardown: tracked ÷ before'], idle),
+    '',
+    '### Where the teardown goes (tracked daemon)',
+    '',
+    'The daemon\'s own account (its \'teardown-timings\' event, ms): the steps in order, then what the kernel finished',
+    'alongside them (started by a step, awaited at the end); "outside" is SIGTERM to exit minus the unwind (the signal, status',
+    'writes, the process\'s exit as the benchmark sees it).',
+    '',
+    table(['volume', 'kind', 'teardown', 'unwind', 'stop watching', 'unmount', 'detach (unbind)', 'final writeback', 'free the RAM image', 'alongside: remove the loop device', 'alongside: remove the trace instance', 'alongside: end the scan threads', 'outside the unwind'], phases),
+    '',
+    '### What the kernel takes for each step alone',
+    '',
+    'Nothing else running: an image of the size in a huge-page tmpfs, mapped and mlocked, bound to a loop device, with a trace',
+    `instance filtered on it; each step timed on its own, median of ${KERNEL_ROUNDS}.`,
+    '',
+    table(['volume', 'LOOP_CLR_FD + close', 'LOOP_CTL_REMOVE', 'rmdir of the trace instance', 'munlock', 'munmap', 'unlink of the image', 'umount2 of the tmpfs'],
+      await kernelRows(work, sizesGiB, lock)),
   ].join('\n');
+}
+
+const KERNEL_ROUNDS = 3;
+
+/** The teardown's kernel steps alone, per size: an image like the daemon's, a loop device, a trace instance. */
+async function kernelRows(work: string, sizesGiB: number[], lock: string | undefined): Promise<(string | number)[][]> {
+  const rows: (string | number)[][] = [];
+  for (const gib of sizesGiB) {
+    const runs: number[][] = [];
+    for (let round = 0; round < KERNEL_ROUNDS; round++) runs.push(await withLock(lock, `${gib} GiB kernel steps`, () => kernelSteps(work, gib * GiB)));
+    rows.push([`${gib} GiB`, ...(runs[0] ?? []).map((_, i) => median(runs.map((r) => r[i] ?? 0)).toFixed(1))]);
+  }
+  return rows;
+}
+
+async function kernelSteps(work: string, size: number): Promise<number[]> {
+  const mnt = join(work, 'kernel-steps');
+  mkdirSync(mnt, { recursive: true });
+  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size + 4 * 2 ** 20},huge=within_size,noswap,mode=0700`, 'vbd-bench', mnt]);
+  const times: number[] = [];
+  const timed = async (step: () => unknown): Promise<void> => {
+    const t = performance.now();
+    await step();
+    times.push(performance.now() - t);
+  };
+  const instance = `${INSTANCES}/vbd-bench-kernel-steps`;
+  const windows: { ptr: Pointer; length: number }[] = [];
+  let fd = -1;
+  let loop: { index: number; fd: number } | undefined;
+  try {
+    fd = openSync(join(mnt, 'image'), fsc.O_RDWR | fsc.O_CREAT, 0o600);
+    ftruncateSync(fd, size);
+    for (let at = 0; at < size; at += GiB) {
+      const length = Math.min(GiB, size - at);
+      const ptr = mapShared(fd, at, length, 'bench image');
+      windows.push({ ptr, length });
+      lockMemory(ptr, length, 'bench image');
+    }
+    const index = addLoopDevice();
+    loop = { index, fd: openSync(`/dev/loop${index}`, fsc.O_RDWR) };
+    configureLoop(loop.fd, fd, join(mnt, 'image'), `LOOP_CONFIGURE of loop${index}`);
+    mkdirSync(instance);
+    writeFileSync(`${instance}/events/block/block_rq_complete/filter`, `dev == ${7 * 2 ** 20 + index}`);
+    writeFileSync(`${instance}/events/block/block_rq_complete/enable`, '1');
+    const bound = loop;
+    await timed(() => {
+      clearLoop(bound.fd, `LOOP_CLR_FD of loop${index}`);
+      closeSync(bound.fd);
+      bound.fd = -1;
+    });
+    await timed(() => removeLoopDevice(index));
+    loop = undefined;
+    await timed(() => rmdirSync(instance));
+    await timed(() => windows.forEach((w) => unlockMemory(w.ptr, w.length, 'bench image')));
+    await timed(() => windows.splice(0).forEach((w) => unmap(w.ptr, w.length, 'bench image')));
+    closeSync(fd);
+    fd = -1;
+    await timed(() => unlinkSync(join(mnt, 'image')));
+    await timed(() => unmountPath(mnt, 'the bench tmpfs'));
+  } finally {
+    // After a failure halfway: everything it made goes.
+    if (loop !== undefined) {
+      if (loop.fd >= 0) {
+        try {
+          clearLoop(loop.fd, 'LOOP_CLR_FD');
+        } catch {
+          /* was not bound */
+        }
+        closeSync(loop.fd);
+      }
+      await removeLoopDevice(loop.index);
+    }
+    if (existsSync(instance)) rmdirSync(instance);
+    for (const w of windows) unmap(w.ptr, w.length, 'bench image');
+    if (fd >= 0) closeSync(fd);
+    if (readFileSync('/proc/self/mounts', 'utf8').split('\n').some((l) => l.split(' ')[1] === mnt)) execFileSync('umount', [mnt]);
+    rmSync(mnt, { recursive: true, force: true });
+  }
+  return times;
 }
 
 export async function benchFlush(work: string, sizesGiB: number[], rounds: number): Promise<string> {

@@ -210,6 +210,7 @@ async function runDaemonWith(o: DaemonOptions, scanPool: ScanPool): Promise<numb
     },
     requestFlush: undefined,
     scanPool,
+    lastSession: () => stopping || o.canary !== 'wait',
   };
   try {
     // Everything that can be checked is checked before anything is touched.

@@ -40,6 +40,7 @@ export type DaemonEvent =
   | { kind: 'session-over' }
   | { kind: 'stopped' }
   | { kind: 'teardown-step-failed'; step: string; error: string }
+  | { kind: 'teardown-timings'; ms: number; steps: StepTiming[] }
   // Flushes
   | { kind: 'flushed'; reason: string; chunks: number; bytes: number; journalBytes: number; ms: number }
   | { kind: 'flush-failed'; reason: string; attempt: number; error: string; retryMs: number }
@@ -85,6 +86,13 @@ export type DaemonEvent =
   | { kind: 'nbd-ended' }
   | { kind: 'nbd-ended-by-itself'; why: string }
   | { kind: 'nbdkit-said'; line: string };
+
+/** How long one step of an unwind took; `alongside`: it ran while the steps after it went on. */
+export interface StepTiming {
+  step: string;
+  ms: number;
+  alongside?: boolean;
+}
 
 export type EventKind = DaemonEvent['kind'];
 export type EventOf<K extends EventKind> = Extract<DaemonEvent, { kind: K }>;
@@ -135,6 +143,10 @@ const FORMAT: { [K in EventKind]: (e: EventOf<K>) => Formatted } = {
   'session-over': () => ({ text: 'session over: everything written back, device detached, RAM freed', priority: 'notice' }),
   'stopped': () => ({ text: 'stopped: everything written back, device detached, RAM freed', priority: 'notice' }),
   'teardown-step-failed': (e) => ({ text: `teardown: ${e.step} failed: ${e.error}`, priority: 'err' }),
+  'teardown-timings': (e) => ({
+    text: `teardown took ${e.ms} ms: ${e.steps.map((s) => `${s.step} ${s.ms} ms${s.alongside === true ? ' (alongside)' : ''}`).join(', ')}`,
+    priority: 'info',
+  }),
   'flushed': (e) => ({
     text: `flush (${e.reason}): ${e.chunks} chunks, ${e.bytes} bytes to the files + ${e.journalBytes} journal, ${e.ms.toFixed(1)} ms`,
     priority: 'info',

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { VbdError } from '../common/errors.js';
 import { sleep } from '../common/fd.js';
 import { runOk } from '../common/exec.js';
-import { detachLoop, loopsBoundTo, quarantine, unpublishName } from '../device/loop.js';
+import { loopsBoundTo, quarantine, removeLoop, unbindLoop, unpublishName } from '../device/loop.js';
 import { thawIfFrozen } from '../device/freeze.js';
 import { holdersOf, mountsOfLoop, unmountDevice } from '../device/mount.js';
 import { FlushEngine } from '../flush/engine.js';
@@ -47,7 +47,8 @@ export async function recoverLeftover(paths: RuntimePaths, volume: AnyVolume, st
         }
         report({ kind: 'recovery-unmounted', path: mounted.path });
       }
-      if ((await detachLoop(loop, image.backing, report)) === 'quarantined') quarantine(volume.owner.uid, loop.index);
+      await unbindLoop(loop, image.backing, report);
+      if ((await removeLoop(loop, report)) === 'quarantined') quarantine(volume.owner.uid, loop.index);
       unpublishName(volume.owner, volume.manifest.name, loop);
       report({ kind: 'recovery-detached', device: loop.path });
     }

@@ -8,7 +8,7 @@ import { existsSync } from 'node:fs';
 import { sleep } from '../common/fd.js';
 import { IoError, VbdError } from '../common/errors.js';
 import { startProgress } from '../common/progress.js';
-import { MAX_QUARANTINED, attachLoop, detachLoop, disableDiscard, giveDevice, publishName, quarantine, retryQuarantine, unpublishName, type LoopDevice } from '../device/loop.js';
+import { MAX_QUARANTINED, attachLoop, disableDiscard, giveDevice, publishName, quarantine, removeLoop, retryQuarantine, unbindLoop, unpublishName, type LoopDevice } from '../device/loop.js';
 import { makeFilesystem, needsRootChown, type MkfsType } from '../device/mkfs.js';
 import { chownMountRoot, mountDevice, unmountDevice, type MountPoint } from '../device/mount.js';
 import { startNbdExport, type NbdListen } from '../device/nbd.js';
@@ -52,6 +52,8 @@ export interface SessionContext {
   requestFlush: ((reason: string) => void) | undefined;
   /** The daemon's threads for large scans (one pool for every session). */
   scanPool: ScanPool | undefined;
+  /** Whether the daemon ends after this session (then the scan threads end with its teardown). */
+  lastSession: () => boolean;
 }
 
 
@@ -71,7 +73,7 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
     };
     // Root's record covers each reservation before the store writes it (openServedStore's beforeReserve).
     await recoverLeftover(paths, volume, store, journalFd, report, { afterCommit, scanPool: ctx.scanPool });
-    const held = retryQuarantine(owner.uid);
+    const held = await retryQuarantine(owner.uid);
     setStatus({ quarantinedLoops: held });
     if (held.length >= MAX_QUARANTINED) {
       throw new VbdError(`${held.length} loop devices of earlier sessions are still held open (${held.map((n) => `/dev/loop${n}`).join(', ')}); close them first`);
@@ -116,20 +118,28 @@ export async function serveSession(ctx: SessionContext, served: ServedStore, o: 
       });
     };
     // The trace instance goes with the final flush (which still reads the set it kept), also
-    // when that fails and the rest of the teardown is held back.
+    // when that fails and the rest of the teardown is held back. The kernel frees it, and the
+    // scan threads end, while the RAM image is freed.
     cleanup.push('final writeback to the files', async () => {
       try {
         await finalFlush(engine, recordFlush, report);
       } finally {
-        tracker.stop();
+        cleanup.later('remove the trace instance', tracker.stop(), report);
       }
+      if (ctx.scanPool !== undefined && ctx.lastSession()) cleanup.later('end the scan threads', ctx.scanPool.close(), report);
     }, { guard: true });
 
     const loop = await attachLoop(image.fd, image.path, image.backing);
     const device = loop.path;
+    // Unbound, the device can no longer change the image: the tracker reads its last events,
+    // and the final flush runs while the kernel removes the device.
     cleanup.push(`detach ${device}`, async () => {
-      if ((await detachLoop(loop, image.backing, report, () => tracker.seal())) === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
+      await unbindLoop(loop, image.backing, report);
+      tracker.seal();
       engine.device = undefined;
+      cleanup.later(`remove ${device}`, removeLoop(loop, report).then((removal) => {
+        if (removal === 'quarantined') setStatus({ quarantinedLoops: quarantine(owner.uid, loop.index) });
+      }), report);
     });
     disableDiscard(loop);
     // Before anyone else can open the device: every write to it is traced.

@@ -81,7 +81,7 @@ export async function attachLoop(imageFd: number, imagePath: string, backing: Ba
       statFd = openStat({ index });
     } catch (err) {
       closeSync(fd);
-      removeLoopDevice(index);
+      await removeLoopDevice(index);
       throw err;
     }
     try {
@@ -91,7 +91,7 @@ export async function attachLoop(imageFd: number, imagePath: string, backing: Ba
       closeSync(statFd);
       // Another tool (losetup --find) took the new device first: it is theirs now.
       if ((err as { code?: string }).code === 'EBUSY') continue;
-      removeLoopDevice(index);
+      await removeLoopDevice(index);
       throw err;
     }
     const bound = loopBacking(fd, path);
@@ -221,13 +221,13 @@ function stillBound(loop: Pick<LoopDevice, 'index'>): boolean {
 }
 
 /**
- * Detaches the session's device and removes it. The node is taken back first (no new opens);
- * a device no longer bound to our image (the owner cleared it; maybe someone else bound it
- * since) is not cleared by us. The kernel defers the unbinding until the last opener closes:
- * we wait for that (saying who holds it), then remove the device; 'quarantined' if it is
- * still open by then.
+ * Detaches the session's device. The node is taken back first (no new opens); a device no
+ * longer bound to our image (the owner cleared it; maybe someone else bound it since) is not
+ * cleared by us. The kernel defers the unbinding until the last opener closes: we wait for that
+ * (saying who holds it). When this returns no write can reach the image through the device any
+ * more; the number is still ours until removeLoop.
  */
-export async function detachLoop(loop: LoopDevice, backing: Backing, report: Report, onUnbound?: () => void): Promise<'removed' | 'quarantined'> {
+export async function unbindLoop(loop: LoopDevice, backing: Backing, report: Report): Promise<void> {
   takeBackDevice(loop);
   syncDevice(loop);
   const bound = loopBacking(loop.fd, loop.path);
@@ -239,14 +239,12 @@ export async function detachLoop(loop: LoopDevice, backing: Backing, report: Rep
     if (waited % 50 === 0) report({ kind: 'loop-busy-waiting', device: loop.path, holders: holdersOfDevice(loop.path) });
     await sleep(100);
   }
-  // Unbound: no more writes can reach the image through it (the number is still ours).
-  try {
-    onUnbound?.();
-  } finally {
-    closeSync(loop.statFd);
-  }
-  const removed = removeLoopDevice(loop.index);
-  if (removed === 'busy') {
+}
+
+/** Removes the unbound device (unbindLoop); 'quarantined' if someone still holds it open. */
+export async function removeLoop(loop: LoopDevice, report: Report): Promise<'removed' | 'quarantined'> {
+  closeSync(loop.statFd);
+  if ((await removeLoopDevice(loop.index)) === 'busy') {
     report({ kind: 'loop-quarantined', device: loop.path, holders: holdersOfDevice(loop.path) });
     return 'quarantined';
   }
@@ -305,9 +303,10 @@ export function quarantine(uid: number, index: number): number[] {
 }
 
 /** Retries removing the owner's quarantined devices; returns those still held. */
-export function retryQuarantine(uid: number): number[] {
+export async function retryQuarantine(uid: number): Promise<number[]> {
   const before = readQuarantine(uid);
-  const left = before.filter((index) => removeLoopDevice(index) === 'busy');
+  const left: number[] = [];
+  for (const index of before) if ((await removeLoopDevice(index)) === 'busy') left.push(index);
   if (left.length !== before.length) writeQuarantine(uid, left);
   return left;
 }

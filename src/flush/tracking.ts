@@ -162,7 +162,7 @@ export class ChangeTracker {
       // Instances of daemons that were killed (no teardown removed them), whichever volume.
       for (const stale of listInstances()) {
         const pid = instancePid(stale);
-        if (pid !== undefined && pid !== process.pid && !alive(pid)) removeInstance(stale);
+        if (pid !== undefined && pid !== process.pid && !alive(pid)) void removeInstance(stale).catch(() => undefined);
       }
       this.name = `${prefix}${process.pid}`;
       this.dir = createInstance(this.name);
@@ -191,7 +191,8 @@ export class ChangeTracker {
     } catch (err) {
       this.unavailable = `tracefs unavailable: ${err instanceof Error ? err.message : String(err)}`;
       this.once('off', { kind: 'tracking-fallback', reason: this.unavailable, scans: 'every flush' });
-      this.stop();
+      // Half made: removed now if it can be, else by a later start (a dead daemon's instance).
+      this.stop().catch(() => undefined);
     }
   }
 
@@ -460,22 +461,19 @@ export class ChangeTracker {
     this.timer = undefined;
   }
 
-  /** Removes the instance (at teardown). */
-  stop(): void {
+  /**
+   * Stops reading and removes the instance (at teardown): resolves once the kernel has freed it
+   * (removing an instance disables its events and frees its ring buffers; nothing to switch off
+   * first).
+   */
+  async stop(): Promise<void> {
     this.stopReading();
     this.sealed = true;
-    const dir = this.dir;
     this.pipe?.close();
     this.pipe = undefined;
-    if (dir === undefined || this.name === undefined) return;
-    try {
-      writeControl(dir, 'tracing_on', '0');
-      writeControl(dir, 'events/block/block_rq_complete/enable', '0');
-      writeControl(dir, 'events/block/block_bio_queue/enable', '0');
-    } catch {
-      /* removing it disables everything anyway */
-    }
-    removeInstance(this.name);
+    const name = this.name;
     this.dir = undefined;
+    this.name = undefined;
+    if (name !== undefined) await removeInstance(name);
   }
 }

@@ -13,6 +13,7 @@ import { runOk } from '../common/exec.js';
 import { formatSize } from '../common/size.js';
 import { sameIdentity, type VolumeIdentity } from '../volume/volume.js';
 import { lockMemory, mapShared, pointerAddress, unlockMemory, unmap, viewOf, type Pointer } from '../sys/libc.js';
+import { unmountPath } from '../sys/mount.js';
 
 export const WINDOW_BYTES = 2 ** 30;
 const HUGE_PAGE = 2 * 2 ** 20;
@@ -113,7 +114,7 @@ export async function createImage(mountpoint: string, size: number, identity: Vo
     return { mountpoint, path, size, fd, backing: backingOf(fd), windows, locked: true };
   } catch (err) {
     if (fd >= 0) closeSync(fd);
-    await runOk('umount', [mountpoint]);
+    await unmountTmpfs(mountpoint);
     throw failure(`cannot hold ${formatSize(size)} in locked RAM`, err);
   }
 }
@@ -133,13 +134,18 @@ export function openLeftoverImage(mountpoint: string, identity: VolumeIdentity):
   return { mountpoint, path, size, fd, backing: backingOf(fd), windows: mapWindows(fd, size, false), locked: false };
 }
 
+/** Unmounts the image's private tmpfs (umount2 itself, no umount(8) process). */
+async function unmountTmpfs(mountpoint: string): Promise<void> {
+  if ((await unmountPath(mountpoint, `the RAM image's tmpfs ${mountpoint}`)) === 'busy') throw new VbdError(`cannot unmount the RAM image's tmpfs ${mountpoint}: it is busy`);
+}
+
 /** Unlocks, unmaps and deletes the image, then unmounts its tmpfs. */
 export async function destroyImage(image: ShadowImage): Promise<void> {
   releaseWindows(image.windows);
   closeSync(image.fd);
   unlinkSync(image.path);
   rmSync(join(image.mountpoint, IDENTITY_FILE), { force: true });
-  await runOk('umount', [image.mountpoint]);
+  await unmountTmpfs(image.mountpoint);
   try {
     rmdirSync(image.mountpoint);
   } catch {

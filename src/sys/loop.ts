@@ -4,7 +4,7 @@
 // someone may still hold it open.
 
 import { closeSync, openSync, constants as fsc } from 'node:fs';
-import { ioctl, ioctlStruct } from './libc.js';
+import { ioctl, ioctlAsync, ioctlStruct } from './libc.js';
 
 const LOOP_CTL_ADD = 0x4c80;
 const LOOP_CTL_REMOVE = 0x4c81;
@@ -35,19 +35,23 @@ export function addLoopDevice(): number {
   return withControl((fd) => ioctl(fd, LOOP_CTL_ADD, -1, 'LOOP_CTL_ADD on /dev/loop-control'));
 }
 
-/** Removes loop device `index`: 'busy' while anyone holds it open or it is bound. */
-export function removeLoopDevice(index: number): 'removed' | 'busy' | 'gone' {
-  return withControl((fd) => {
-    try {
-      ioctl(fd, LOOP_CTL_REMOVE, index, `LOOP_CTL_REMOVE of loop${index}`);
-      return 'removed';
-    } catch (err) {
-      const code = (err as { code?: string }).code;
-      if (code === 'EBUSY') return 'busy';
-      if (code === 'ENODEV') return 'gone';
-      throw err;
-    }
-  });
+/**
+ * Removes loop device `index`: 'busy' while anyone holds it open or it is bound. On a libuv
+ * thread: the kernel takes tens of ms (del_gendisk), which a teardown spends on other work.
+ */
+export async function removeLoopDevice(index: number): Promise<'removed' | 'busy' | 'gone'> {
+  const fd = openSync('/dev/loop-control', fsc.O_RDWR);
+  try {
+    await ioctlAsync(fd, LOOP_CTL_REMOVE, index, `LOOP_CTL_REMOVE of loop${index}`);
+    return 'removed';
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code === 'EBUSY') return 'busy';
+    if (code === 'ENODEV') return 'gone';
+    throw err;
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /**

@@ -60,12 +60,34 @@ export function mountOnFd(source: string, type: string, attrs: number, targetFd:
   }
 }
 
-/** umount2(UMOUNT_NOFOLLOW) of entry `name` of the directory `parentFd`: 'busy' if in use. */
-export function unmountEntry(parentFd: number, name: string, what: string): 'unmounted' | 'busy' {
-  if (c.umount2(fdPath(parentFd, name), UMOUNT_NOFOLLOW) === 0) return 'unmounted';
+function unmounted(result: number, what: string): 'unmounted' | 'busy' {
+  if (result === 0) return 'unmounted';
   const err: SyscallError = syscallError('umount2', what);
   if (err.code === 'EBUSY') return 'busy';
   throw err;
+}
+
+/** umount2(UMOUNT_NOFOLLOW) of entry `name` of the directory `parentFd`: 'busy' if in use. */
+export function unmountEntry(parentFd: number, name: string, what: string): 'unmounted' | 'busy' {
+  return unmounted(c.umount2(fdPath(parentFd, name), UMOUNT_NOFOLLOW), what);
+}
+
+/**
+ * umount2(UMOUNT_NOFOLLOW) of `path` — a path only root can change (the daemon's private tmpfs
+ * under its runtime directory) — on a libuv thread: unmounting a tmpfs frees what it still
+ * holds. 'busy' if in use.
+ */
+export function unmountPath(path: string, what: string): Promise<'unmounted' | 'busy'> {
+  return new Promise((resolve, reject) => {
+    c.umount2.async(path, UMOUNT_NOFOLLOW, (err: unknown, result: number) => {
+      if (err !== null && err !== undefined) return reject(err);
+      try {
+        resolve(unmounted(result, what));
+      } catch (failed) {
+        reject(failed);
+      }
+    });
+  });
 }
 
 /** The id of the mount an open fd lies on (as /proc/self/mountinfo numbers mounts). */

@@ -2,7 +2,8 @@
 // the files of a tracing *instance* (a ring buffer and event set of its own, a directory under
 // instances/). Every path here is built by root from fixed parts; no user names anything.
 
-import { closeSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, rmdirSync, writeFileSync, constants as fsc } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, constants as fsc } from 'node:fs';
+import { rmdir } from 'node:fs/promises';
 import { VbdError, errnoCode, failure } from '../common/errors.js';
 import { libc, syscallError } from './ffi.js';
 
@@ -44,11 +45,14 @@ export function createInstance(name: string): string {
   return dir;
 }
 
-/** Removes an instance; 'gone' if it was not there. EBUSY while a file of it is open. */
-export function removeInstance(name: string): 'removed' | 'gone' {
+/**
+ * Removes an instance; 'gone' if it was not there. EBUSY while a file of it is open. On a libuv
+ * thread: freeing the ring buffers and unregistering the events takes the kernel tens of ms.
+ */
+export async function removeInstance(name: string): Promise<'removed' | 'gone'> {
   const dir = `${INSTANCES}/${name}`;
   try {
-    rmdirSync(dir);
+    await rmdir(dir);
     return 'removed';
   } catch (err) {
     if (errnoCode(err) === 'ENOENT') return 'gone';

@@ -1,10 +1,12 @@
 // After start, the block device holds exactly what export assembles from the files, and the
-// whole image is locked in RAM. After SIGTERM nothing is left in the kernel.
+// whole image is locked in RAM. After SIGTERM nothing is left in the kernel, and the teardown
+// says what it did in which order.
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import type { EventOf } from '../../src/daemon/events.js';
 import { cliOk, sha256 } from '../helpers/cli.js';
 import { eventsOf, startDaemon, stopDaemon, waitLive } from '../helpers/daemon.js';
 import { IS_ROOT, ROOT_SKIP_REASON, TEST_PREFIX, leftovers, procStatus } from '../helpers/system.js';
@@ -36,7 +38,16 @@ describe.skipIf(!IS_ROOT)(`start: device equals export (${IS_ROOT ? 'as root' : 
 
       expect(await stopDaemon(daemon)).toBe(0);
       expect(leftovers()).toEqual([]);
-      expect(eventsOf(daemon.name).at(-1)).toEqual({ kind: 'stopped' });
+      const events = eventsOf(daemon.name);
+      expect(events.at(-1)).toEqual({ kind: 'stopped' });
+      // The teardown's steps in order (the final writeback after the device is unbound, before
+      // the RAM is freed), and what the kernel finished alongside.
+      const teardown = events.find((e): e is EventOf<'teardown-timings'> => e.kind === 'teardown-timings');
+      expect(teardown?.steps.map((t) => [t.step, t.alongside === true])).toEqual([
+        ['stop watching the backing files', false], ['stop periodic flushes', false], [`remove ${status.link}`, false], [`detach ${status.device}`, false],
+        ['final writeback to the files', false], ['free the RAM image', false],
+        [`remove ${status.device}`, true], ['remove the trace instance', true], ['end the scan threads', true],
+      ]);
     });
   }
 });
