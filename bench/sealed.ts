@@ -30,14 +30,22 @@ const PASSPHRASE = 'sealed benchmark passphrase';
 export const SEALED_PARTS = ['populate', 'devices', 'files', 'flush'] as const;
 export type SealedPart = (typeof SEALED_PARTS)[number];
 
+const KEPT_NOTE = /^\*Not re-run in this run \(`--sealed-parts`\): from the run measured (.*?)\.\*\s*/;
+
 /** Subsection `heading` (a `### ` line) of an earlier run's text, up to the next one, with its date. */
 function earlier(previous: string | undefined, heading: string): string {
   const measured = /^Measured (.*)\.$/m.exec(previous ?? '')?.[1] ?? 'an earlier run';
   const start = previous?.indexOf(`${heading}\n`) ?? -1;
   if (previous === undefined || start < 0) return `${heading}\n\nNot run yet (\`--sealed-parts\`).`;
   const end = previous.indexOf('\n### ', start + heading.length);
-  const body = previous.slice(start + heading.length, end < 0 ? undefined : end).trim();
-  return `${heading}\n\n*Not re-run in this run (\`--sealed-parts\`): from the run measured ${measured}.*\n\n${body}`;
+  let body = previous.slice(start + heading.length, end < 0 ? undefined : end).trim();
+  // A part kept over several runs keeps the date it was measured, said once.
+  let when = measured;
+  for (let kept = KEPT_NOTE.exec(body); kept !== null; kept = KEPT_NOTE.exec(body)) {
+    when = kept[1] ?? when;
+    body = body.slice(kept[0].length);
+  }
+  return `${heading}\n\n*Not re-run in this run (\`--sealed-parts\`): from the run measured ${when}.*\n\n${body}`;
 }
 
 export interface SealedOptions {
