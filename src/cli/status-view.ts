@@ -58,7 +58,7 @@ export interface StatusJson {
   /** Whether the RAM image's tmpfs is still mounted (a daemon that has gone kept it: `recover`). */
   imageKept: boolean;
   populateMs: number | null;
-  /** Threads that opened a sealed volume's slots at populate (1: the daemon's own). */
+  /** Pool threads that opened a sealed volume's slots at populate (0: the daemon's own thread). */
   populateThreads: number | null;
   tracking: string | null;
   /** The large-scan thread pool: threads, threads started, why it is off. */
@@ -142,7 +142,7 @@ export function statusLines(v: StatusView): string[] {
   if (w !== undefined) out.push(`  waiting  since ${w.since} to unmount ${w.path}: busy, held by ${w.holders.join(', ') || UNNAMED_HOLDER}`);
   if (!running && v.boundLoops.length > 0) out.push(`  held     ${v.boundLoops.join(', ')} still bound to its RAM image`);
   if (!running && v.imageKept) out.push(`  image    its RAM image is kept (root-only): 'vbd-shadow recover ${s.volumeDir}' writes it back into the files`);
-  if (running && s.populateMs !== undefined) out.push(`  populate ${Math.round(s.populateMs)} ms${s.sealedVolume === true && s.populateThreads !== undefined ? ` on ${s.populateThreads} thread${s.populateThreads === 1 ? '' : 's'}` : ''}`);
+  if (running && s.populateMs !== undefined) out.push(`  populate ${Math.round(s.populateMs)} ms${s.sealedVolume === true && s.populateThreads !== undefined ? (s.populateThreads === 0 ? ' on the daemon\'s thread' : ` on ${s.populateThreads} pool thread${s.populateThreads === 1 ? '' : 's'}`) : ''}`);
   if (running && s.tracking !== undefined) out.push(`  tracking ${s.tracking}`);
   if (running && s.scan !== undefined) out.push(`  scan     ${s.scan.threads} thread${s.scan.threads === 1 ? '' : 's'} for large scans${s.scan.off !== undefined ? ` (pool off: ${s.scan.off})` : ''}`);
   const f = s.lastFlush;
@@ -154,7 +154,7 @@ export function statusLines(v: StatusView): string[] {
     out.push(`  sealed   epoch ${sealed.epoch}; ${sealed.seals} slots sealed under key generation ${sealed.keyGeneration} (re-key due at ${sealed.rekeyAt}); ${sealed.freeSlots} free slots`);
     if (sealed.resumed !== undefined) out.push(`  budget   at start: ${describeResumed(sealed.resumed)}`);
     const path = f?.sealed;
-    if (path !== undefined) out.push(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map${path.threads > 1 ? `; sealed on ${path.threads} threads` : ''}`);
+    if (path !== undefined) out.push(`  commit   epoch ${path.epoch}: ${path.inFreeSlots} chunks into free slots${path.throughJournal > 0 ? `, ${path.throughJournal} through the overflow journal (more changed chunks than free slots)` : ''}; ${formatSize(path.mapBytes)} of map${path.threads > 0 ? `; sealed on ${path.threads} pool thread${path.threads === 1 ? '' : 's'}` : ''}`);
   }
   for (const notice of s.notices ?? []) out.push(`  notice   ${notice}`);
   if ((s.damagedChunks ?? []).length > 0) out.push(`  damaged  served as zeros: ${(s.damagedChunks ?? []).map((d) => `chunk ${d.chunk} ('${d.name}' at ${d.offset})`).join(', ')}`);

@@ -121,7 +121,7 @@ const FORMAT: { [K in EventKind]: (e: EventOf<K>) => Formatted } = {
   'session-refused': (e) => ({ text: `session refused: ${e.message}`, priority: 'err' }),
   'ram-image': (e) => ({ text: `RAM image: ${formatSize(e.size)} in ${e.path}, mapped and locked`, priority: 'info' }),
   'populated': (e) => ({
-    text: `populated ${formatSize(e.size)} from the files in ${e.ms} ms${e.sealedEpoch === undefined ? '' : ` (sealed, epoch ${e.sealedEpoch}, ${e.threads === 1 ? 'opened on the daemon\'s thread' : `opened on ${e.threads} threads`})`}`,
+    text: `populated ${formatSize(e.size)} from the files in ${e.ms} ms${e.sealedEpoch === undefined ? '' : ` (sealed, epoch ${e.sealedEpoch}, ${e.threads === 0 ? 'opened on the daemon\'s thread' : `opened on ${e.threads} pool thread${e.threads === 1 ? '' : 's'}`})`}`,
     priority: 'info',
   }),
   'damaged-served-as-zeros': (e) => ({

@@ -100,7 +100,7 @@ export interface FlushReport {
    * and the bytes the commit wrote to the map file (its log record or checkpoint, and the
    * reservation), apart from `bytesWritten` (the slots).
    */
-  /** A sealed commit: where its chunks went, the map bytes, and the threads that sealed them (the pool's for a large one). */
+  /** A sealed commit: where its chunks went, the map bytes, and the pool threads that sealed them (0: the daemon's own thread). */
   sealed?: { epoch: number; inFreeSlots: number; throughJournal: number; mapBytes: number; threads: number };
 }
 
@@ -152,7 +152,7 @@ export interface DaemonStatus {
   image?: string;
   startedAt: string;
   populateMs?: number;
-  /** Threads that opened the slots (sealed: the pool's, or 1). */
+  /** Sealed: pool threads that opened the slots (0: the daemon's own thread). */
   populateThreads?: number;
   /** How the next flush finds what changed: 'block-layer', or 'full-scan (reason)'. */
   tracking?: string;

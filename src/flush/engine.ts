@@ -322,11 +322,11 @@ export class FlushEngine {
     };
     const pool = this.scanPool;
     let report: CommitReport;
-    let threads = 1;
+    let threads = 0;
     try {
       // Many chunks are sealed on the pool's threads (the daemon keeps answering its pipes); a few here.
       if (write.writeOnPool !== undefined && pool?.usable === true && chunks.length * this.volume.manifest.chunkSize >= SEAL_POOL_MIN_BYTES) {
-        threads = pool.threads;
+        threads = pool.cryptoThreads;
         await write.writeOnPool(chunks, from, pool);
       } else {
         for (const chunk of chunks) write.write(chunk, chunk + 1, from(chunk));

@@ -67,7 +67,8 @@ export interface ReadOptions {
  */
 export interface SlotOpenPool {
   readonly usable: boolean;
-  readonly threads: number;
+  /** The pool threads an open job runs on. */
+  readonly cryptoThreads: number;
   open(windows: readonly ImageWindow[], chunkSize: number, src: SlotSources, keyOf: (generation: number) => SlotKey, damaged: Uint8Array, zero: boolean): Promise<void>;
 }
 
@@ -79,7 +80,7 @@ export interface SlotSealPool {
 
 export interface FillResult {
   damaged: DamagedChunk[];
-  /** Threads that read the slots: the pool's, or 1 (the daemon's thread; a plain volume's reads). */
+  /** Pool threads that opened the slots; 0: the daemon's own thread did (and a plain volume's reads). */
   threads: number;
 }
 
@@ -283,7 +284,7 @@ class PlainStore implements ChunkStore {
     // One preadv per run of consecutive file bytes, straight into the mapping, in file order.
     const io = { image, table: this.table, chunkSize: this.chunkSize, fds: this.volume.fds, name: this.#name };
     transferImage('read', io, this.volume.manifest.files.map((f) => f.size), progress);
-    return Promise.resolve({ damaged: [], threads: 1 });
+    return Promise.resolve({ damaged: [], threads: 0 });
   }
 
   read(first: number, end: number, into: Buffer): DamagedChunk[] {

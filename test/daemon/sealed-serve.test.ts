@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { InspectReport } from '../../src/cli/inspect-command.js';
 import { readEpochRecord } from '../../src/daemon/epoch-record.js';
+import { CRYPTO_THREADS } from '../../src/flush/scan-pool.js';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
 import type { ChunkPlace } from '../../src/store/chunk-store.js';
 import type { SealedStore } from '../../src/store/sealed-store.js';
@@ -173,7 +174,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
       const device = live.link ?? '';
       expect(sha256(readFileSync(device))).toBe(sha256(image));
       expect(live.sealedVolume).toBe(true);
-      expect(live.populateThreads).toBe(availableParallelism());
+      expect(live.populateThreads).toBe(CRYPTO_THREADS);
       const chunkSize = live.chunkSize;
       const freeSlots = live.sealed?.freeSlots ?? 0;
       expect(freeSlots).toBeGreaterThan(0);
@@ -187,6 +188,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
       expect(s1.lastFlush?.chunksChanged).toBe(3);
       expect(s1.lastFlush?.sealed).toMatchObject({ inFreeSlots: 3, throughJournal: 0 });
       expect(s1.lastFlush?.sealed?.epoch).toBeGreaterThan(epochBefore);
+      expect(s1.lastFlush?.sealed?.threads).toBe(0); // three chunks: sealed on the daemon's thread
       expect(s1.sealed?.epoch).toBe(s1.lastFlush?.sealed?.epoch);
       // Root's record follows the commit.
       expect(readEpochRecord(h.user.uid, uuidOf(h))?.committedEpoch).toBe(s1.sealed?.epoch);
@@ -219,7 +221,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     const image = randomBytes(size);
     importAs(h, image);
     const { daemon, live } = await serve(h);
-    expect(live.populateThreads).toBe(availableParallelism());
+    expect(live.populateThreads).toBe(CRYPTO_THREADS);
     expect(availableParallelism()).toBeGreaterThan(1);
     const device = live.link ?? '';
     expect(sha256(readFileSync(device))).toBe(sha256(image));
@@ -230,13 +232,13 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     part.copy(image, 40 * MiB);
     const s1 = flush(h.name);
     expect(s1.lastFlush?.chunksChanged).toBe(384);
-    expect(s1.lastFlush?.sealed).toMatchObject({ inFreeSlots: 384, throughJournal: 0, threads: availableParallelism() });
+    expect(s1.lastFlush?.sealed).toMatchObject({ inFreeSlots: 384, throughJournal: 0, threads: CRYPTO_THREADS });
     // The whole device: more than the free slots, the rest through the overflow journal, on the pool too.
     const whole = randomBytes(size);
     writeAt(device, 0, whole);
     const s2 = flush(h.name);
     expect(s2.lastFlush?.chunksChanged).toBe(size / (64 * KiB));
-    expect(s2.lastFlush?.sealed?.threads).toBe(availableParallelism());
+    expect(s2.lastFlush?.sealed?.threads).toBe(CRYPTO_THREADS);
     expect(s2.lastFlush?.sealed?.throughJournal).toBeGreaterThan(0);
     expect(await stopDaemon(daemon)).toBe(0);
     expect(sha256(exportAs(h))).toBe(sha256(whole));
@@ -334,7 +336,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
 
     const { daemon, live } = await serve(h, ['--zero-damaged']);
     // Found by a pool thread, named here by the daemon.
-    expect(live.populateThreads).toBe(availableParallelism());
+    expect(live.populateThreads).toBe(CRYPTO_THREADS);
     expect(live.damagedChunks?.map((d) => [d.chunk, d.name, d.offset])).toEqual([[chunk, place.name, place.offset]]);
     const device = readFileSync(live.link ?? '');
     expect(device.subarray(chunk * 4096, (chunk + 1) * 4096).equals(Buffer.alloc(4096))).toBe(true);
