@@ -326,7 +326,7 @@ export class FlushEngine {
     try {
       // Many chunks are sealed on the pool's threads (the daemon keeps answering its pipes); a few here.
       if (write.writeOnPool !== undefined && pool?.usable === true && chunks.length * this.volume.manifest.chunkSize >= SEAL_POOL_MIN_BYTES) {
-        threads = pool.cryptoThreads;
+        threads = pool.threads;
         await write.writeOnPool(chunks, from, pool);
       } else {
         for (const chunk of chunks) write.write(chunk, chunk + 1, from(chunk));

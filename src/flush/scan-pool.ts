@@ -41,19 +41,7 @@ export interface ScanPoolState {
 }
 
 /** One job for the threads: what it is for error lines, and the message each thread gets. */
-/**
- * Threads that open or seal slots: one. Each slot is its own AES-GCM message, so each costs a
- * cipher context (createCipheriv / createDecipheriv), and OpenSSL 3.0 (Node 20's) takes shared
- * locks in every such init (its method fetch and up-refs: openssl/openssl#17064, #22191). Measured
- * here, two threads decrypting 64 KiB messages at once made less than one alone (docs/bench/
- * sealed.md: 1015 MB/s together against 1782 MB/s on one thread, same rounds). On one pool thread
- * the crypto still leaves the daemon's thread free for its pipes.
- */
-export const CRYPTO_THREADS = 1;
-
 interface PoolTask {
-  /** Pool threads the job runs on (at most the pool's). */
-  threads: number;
   what: string;
   verb: string;
   count: number;
@@ -99,11 +87,6 @@ export class ScanPool {
     return this.off === undefined && !this.closed;
   }
 
-  /** Pool threads a job that opens or seals slots runs on (CRYPTO_THREADS at most). */
-  get cryptoThreads(): number {
-    return Math.min(this.threads, CRYPTO_THREADS);
-  }
-
   state(): ScanPoolState {
     return { threads: this.usable ? this.threads : 1, started: this.started, ...(this.off !== undefined ? { off: this.off } : {}) };
   }
@@ -147,7 +130,6 @@ export class ScanPool {
     const count = itemCount(items);
     const pieceItems = piecesFor(chunkSize, count, this.threads);
     return this.queue({
-      threads: this.threads,
       what: `full scan of ${count} chunks`, verb: 'hashing', count, pieceItems,
       job: { kind: 'scan', windows: addresses(windows), chunkSize, items, pieceItems, out },
       describe: (piece) => describePiece(items, pieceItems, piece, chunkSize),
@@ -162,10 +144,8 @@ export class ScanPool {
     if (!(damaged.buffer instanceof SharedArrayBuffer) || !(src.file.buffer instanceof SharedArrayBuffer)) throw new VbdError('internal: the pool opens slots from and into SharedArrayBuffers');
     // The threads get the slot keys' bytes (same process, same trust); each wipes its copies after the job.
     const keys = [...new Set(src.generation)].map((g) => keyBytes(keyOf(g)));
-    const threads = this.cryptoThreads;
-    const pieceItems = piecesFor(chunkSize, src.count, threads);
+    const pieceItems = piecesFor(chunkSize, src.count, this.threads);
     return this.queue({
-      threads,
       what: `populate of chunks ${src.first}–${src.first + src.count - 1}`, verb: 'opening', count: src.count, pieceItems,
       job: { kind: 'open', windows: addresses(windows), chunkSize, src, keys, pieceItems, damaged, zero },
       describe: (piece) => describePiece({ from: src.first, to: src.first + src.count }, pieceItems, piece, chunkSize),
@@ -175,10 +155,8 @@ export class ScanPool {
   /** Seals the chunks `t` names from their staging buffers and writes the slots (a large sealed flush). */
   seal(t: SealTargets, key: SlotKey): Promise<void> {
     const count = t.chunk.length;
-    const threads = this.cryptoThreads;
-    const pieceItems = piecesFor(t.chunkSize, count, threads);
+    const pieceItems = piecesFor(t.chunkSize, count, this.threads);
     return this.queue({
-      threads,
       what: `sealing ${count} chunks for epoch ${t.epoch}`, verb: 'sealing', count, pieceItems,
       job: { kind: 'seal', windows: [], chunkSize: t.chunkSize, targets: t, key: keyBytes(key), pieceItems },
       describe: (piece) => {
@@ -197,10 +175,10 @@ export class ScanPool {
 
   private async run(task: PoolTask): Promise<void> {
     if (!this.usable) throw new VbdError(`internal: the scan pool is off (${this.off ?? 'closed'})`);
-    for (let slot = 0; slot < task.threads; slot++) {
+    for (let slot = 0; slot < this.threads; slot++) {
       if (this.members[slot] === undefined || this.members[slot]?.gone === true) this.members[slot] = this.spawn(slot);
     }
-    const members = this.members.slice(0, task.threads);
+    const members = this.members.slice(0, this.threads);
     const next = new Int32Array(new SharedArrayBuffer(4));
     const busy = new Int32Array(new SharedArrayBuffer(4 * members.length)).fill(-1);
     // Referenced while the job runs (their start included): an awaited job keeps the process alive.

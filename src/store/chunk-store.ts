@@ -67,8 +67,7 @@ export interface ReadOptions {
  */
 export interface SlotOpenPool {
   readonly usable: boolean;
-  /** The pool threads an open job runs on. */
-  readonly cryptoThreads: number;
+  readonly threads: number;
   open(windows: readonly ImageWindow[], chunkSize: number, src: SlotSources, keyOf: (generation: number) => SlotKey, damaged: Uint8Array, zero: boolean): Promise<void>;
 }
 

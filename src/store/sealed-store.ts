@@ -357,7 +357,7 @@ class SealedStore implements ChunkStore {
         progress?.((part.end - part.first) * C);
       }
     }
-    return { damaged, threads: pool?.cryptoThreads ?? 0 };
+    return { damaged, threads: pool?.threads ?? 0 };
   }
 
   #buffer(): Buffer {

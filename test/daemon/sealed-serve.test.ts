@@ -11,7 +11,6 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { InspectReport } from '../../src/cli/inspect-command.js';
 import { readEpochRecord } from '../../src/daemon/epoch-record.js';
-import { CRYPTO_THREADS } from '../../src/flush/scan-pool.js';
 import { readStatus, type DaemonStatus } from '../../src/daemon/runtime.js';
 import type { ChunkPlace } from '../../src/store/chunk-store.js';
 import type { SealedStore } from '../../src/store/sealed-store.js';
@@ -174,7 +173,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
       const device = live.link ?? '';
       expect(sha256(readFileSync(device))).toBe(sha256(image));
       expect(live.sealedVolume).toBe(true);
-      expect(live.populateThreads).toBe(CRYPTO_THREADS);
+      expect(live.populateThreads).toBe(availableParallelism());
       const chunkSize = live.chunkSize;
       const freeSlots = live.sealed?.freeSlots ?? 0;
       expect(freeSlots).toBeGreaterThan(0);
@@ -221,7 +220,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     const image = randomBytes(size);
     importAs(h, image);
     const { daemon, live } = await serve(h);
-    expect(live.populateThreads).toBe(CRYPTO_THREADS);
+    expect(live.populateThreads).toBe(availableParallelism());
     expect(availableParallelism()).toBeGreaterThan(1);
     const device = live.link ?? '';
     expect(sha256(readFileSync(device))).toBe(sha256(image));
@@ -232,13 +231,13 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
     part.copy(image, 40 * MiB);
     const s1 = flush(h.name);
     expect(s1.lastFlush?.chunksChanged).toBe(384);
-    expect(s1.lastFlush?.sealed).toMatchObject({ inFreeSlots: 384, throughJournal: 0, threads: CRYPTO_THREADS });
+    expect(s1.lastFlush?.sealed).toMatchObject({ inFreeSlots: 384, throughJournal: 0, threads: availableParallelism() });
     // The whole device: more than the free slots, the rest through the overflow journal, on the pool too.
     const whole = randomBytes(size);
     writeAt(device, 0, whole);
     const s2 = flush(h.name);
     expect(s2.lastFlush?.chunksChanged).toBe(size / (64 * KiB));
-    expect(s2.lastFlush?.sealed?.threads).toBe(CRYPTO_THREADS);
+    expect(s2.lastFlush?.sealed?.threads).toBe(availableParallelism());
     expect(s2.lastFlush?.sealed?.throughJournal).toBeGreaterThan(0);
     expect(await stopDaemon(daemon)).toBe(0);
     expect(sha256(exportAs(h))).toBe(sha256(whole));
@@ -336,7 +335,7 @@ describe.skipIf(!IS_ROOT)(`sealed volumes served by the daemon (${IS_ROOT ? 'as 
 
     const { daemon, live } = await serve(h, ['--zero-damaged']);
     // Found by a pool thread, named here by the daemon.
-    expect(live.populateThreads).toBe(CRYPTO_THREADS);
+    expect(live.populateThreads).toBe(availableParallelism());
     expect(live.damagedChunks?.map((d) => [d.chunk, d.name, d.offset])).toEqual([[chunk, place.name, place.offset]]);
     const device = readFileSync(live.link ?? '');
     expect(device.subarray(chunk * 4096, (chunk + 1) * 4096).equals(Buffer.alloc(4096))).toBe(true);
