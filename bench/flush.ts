@@ -5,6 +5,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, cpSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, rmdirSync, unlinkSync, writeFileSync, writeSync, constants as fsc } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
 import { basename, join } from 'node:path';
 import { formatSize } from '../src/common/size.js';
 import type { EventOf } from '../src/daemon/events.js';
@@ -292,6 +293,8 @@ async function stopTimed(d: BenchDaemon): Promise<TeardownFigures> {
  */
 export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[], modes: ChangeMode[], rounds: number, lock: string | undefined): Promise<string> {
   const results = new Map<string, DaemonFigures>();
+  /** The 1-minute load average before and after each daemon: what else ran on the machine. */
+  const load: number[] = [];
   const key = (gib: number, kind: Kind, mode: ChangeMode): string => `${gib}/${kind}/${mode}`;
   for (const gib of sizesGiB) {
     await withLock(lock, `${gib} GiB`, async () => {
@@ -304,7 +307,9 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
           mkdirSync(mnt, { recursive: true });
           for (const mode of modes) {
             process.stderr.write(`change: ${gib} GiB ${kind}, ${MODE_TITLE[mode]}\n`);
+            load.push(loadavg()[0] ?? 0);
             results.set(key(gib, kind, mode), await measureDaemon(dir, mnt, gib * GiB, kind, mode, rounds));
+            load.push(loadavg()[0] ?? 0);
           }
         } finally {
           rmSync(dir, { recursive: true, force: true });
@@ -353,6 +358,9 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
     summary.push(`${kind}: ${sizesGiB.filter((g) => g !== smallest).map((g) => `${g} GiB ÷ ${smallest} GiB ${ratio(get(g, kind, 'tracked')?.change['10 MiB']?.flushMs, base)}`).join(', ')}`);
   }
   return [
+    `Load average (1 min) on the ${cpus().length} cores, sampled before and after each daemon: ${Math.min(...load).toFixed(2)}–${Math.max(...load).toFixed(2)}` +
+      ' (above 0.1, other work shared the machine).',
+    '',
     '### The same 10 MiB change (160 random 64 KiB chunks)',
     '',
     table(['volume', 'kind', 'before: flush (ms)', 'full scan on the pool: flush (ms)', 'tracked: flush (ms)', 'tracked: scan (ms)', 'tracked: chunks hashed', 'chunks changed', 'tracked: how', `tracked ÷ ${smallest} GiB`, 'before ÷ tracked'], same),
