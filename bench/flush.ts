@@ -5,6 +5,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, cpSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, rmdirSync, unlinkSync, writeFileSync, writeSync, constants as fsc } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
 import { basename, join } from 'node:path';
 import { formatSize } from '../src/common/size.js';
 import type { EventOf } from '../src/daemon/events.js';
@@ -12,7 +13,7 @@ import { lockMemory, mapShared, unlockMemory, unmap, type Pointer } from '../src
 import { addLoopDevice, clearLoop, configureLoop, removeLoopDevice } from '../src/sys/loop.js';
 import { unmountPath } from '../src/sys/mount.js';
 import { INSTANCES } from '../src/sys/tracefs.js';
-import { startBenchDaemon } from './daemon.js';
+import { startBenchDaemon, type BenchDaemon } from './daemon.js';
 import { initVolume } from '../src/volume/init.js';
 import { filledVolume, median, table, withLock } from './lib.js';
 
@@ -201,13 +202,18 @@ interface ChangeFigures {
   tracking: string;
 }
 
-interface DaemonFigures {
-  change: Record<string, ChangeFigures>;
-  idleUs: number;
+interface TeardownFigures {
   finalFlushMs: number;
   teardownMs: number;
   /** The daemon's own account of its teardown (the 'teardown-timings' event), where it has one. */
   unwind: EventOf<'teardown-timings'> | undefined;
+}
+
+interface DaemonFigures extends TeardownFigures {
+  change: Record<string, ChangeFigures>;
+  idleUs: number;
+  /** The teardown of a daemon that only populated, flushed once and checked once (no history). */
+  fresh: TeardownFigures;
 }
 
 /** `count` distinct random 64 KiB pieces of [0, span), new random data at each. */
@@ -252,14 +258,31 @@ async function measureDaemon(dir: string, mnt: string, size: number, kind: Kind,
       if (s.lastCheck?.idle === true) idle.push(s.lastCheck.durationMs * 1000);
     }
     stopped = true;
-    const { exitMs, last } = await d.stop();
-    const final = last?.lastFlush;
-    if (final?.reason !== 'teardown' || final.ok !== true) throw new Error(`no successful teardown flush in the last status (${JSON.stringify(final)})`);
-    const unwind = last?.events?.find((e): e is EventOf<'teardown-timings'> => e.kind === 'teardown-timings');
-    return { change, idleUs: median(idle), finalFlushMs: final.durationMs, teardownMs: exitMs, unwind };
+    const teardown = await stopTimed(d);
+    // The same volume served afresh: what its teardown costs without the history above (the
+    // device's page cache of the writes, the daemon's memory of the large flushes).
+    const fresh = await startBenchDaemon(name, args, MODE_ENV[mode]);
+    let freshStopped = false;
+    try {
+      fresh.flush();
+      fresh.flush();
+      freshStopped = true;
+      return { change, idleUs: median(idle), ...teardown, fresh: await stopTimed(fresh) };
+    } finally {
+      if (!freshStopped) await fresh.stop();
+    }
   } finally {
     if (!stopped) await d.stop();
   }
+}
+
+/** SIGTERM, the exit awaited: how long it took, its final flush, and the daemon's account of it. */
+async function stopTimed(d: BenchDaemon): Promise<TeardownFigures> {
+  const { exitMs, last } = await d.stop();
+  const final = last?.lastFlush;
+  if (final?.reason !== 'teardown' || final.ok !== true) throw new Error(`no successful teardown flush in the last status (${JSON.stringify(final)})`);
+  const unwind = last?.events?.find((e): e is EventOf<'teardown-timings'> => e.kind === 'teardown-timings');
+  return { finalFlushMs: final.durationMs, teardownMs: exitMs, unwind };
 }
 
 /**
@@ -270,6 +293,8 @@ async function measureDaemon(dir: string, mnt: string, size: number, kind: Kind,
  */
 export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[], modes: ChangeMode[], rounds: number, lock: string | undefined): Promise<string> {
   const results = new Map<string, DaemonFigures>();
+  /** The 1-minute load average before and after each daemon: what else ran on the machine. */
+  const load: number[] = [];
   const key = (gib: number, kind: Kind, mode: ChangeMode): string => `${gib}/${kind}/${mode}`;
   for (const gib of sizesGiB) {
     await withLock(lock, `${gib} GiB`, async () => {
@@ -282,7 +307,9 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
           mkdirSync(mnt, { recursive: true });
           for (const mode of modes) {
             process.stderr.write(`change: ${gib} GiB ${kind}, ${MODE_TITLE[mode]}\n`);
+            load.push(loadavg()[0] ?? 0);
             results.set(key(gib, kind, mode), await measureDaemon(dir, mnt, gib * GiB, kind, mode, rounds));
+            load.push(loadavg()[0] ?? 0);
           }
         } finally {
           rmSync(dir, { recursive: true, force: true });
@@ -300,6 +327,7 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
   const fractions: (string | number)[][] = [];
   const idle: (string | number)[][] = [];
   const phases: (string | number)[][] = [];
+  const fresh: (string | number)[][] = [];
   const summary: string[] = [];
   for (const kind of kinds) {
     for (const gib of sizesGiB) {
@@ -315,17 +343,24 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
       const us = (x: number | undefined): string => (x === undefined ? '–' : x.toFixed(0));
       idle.push([`${gib} GiB`, kind, us(f('old')?.idleUs), us(f('scan')?.idleUs), us(f('tracked')?.idleUs), ms(f('old')?.finalFlushMs), ms(f('scan')?.finalFlushMs), ms(f('tracked')?.finalFlushMs),
         ms(f('old')?.teardownMs), ms(f('scan')?.teardownMs), ms(f('tracked')?.teardownMs), ratio(f('tracked')?.finalFlushMs, f('old')?.finalFlushMs), ratio(f('tracked')?.teardownMs, f('old')?.teardownMs)]);
-      const daemon = f('tracked');
-      const step = (name: (step: string) => boolean): string => ms(daemon?.unwind?.steps.find((x) => name(x.step))?.ms);
-      phases.push([`${gib} GiB`, kind, ms(daemon?.teardownMs), ms(daemon?.unwind?.ms), step((x) => x === 'stop watching the backing files'), step((x) => x.startsWith('unmount ')),
-        step((x) => x.startsWith('detach ')), step((x) => x === 'final writeback to the files'), step((x) => x === 'free the RAM image'),
-        step((x) => /^remove \/dev\/loop\d+$/.test(x)), step((x) => x === 'remove the trace instance'), step((x) => x === 'end the scan threads'),
-        ms(daemon?.unwind === undefined ? undefined : daemon.teardownMs - daemon.unwind.ms)]);
+      fresh.push([`${gib} GiB`, kind, ms(f('old')?.fresh.finalFlushMs), ms(f('tracked')?.fresh.finalFlushMs), ms(f('old')?.fresh.teardownMs), ms(f('scan')?.fresh.teardownMs), ms(f('tracked')?.fresh.teardownMs),
+        ms(f('tracked')?.fresh.unwind?.ms), ratio(f('tracked')?.fresh.teardownMs, f('old')?.fresh.teardownMs)]);
+      const history = f('tracked');
+      for (const [which, t] of [['after the changes', history], ['fresh', history?.fresh]] as const) {
+        const step = (name: (step: string) => boolean): string => ms(t?.unwind?.steps.find((x) => name(x.step))?.ms);
+        phases.push([`${gib} GiB`, kind, which, ms(t?.teardownMs), ms(t?.unwind?.ms), step((x) => x === 'stop watching the backing files'), step((x) => x.startsWith('unmount ')),
+          step((x) => x.startsWith('detach ')), step((x) => x === 'final writeback to the files'), step((x) => x === 'free the RAM image'),
+          step((x) => /^remove \/dev\/loop\d+$/.test(x)), step((x) => x === 'remove the trace instance'), step((x) => x === 'end the scan threads'),
+          ms(t?.unwind === undefined ? undefined : t.teardownMs - t.unwind.ms)]);
+      }
     }
     const base = get(smallest, kind, 'tracked')?.change['10 MiB']?.flushMs;
     summary.push(`${kind}: ${sizesGiB.filter((g) => g !== smallest).map((g) => `${g} GiB ÷ ${smallest} GiB ${ratio(get(g, kind, 'tracked')?.change['10 MiB']?.flushMs, base)}`).join(', ')}`);
   }
   return [
+    `Load average (1 min) on the ${cpus().length} cores, sampled before and after each daemon: ${Math.min(...load).toFixed(2)}–${Math.max(...load).toFixed(2)}` +
+      ' (above 0.1, other work shared the machine).',
+    '',
     '### The same 10 MiB change (160 random 64 KiB chunks)',
     '',
     table(['volume', 'kind', 'before: flush (ms)', 'full scan on the pool: flush (ms)', 'tracked: flush (ms)', 'tracked: scan (ms)', 'tracked: chunks hashed', 'chunks changed', 'tracked: how', `tracked ÷ ${smallest} GiB`, 'before ÷ tracked'], same),
@@ -343,13 +378,19 @@ export async function benchChange(work: string, sizesGiB: number[], kinds: Kind[
     '',
     table(['volume', 'kind', 'idle µs: before', 'idle µs: pool', 'idle µs: tracked', 'final flush ms: before', 'final flush ms: pool', 'final flush ms: tracked', 'teardown ms: before', 'teardown ms: pool', 'teardown ms: tracked', 'final flush: tracked ÷ before', 'teardown: tracked ÷ before'], idle),
     '',
+    'The same teardown of a fresh daemon on the same volume (populate, the first flush, one idle check, SIGTERM): without',
+    'the history above — the raw device\'s page cache of the writes (the kernel drops it when the device is closed) and the',
+    'memory the large flushes left the daemon (freed by the kernel as the process exits).',
+    '',
+    table(['volume', 'kind', 'final flush ms: before', 'final flush ms: tracked', 'teardown ms: before', 'teardown ms: pool', 'teardown ms: tracked', 'tracked: its unwind (ms)', 'teardown: tracked ÷ before'], fresh),
+    '',
     '### Where the teardown goes (tracked daemon)',
     '',
     'The daemon\'s own account (its \'teardown-timings\' event, ms): the steps in order, then what the kernel finished',
     'alongside them (started by a step, awaited at the end); "outside" is SIGTERM to exit minus the unwind (the signal, status',
     'writes, the process\'s exit as the benchmark sees it).',
     '',
-    table(['volume', 'kind', 'teardown', 'unwind', 'stop watching', 'unmount', 'detach (unbind)', 'final writeback', 'free the RAM image', 'alongside: remove the loop device', 'alongside: remove the trace instance', 'alongside: end the scan threads', 'outside the unwind'], phases),
+    table(['volume', 'kind', 'daemon', 'teardown', 'unwind', 'stop watching', 'unmount', 'detach (unbind)', 'final writeback', 'free the RAM image', 'alongside: remove the loop device', 'alongside: remove the trace instance', 'alongside: end the scan threads', 'outside the unwind'], phases),
     '',
     '### What the kernel takes for each step alone',
     '',
