@@ -5,7 +5,8 @@
 import { formatSize } from '../common/size.js';
 import { unitOfDirectory } from '../common/unit-name.js';
 import type { DaemonState, DaemonStatus, FlushCheck, FlushReport, Presence, WaitingFor } from '../daemon/runtime.js';
-import { describeResumed, type DamagedChunk, type SealedState } from '../store/chunk-store.js';
+import { describeResumed } from '../store/budget-resumed.js';
+import type { DamagedChunk, SealedState } from '../store/chunk-store.js';
 import type { NbdState } from '../device/nbd.js';
 import { UNNAMED_HOLDER, type DaemonEvent } from '../daemon/events.js';
 

@@ -8,7 +8,7 @@
 // the rest.
 
 import { formatSize } from '../common/size.js';
-import { describeResumed, type BudgetResumed } from '../store/chunk-store.js';
+import { describeResumed, type BudgetResumed } from '../store/budget-resumed.js';
 import type { Log, Priority } from './log.js';
 
 /** A chunk a sealed start found damaged, as the log names it. */

@@ -19,9 +19,10 @@ import { fileName, isPlainVolume, isSealedVolume, type AnyVolume, type Volume } 
 import type { Reservation } from './map.js';
 import { openSealedStore } from './sealed-store.js';
 import { syncBackingFiles } from './sync-files.js';
+export { describeResumed, type BudgetResumed } from './budget-resumed.js';
 import type { SlotKey } from './keys.js';
 import type { SealTargets, SlotSources } from './slot-runs.js';
-import type { NonceBudgetState } from './slot.js';
+import type { BudgetResumed } from './budget-resumed.js';
 
 /** Where a chunk's bytes are now. */
 export interface ChunkPlace {
@@ -154,31 +155,6 @@ export interface SealedState {
  * kept this (only its epochs are known).
  */
 export type SealFloor = { generation: number; seals: number } | 'unknown';
-
-/** What opening against a SealFloor ahead of the files did to the nonce budget (or, read-only, would do at a write). */
-export interface BudgetResumed {
-  /** The budget as the files have it (the map's count, raised by the files' own reservation). */
-  files: NonceBudgetState;
-  /** What root's record says may have been used under its generation ('unknown': an older record). */
-  record: NonceBudgetState | 'unknown';
-  /** Where seals continue. */
-  now: NonceBudgetState;
-  /** `count-raised`: the files' generation, its count raised to the record's; `fresh-generation`: a generation no seal has used (count 0), the manifest re-wrapped for it. */
-  how: 'count-raised' | 'fresh-generation';
-  /** False for a read-only open: what a write would do; nothing was changed. */
-  applied: boolean;
-}
-
-/** One line for the log, status and inspect: what a BudgetResumed did. */
-export function describeResumed(b: BudgetResumed): string {
-  const record = b.record === 'unknown'
-    ? 'root\'s record is from before it kept seal counts (any generation it reserved epochs for may have sealed)'
-    : `root's record says up to ${b.record.used} seals under key generation ${b.record.generation} may have been used`;
-  const now = b.how === 'count-raised'
-    ? `seals continue under key generation ${b.now.generation} from count ${b.now.used}`
-    : `seals continue under fresh key generation ${b.now.generation} from count 0 (manifest re-wrapped)`;
-  return `the files' nonce budget is ${b.files.used} seals under key generation ${b.files.generation}, ${record}: ${b.applied ? '' : 'at the next writable open, '}${now}`;
-}
 
 export interface ChunkStore {
   readonly kind: 'plain' | 'sealed';
